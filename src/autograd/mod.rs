@@ -1,0 +1,185 @@
+//! The tape: every op computes its output eagerly and records a backward closure holding what it
+//! saved. `Tape::backward` walks the records in reverse and accumulates input gradients.
+
+use crate::tensor::{Elem, Tensor};
+
+/// A handle to a value recorded on a tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(pub(crate) usize);
+
+impl Var {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Computes the gradients of an op's inputs from the gradient of its output. `needs[i]` says
+/// whether input `i` wants a gradient; the closure returns `None` where it does not.
+pub type BackwardFn<T> = Box<dyn FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + Send>;
+
+struct Node<T> {
+    value: Tensor<T>,
+    inputs: Vec<usize>,
+    requires_grad: bool,
+    backward: Option<BackwardFn<T>>,
+}
+
+pub struct Tape<T = f32> {
+    nodes: Vec<Node<T>>,
+    grad_enabled: bool,
+    macs: u64,
+}
+
+impl<T: Elem> Default for Tape<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Elem> Tape<T> {
+    pub fn new() -> Self {
+        Tape {
+            nodes: Vec::new(),
+            grad_enabled: true,
+            macs: 0,
+        }
+    }
+
+    /// A tape that records no backward closures (inference): ops only compute values.
+    pub fn inference() -> Self {
+        Tape {
+            nodes: Vec::new(),
+            grad_enabled: false,
+            macs: 0,
+        }
+    }
+
+    pub fn grad_enabled(&self) -> bool {
+        self.grad_enabled
+    }
+
+    /// Multiply-adds of the convs and linear layers recorded so far (the figure `info` reports).
+    pub fn macs(&self) -> u64 {
+        self.macs
+    }
+
+    pub fn add_macs(&mut self, n: u64) {
+        self.macs += n;
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// A leaf: an input or a parameter. `requires_grad` leaves receive gradients.
+    pub fn leaf(&mut self, value: Tensor<T>, requires_grad: bool) -> Var {
+        self.nodes.push(Node {
+            value,
+            inputs: Vec::new(),
+            requires_grad: requires_grad && self.grad_enabled,
+            backward: None,
+        });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// A leaf that never receives a gradient.
+    pub fn constant(&mut self, value: Tensor<T>) -> Var {
+        self.leaf(value, false)
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor<T> {
+        &self.nodes[v.0].value
+    }
+
+    pub fn shape(&self, v: Var) -> &[usize] {
+        self.nodes[v.0].value.shape()
+    }
+
+    pub fn requires_grad(&self, v: Var) -> bool {
+        self.nodes[v.0].requires_grad
+    }
+
+    /// Records an op's output. The backward closure is kept only if some input requires a gradient.
+    pub fn push(&mut self, value: Tensor<T>, inputs: &[Var], backward: BackwardFn<T>) -> Var {
+        let requires_grad =
+            self.grad_enabled && inputs.iter().any(|v| self.nodes[v.0].requires_grad);
+        self.nodes.push(Node {
+            value,
+            inputs: inputs.iter().map(|v| v.0).collect(),
+            requires_grad,
+            backward: if requires_grad { Some(backward) } else { None },
+        });
+        Var(self.nodes.len() - 1)
+    }
+
+    /// Backward from a scalar (one-element) output, seeded with 1.
+    pub fn backward(&mut self, out: Var) -> Grads<T> {
+        assert_eq!(
+            self.value(out).numel(),
+            1,
+            "backward() needs a scalar; use backward_with"
+        );
+        let seed = Tensor::full(self.shape(out), T::one());
+        self.backward_with(out, seed)
+    }
+
+    /// Backward from `out` with an explicit output gradient. Consumes the recorded closures, so a
+    /// tape is differentiated once.
+    pub fn backward_with(&mut self, out: Var, seed: Tensor<T>) -> Grads<T> {
+        assert_eq!(seed.shape(), self.shape(out), "seed gradient shape");
+        let mut grads: Vec<Option<Tensor<T>>> = vec![None; self.nodes.len()];
+        grads[out.0] = Some(seed);
+        for i in (0..=out.0).rev() {
+            let Some(g) = grads[i].clone() else { continue };
+            let Some(bw) = self.nodes[i].backward.take() else {
+                continue;
+            };
+            let inputs = self.nodes[i].inputs.clone();
+            let needs: Vec<bool> = inputs
+                .iter()
+                .map(|&j| self.nodes[j].requires_grad)
+                .collect();
+            let input_grads = bw(&g, &needs);
+            assert_eq!(
+                input_grads.len(),
+                inputs.len(),
+                "backward returned wrong arity"
+            );
+            // Free intermediate gradients as soon as they are consumed (leaves keep theirs).
+            if !self.nodes[i].inputs.is_empty() {
+                grads[i] = None;
+            }
+            for (j, gi) in inputs.into_iter().zip(input_grads) {
+                let Some(gi) = gi else { continue };
+                if !self.nodes[j].requires_grad {
+                    continue;
+                }
+                debug_assert_eq!(gi.shape(), self.nodes[j].value.shape(), "gradient shape");
+                grads[j] = Some(match grads[j].take() {
+                    None => gi,
+                    Some(acc) => acc.add(&gi),
+                });
+            }
+        }
+        Grads { grads }
+    }
+}
+
+/// Gradients by tape position.
+pub struct Grads<T> {
+    grads: Vec<Option<Tensor<T>>>,
+}
+
+impl<T: Elem> Grads<T> {
+    pub fn get(&self, v: Var) -> Option<&Tensor<T>> {
+        self.grads.get(v.0).and_then(|g| g.as_ref())
+    }
+
+    pub fn take(&mut self, v: Var) -> Option<Tensor<T>> {
+        self.grads.get_mut(v.0).and_then(|g| g.take())
+    }
+}

@@ -1,0 +1,417 @@
+//! 2-D convolution kernels (NCHW, weight [C_out, C_in/groups, kh, kw]).
+//!
+//! Depth-wise convs (groups == C_in == C_out) run a direct loop per (sample, channel) plane; every
+//! other conv runs im2col + GEMM per sample and group (1x1 stride-1 convs skip im2col: the input
+//! plane already is the GEMM operand).
+
+use super::gemm::matmul;
+use crate::tensor::Elem;
+use rayon::prelude::*;
+
+/// The geometry of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub groups: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl ConvGeom {
+    /// Checks shapes and derives the output size; the error names what does not fit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        x: &[usize],
+        wt: &[usize],
+        stride: (usize, usize),
+        padding: (usize, usize),
+        groups: usize,
+    ) -> Result<Self, String> {
+        if x.len() != 4 || wt.len() != 4 {
+            return Err(format!(
+                "conv2d needs NCHW input and 4-D weight, got {x:?} and {wt:?}"
+            ));
+        }
+        let (n, cin, h, w) = (x[0], x[1], x[2], x[3]);
+        let (cout, cig, kh, kw) = (wt[0], wt[1], wt[2], wt[3]);
+        if groups == 0 || cin % groups != 0 || cout % groups != 0 || cin / groups != cig {
+            return Err(format!(
+                "conv2d: input {x:?} and weight {wt:?} do not fit groups={groups}"
+            ));
+        }
+        if stride.0 == 0 || stride.1 == 0 {
+            return Err("conv2d: stride must be positive".into());
+        }
+        if h + 2 * padding.0 < kh || w + 2 * padding.1 < kw {
+            return Err(format!("conv2d: input {x:?} smaller than kernel {wt:?}"));
+        }
+        let ho = (h + 2 * padding.0 - kh) / stride.0 + 1;
+        let wo = (w + 2 * padding.1 - kw) / stride.1 + 1;
+        Ok(ConvGeom {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            sh: stride.0,
+            sw: stride.1,
+            ph: padding.0,
+            pw: padding.1,
+            groups,
+            ho,
+            wo,
+        })
+    }
+
+    pub fn is_depthwise(&self) -> bool {
+        self.groups == self.cin && self.cout == self.cin && self.groups > 1
+    }
+
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
+    }
+
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.cout, self.ho, self.wo]
+    }
+
+    /// Multiply-adds of the forward pass.
+    pub fn macs(&self) -> u64 {
+        (self.n * self.cout * self.ho * self.wo * (self.cin / self.groups) * self.kh * self.kw)
+            as u64
+    }
+
+    fn k_group(&self) -> usize {
+        self.cin / self.groups * self.kh * self.kw
+    }
+
+    /// Output columns `ox` whose input column `ox*sw + kx - pw` lies inside [0, w).
+    fn ox_range(&self, kx: usize) -> (usize, usize) {
+        let lo = if self.pw > kx {
+            (self.pw - kx).div_ceil(self.sw)
+        } else {
+            0
+        };
+        let hi = if self.w + self.pw > kx {
+            (self.w + self.pw - kx).div_ceil(self.sw)
+        } else {
+            0
+        };
+        (lo.min(self.wo), hi.min(self.wo))
+    }
+
+    fn oy_range(&self, ky: usize) -> (usize, usize) {
+        let lo = if self.ph > ky {
+            (self.ph - ky).div_ceil(self.sh)
+        } else {
+            0
+        };
+        let hi = if self.h + self.ph > ky {
+            (self.h + self.ph - ky).div_ceil(self.sh)
+        } else {
+            0
+        };
+        (lo.min(self.ho), hi.min(self.ho))
+    }
+}
+
+/// im2col of one group of one sample: `col[(c*kh+ky)*kw+kx, oy*wo+ox]`.
+fn im2col<T: Elem>(g: &ConvGeom, x: &[T], col: &mut [T]) {
+    let cig = g.cin / g.groups;
+    let p = g.ho * g.wo;
+    col.fill(T::zero());
+    for c in 0..cig {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            let (oy0, oy1) = g.oy_range(ky);
+            for kx in 0..g.kw {
+                let row = &mut col[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let (ox0, ox1) = g.ox_range(kx);
+                for oy in oy0..oy1 {
+                    let iy = oy * g.sh + ky - g.ph;
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    let dst = &mut row[oy * g.wo..(oy + 1) * g.wo];
+                    for ox in ox0..ox1 {
+                        dst[ox] = src[ox * g.sw + kx - g.pw];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col`: adds `col` back into the input gradient of one group of one sample.
+fn col2im<T: Elem>(g: &ConvGeom, col: &[T], dx: &mut [T]) {
+    let cig = g.cin / g.groups;
+    let p = g.ho * g.wo;
+    for c in 0..cig {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            let (oy0, oy1) = g.oy_range(ky);
+            for kx in 0..g.kw {
+                let row = &col[((c * g.kh + ky) * g.kw + kx) * p..][..p];
+                let (ox0, ox1) = g.ox_range(kx);
+                for oy in oy0..oy1 {
+                    let iy = oy * g.sh + ky - g.ph;
+                    let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                    let src = &row[oy * g.wo..(oy + 1) * g.wo];
+                    for ox in ox0..ox1 {
+                        dst[ox * g.sw + kx - g.pw] += src[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward: returns `y` of shape `g.out_shape()`.
+pub fn conv2d_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    let p = g.ho * g.wo;
+    let mut y = vec![T::zero(); g.n * g.cout * p];
+    if g.is_depthwise() {
+        let kk = g.kh * g.kw;
+        y.par_chunks_mut(p).enumerate().for_each(|(nc, out)| {
+            let c = nc % g.cin;
+            let plane = &x[nc * g.h * g.w..(nc + 1) * g.h * g.w];
+            dw_plane_forward(g, plane, &w[c * kk..(c + 1) * kk], out);
+        });
+    } else {
+        let (cig, cog, kg) = (g.cin / g.groups, g.cout / g.groups, g.k_group());
+        let par_inner = g.n < rayon::current_num_threads();
+        y.par_chunks_mut(g.cout * p)
+            .enumerate()
+            .for_each(|(n, yn)| {
+                let xn = &x[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
+                let mut col = if g.is_pointwise() {
+                    Vec::new()
+                } else {
+                    vec![T::zero(); kg * p]
+                };
+                for grp in 0..g.groups {
+                    let xg = &xn[grp * cig * g.h * g.w..(grp + 1) * cig * g.h * g.w];
+                    let wg = &w[grp * cog * kg..(grp + 1) * cog * kg];
+                    let yg = &mut yn[grp * cog * p..(grp + 1) * cog * p];
+                    let rhs: &[T] = if g.is_pointwise() {
+                        xg
+                    } else {
+                        im2col(g, xg, &mut col);
+                        &col
+                    };
+                    matmul(cog, p, kg, wg, false, rhs, false, yg, false, par_inner);
+                }
+            });
+    }
+    if let Some(b) = bias {
+        y.par_chunks_mut(p).enumerate().for_each(|(nc, out)| {
+            let bv = b[nc % g.cout];
+            out.iter_mut().for_each(|v| *v += bv);
+        });
+    }
+    y
+}
+
+/// One depth-wise output plane: `out[oy,ox] = sum_{ky,kx} w[ky,kx] * x[oy*sh+ky-ph, ox*sw+kx-pw]`.
+fn dw_plane_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], out: &mut [T]) {
+    for ky in 0..g.kh {
+        let (oy0, oy1) = g.oy_range(ky);
+        for kx in 0..g.kw {
+            let wv = w[ky * g.kw + kx];
+            let (ox0, ox1) = g.ox_range(kx);
+            if ox0 >= ox1 {
+                continue;
+            }
+            for oy in oy0..oy1 {
+                let iy = oy * g.sh + ky - g.ph;
+                let src = &x[iy * g.w..(iy + 1) * g.w];
+                let dst = &mut out[oy * g.wo + ox0..oy * g.wo + ox1];
+                if g.sw == 1 {
+                    let s = &src[ox0 + kx - g.pw..ox1 + kx - g.pw];
+                    for (d, &v) in dst.iter_mut().zip(s) {
+                        *d += wv * v;
+                    }
+                } else {
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d += wv * src[(ox0 + i) * g.sw + kx - g.pw];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gradients of a convolution. Each is computed only when asked for.
+pub struct ConvGrads<T> {
+    pub dx: Option<Vec<T>>,
+    pub dw: Option<Vec<T>>,
+    pub db: Option<Vec<T>>,
+}
+
+pub fn conv2d_backward<T: Elem>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    need: (bool, bool, bool),
+) -> ConvGrads<T> {
+    let p = g.ho * g.wo;
+    let (need_dx, need_dw, need_db) = need;
+    let db = need_db.then(|| {
+        (0..g.cout)
+            .into_par_iter()
+            .map(|c| {
+                (0..g.n)
+                    .map(|n| dy[(n * g.cout + c) * p..][..p].iter().copied().sum::<T>())
+                    .sum()
+            })
+            .collect()
+    });
+    if g.is_depthwise() {
+        let (dx, dw) = dw_backward(g, x, w, dy, need_dx, need_dw);
+        return ConvGrads { dx, dw, db };
+    }
+    let (cig, cog, kg) = (g.cin / g.groups, g.cout / g.groups, g.k_group());
+    let par_inner = g.n < rayon::current_num_threads();
+    let chw = g.cin * g.h * g.w;
+    let wsize = w.len();
+    // One sample's contribution: writes dx[n] (if asked) and adds dW into `acc`.
+    let sample = |n: usize, dxn: Option<&mut [T]>, acc: &mut [T]| {
+        let xn = &x[n * chw..(n + 1) * chw];
+        let dyn_ = &dy[n * g.cout * p..(n + 1) * g.cout * p];
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); kg * p]
+        };
+        let mut dxn = dxn;
+        for grp in 0..g.groups {
+            let xg = &xn[grp * cig * g.h * g.w..(grp + 1) * cig * g.h * g.w];
+            let dyg = &dyn_[grp * cog * p..(grp + 1) * cog * p];
+            let wg = &w[grp * cog * kg..(grp + 1) * cog * kg];
+            if need_dw {
+                let rhs: &[T] = if g.is_pointwise() {
+                    xg
+                } else {
+                    im2col(g, xg, &mut col);
+                    &col
+                };
+                // dW_g[cog, kg] += dy_g[cog, p] · col^T[p, kg]
+                let accg = &mut acc[grp * cog * kg..(grp + 1) * cog * kg];
+                matmul(cog, kg, p, dyg, false, rhs, true, accg, true, par_inner);
+            }
+            if let Some(dxn) = dxn.as_deref_mut() {
+                let dxg = &mut dxn[grp * cig * g.h * g.w..(grp + 1) * cig * g.h * g.w];
+                if g.is_pointwise() {
+                    // dx_g[cig, p] = W_g^T[cig, cog] · dy_g[cog, p]
+                    matmul(kg, p, cog, wg, true, dyg, false, dxg, false, par_inner);
+                } else {
+                    matmul(kg, p, cog, wg, true, dyg, false, &mut col, false, par_inner);
+                    col2im(g, &col, dxg);
+                }
+            }
+        }
+    };
+    let zero_acc = || vec![T::zero(); if need_dw { wsize } else { 0 }];
+    let sum_acc = |mut a: Vec<T>, b: Vec<T>| {
+        a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
+        a
+    };
+    let (dx, dw) = if need_dx {
+        let mut dx = vec![T::zero(); g.n * chw];
+        let dw = dx
+            .par_chunks_mut(chw)
+            .enumerate()
+            .fold(zero_acc, |mut acc, (n, dxn)| {
+                sample(n, Some(dxn), &mut acc);
+                acc
+            })
+            .reduce(zero_acc, sum_acc);
+        (Some(dx), need_dw.then_some(dw))
+    } else if need_dw {
+        let dw = (0..g.n)
+            .into_par_iter()
+            .fold(zero_acc, |mut acc, n| {
+                sample(n, None, &mut acc);
+                acc
+            })
+            .reduce(zero_acc, sum_acc);
+        (None, Some(dw))
+    } else {
+        (None, None)
+    };
+    ConvGrads { dx, dw, db }
+}
+
+fn dw_backward<T: Elem>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    need_dx: bool,
+    need_dw: bool,
+) -> (Option<Vec<T>>, Option<Vec<T>>) {
+    let (p, hw, kk) = (g.ho * g.wo, g.h * g.w, g.kh * g.kw);
+    let dx = need_dx.then(|| {
+        let mut dx = vec![T::zero(); g.n * g.cin * hw];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(nc, dxp)| {
+            let c = nc % g.cin;
+            let wc = &w[c * kk..(c + 1) * kk];
+            let dyp = &dy[nc * p..(nc + 1) * p];
+            for ky in 0..g.kh {
+                let (oy0, oy1) = g.oy_range(ky);
+                for kx in 0..g.kw {
+                    let wv = wc[ky * g.kw + kx];
+                    let (ox0, ox1) = g.ox_range(kx);
+                    for oy in oy0..oy1 {
+                        let iy = oy * g.sh + ky - g.ph;
+                        let drow = &mut dxp[iy * g.w..(iy + 1) * g.w];
+                        let srow = &dyp[oy * g.wo..(oy + 1) * g.wo];
+                        for ox in ox0..ox1 {
+                            drow[ox * g.sw + kx - g.pw] += wv * srow[ox];
+                        }
+                    }
+                }
+            }
+        });
+        dx
+    });
+    let dw = need_dw.then(|| {
+        let mut dw = vec![T::zero(); g.cin * kk];
+        dw.par_chunks_mut(kk).enumerate().for_each(|(c, dwc)| {
+            for n in 0..g.n {
+                let nc = n * g.cin + c;
+                let xp = &x[nc * hw..(nc + 1) * hw];
+                let dyp = &dy[nc * p..(nc + 1) * p];
+                for ky in 0..g.kh {
+                    let (oy0, oy1) = g.oy_range(ky);
+                    for kx in 0..g.kw {
+                        let (ox0, ox1) = g.ox_range(kx);
+                        let mut s = T::zero();
+                        for oy in oy0..oy1 {
+                            let iy = oy * g.sh + ky - g.ph;
+                            let xrow = &xp[iy * g.w..(iy + 1) * g.w];
+                            let drow = &dyp[oy * g.wo..(oy + 1) * g.wo];
+                            for ox in ox0..ox1 {
+                                s += drow[ox] * xrow[ox * g.sw + kx - g.pw];
+                            }
+                        }
+                        dwc[ky * g.kw + kx] += s;
+                    }
+                }
+            }
+        });
+        dw
+    });
+    (dx, dw)
+}

@@ -1,0 +1,14 @@
+//! ghostv3: a training and deployment engine for compact image classifiers (GhostNetV3 and its
+//! re-parameterized training form), with its own tensors, autograd tape and CPU backend.
+
+pub mod autograd;
+pub mod backend;
+pub mod io;
+pub mod models;
+pub mod nn;
+pub mod ops;
+pub mod reparam;
+pub mod tensor;
+
+pub use autograd::{Grads, Tape, Var};
+pub use tensor::{Elem, Tensor};

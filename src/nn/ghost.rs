@@ -1,0 +1,317 @@
+//! Ghost module (with DFC attention), squeeze-and-excitation and the Ghost bottleneck, as in
+//! timm's `ghostnet.py` (V3 = V2 topology with re-parameterized convs). Spec sections 3-5.
+
+use super::layers::{BatchNorm2d, Conv2d, Ctx};
+use super::params::Builder;
+use super::rep_conv::{RepConv, RepOptions, RepSpec};
+use crate::autograd::Var;
+use crate::ops::{self, Conv2dArgs};
+
+/// DFC attention: avgpool 2x2 -> 1x1 conv+BN -> dw 1x5 conv+BN -> dw 5x1 conv+BN (`short_conv`).
+/// Returns the pre-sigmoid gate at half resolution.
+#[derive(Clone, Debug)]
+pub struct Dfc {
+    convs: [(Conv2d, BatchNorm2d); 3],
+}
+
+impl Dfc {
+    pub fn new(b: &mut Builder, prefix: &str, inp: usize, oup: usize) -> Self {
+        let p = format!("{prefix}.short_conv");
+        let c0 = Conv2d::new(
+            b,
+            &format!("{p}.0"),
+            inp,
+            oup,
+            (1, 1),
+            Conv2dArgs::same(1, 1, 1, 1),
+            false,
+        );
+        let b0 = BatchNorm2d::new(b, &format!("{p}.1"), oup);
+        let c1 = Conv2d::new(
+            b,
+            &format!("{p}.2"),
+            oup,
+            oup,
+            (1, 5),
+            Conv2dArgs::same(1, 5, 1, oup),
+            false,
+        );
+        let b1 = BatchNorm2d::new(b, &format!("{p}.3"), oup);
+        let c2 = Conv2d::new(
+            b,
+            &format!("{p}.4"),
+            oup,
+            oup,
+            (5, 1),
+            Conv2dArgs::same(5, 1, 1, oup),
+            false,
+        );
+        let b2 = BatchNorm2d::new(b, &format!("{p}.5"), oup);
+        Dfc {
+            convs: [(c0, b0), (c1, b1), (c2, b2)],
+        }
+    }
+
+    pub fn forward(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let mut a = ops::avg_pool2x2(ctx.tape, x);
+        for (conv, bn) in &self.convs {
+            a = conv.forward(ctx, a);
+            a = bn.forward(ctx, a);
+        }
+        a
+    }
+}
+
+/// GhostModuleV3: x1 = act(primary(x)), x2 = act(cheap(x1)), out = [x1, x2], optionally gated by
+/// DFC attention computed from x: out * upsample(sigmoid(dfc(x))).
+#[derive(Clone, Debug)]
+pub struct GhostModule {
+    pub primary: RepConv,
+    pub cheap: RepConv,
+    pub dfc: Option<Dfc>,
+    relu: bool,
+}
+
+impl GhostModule {
+    /// `prefix` like `blocks.3.0.ghost1`.
+    pub fn new(
+        b: &mut Builder,
+        prefix: &str,
+        inp: usize,
+        oup: usize,
+        relu: bool,
+        dfc: bool,
+        rep: RepOptions,
+        deploy: bool,
+    ) -> Self {
+        let init = oup.div_ceil(2);
+        assert_eq!(
+            2 * init,
+            oup,
+            "{prefix}: Ghost modules here need an even output width, got {oup}"
+        );
+        let primary = RepConv::new(
+            b,
+            &RepSpec {
+                train_prefix: &format!("{prefix}.primary"),
+                deploy_name: &format!("{prefix}.primary_conv.0"),
+                cin: inp,
+                cout: init,
+                k: 1,
+                stride: 1,
+                groups: 1,
+            },
+            // The primary conv is 1x1: no scale branch; and never an identity (inp != init).
+            rep,
+            deploy,
+        );
+        let cheap = RepConv::new(
+            b,
+            &RepSpec {
+                train_prefix: &format!("{prefix}.cheap"),
+                deploy_name: &format!("{prefix}.cheap_operation.0"),
+                cin: init,
+                cout: init,
+                k: 3,
+                stride: 1,
+                groups: init,
+            },
+            rep,
+            deploy,
+        );
+        let dfc = dfc.then(|| Dfc::new(b, prefix, inp, oup));
+        GhostModule {
+            primary,
+            cheap,
+            dfc,
+            relu,
+        }
+    }
+
+    pub fn forward(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let gate = self.dfc.as_ref().map(|d| d.forward(ctx, x));
+        let mut x1 = self.primary.forward(ctx, x);
+        if self.relu {
+            x1 = ops::relu(ctx.tape, x1);
+        }
+        let mut x2 = self.cheap.forward(ctx, x1);
+        if self.relu {
+            x2 = ops::relu(ctx.tape, x2);
+        }
+        let out = ops::concat_channels(ctx.tape, x1, x2);
+        match gate {
+            None => out,
+            Some(g) => {
+                let (h, w) = (ctx.tape.shape(out)[2], ctx.tape.shape(out)[3]);
+                let g = ops::sigmoid(ctx.tape, g);
+                let g = ops::upsample_nearest(ctx.tape, g, h, w);
+                ops::mul(ctx.tape, out, g)
+            }
+        }
+    }
+}
+
+/// Squeeze-and-excitation with a hard-sigmoid gate (timm's SqueezeExcite as GhostNet uses it).
+#[derive(Clone, Debug)]
+pub struct SqueezeExcite {
+    reduce: Conv2d,
+    expand: Conv2d,
+}
+
+impl SqueezeExcite {
+    pub fn new(b: &mut Builder, prefix: &str, c: usize, rd: usize) -> Self {
+        let a = Conv2dArgs::same(1, 1, 1, 1);
+        SqueezeExcite {
+            reduce: Conv2d::new(b, &format!("{prefix}.conv_reduce"), c, rd, (1, 1), a, true),
+            expand: Conv2d::new(b, &format!("{prefix}.conv_expand"), rd, c, (1, 1), a, true),
+        }
+    }
+
+    pub fn forward(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let s = ops::global_avg_pool(ctx.tape, x);
+        let s = self.reduce.forward(ctx, s);
+        let s = ops::relu(ctx.tape, s);
+        let s = self.expand.forward(ctx, s);
+        let s = ops::hard_sigmoid(ctx.tape, s);
+        ops::mul_channel(ctx.tape, x, s)
+    }
+}
+
+/// One Ghost bottleneck's configuration (spec section 2).
+#[derive(Clone, Copy, Debug)]
+pub struct BottleneckCfg {
+    pub inp: usize,
+    pub mid: usize,
+    pub out: usize,
+    pub k: usize,
+    pub stride: usize,
+    /// SE reduced width, if the block has SE.
+    pub se_rd: Option<usize>,
+    pub dfc: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct GhostBottleneck {
+    ghost1: GhostModule,
+    dw: Option<RepConv>,
+    se: Option<SqueezeExcite>,
+    ghost2: GhostModule,
+    shortcut: Option<[(Conv2d, BatchNorm2d); 2]>,
+}
+
+impl GhostBottleneck {
+    pub fn new(
+        b: &mut Builder,
+        prefix: &str,
+        c: BottleneckCfg,
+        rep: RepOptions,
+        deploy: bool,
+    ) -> Self {
+        let ghost1 = GhostModule::new(
+            b,
+            &format!("{prefix}.ghost1"),
+            c.inp,
+            c.mid,
+            true,
+            c.dfc,
+            rep,
+            deploy,
+        );
+        let dw = (c.stride > 1).then(|| {
+            RepConv::new(
+                b,
+                &RepSpec {
+                    train_prefix: &format!("{prefix}.dw"),
+                    deploy_name: &format!("{prefix}.conv_dw"),
+                    cin: c.mid,
+                    cout: c.mid,
+                    k: c.k,
+                    stride: c.stride,
+                    groups: c.mid,
+                },
+                rep,
+                deploy,
+            )
+        });
+        let se = c
+            .se_rd
+            .map(|rd| SqueezeExcite::new(b, &format!("{prefix}.se"), c.mid, rd));
+        let ghost2 = GhostModule::new(
+            b,
+            &format!("{prefix}.ghost2"),
+            c.mid,
+            c.out,
+            false,
+            false,
+            rep,
+            deploy,
+        );
+        let shortcut = (c.inp != c.out || c.stride != 1).then(|| {
+            let p = format!("{prefix}.shortcut");
+            let dw_args = Conv2dArgs {
+                stride: (c.stride, c.stride),
+                padding: ((c.k - 1) / 2, (c.k - 1) / 2),
+                groups: c.inp,
+            };
+            let dw = Conv2d::new(
+                b,
+                &format!("{p}.0"),
+                c.inp,
+                c.inp,
+                (c.k, c.k),
+                dw_args,
+                false,
+            );
+            let bn0 = BatchNorm2d::new(b, &format!("{p}.1"), c.inp);
+            let pw = Conv2d::new(
+                b,
+                &format!("{p}.2"),
+                c.inp,
+                c.out,
+                (1, 1),
+                Conv2dArgs::same(1, 1, 1, 1),
+                false,
+            );
+            let bn1 = BatchNorm2d::new(b, &format!("{p}.3"), c.out);
+            [(dw, bn0), (pw, bn1)]
+        });
+        GhostBottleneck {
+            ghost1,
+            dw,
+            se,
+            ghost2,
+            shortcut,
+        }
+    }
+
+    pub fn forward(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let mut h = self.ghost1.forward(ctx, x);
+        if let Some(dw) = &self.dw {
+            h = dw.forward(ctx, h);
+        }
+        if let Some(se) = &self.se {
+            h = se.forward(ctx, h);
+        }
+        h = self.ghost2.forward(ctx, h);
+        let sc = match &self.shortcut {
+            None => x,
+            Some(layers) => {
+                let mut s = x;
+                for (conv, bn) in layers {
+                    s = conv.forward(ctx, s);
+                    s = bn.forward(ctx, s);
+                }
+                s
+            }
+        };
+        ops::add(ctx.tape, h, sc)
+    }
+
+    /// The re-parameterizable convs of this block in a fixed order (for folding).
+    pub fn rep_convs(&self) -> Vec<&RepConv> {
+        let mut v = vec![&self.ghost1.primary, &self.ghost1.cheap];
+        v.extend(self.dw.as_ref());
+        v.extend([&self.ghost2.primary, &self.ghost2.cheap]);
+        v
+    }
+}

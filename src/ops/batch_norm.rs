@@ -1,0 +1,237 @@
+//! BatchNorm2d. Train mode normalizes with the batch statistics (biased variance) and hands them
+//! back so the module can update its running stats as PyTorch does (momentum, unbiased variance);
+//! eval mode is the per-channel affine map given by the running stats.
+
+use crate::autograd::{Tape, Var};
+use crate::tensor::{Elem, Tensor};
+use rayon::prelude::*;
+
+/// Per-channel batch statistics of a train-mode BN: mean and biased variance, and the count.
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+    pub count: usize,
+}
+
+impl BatchStats {
+    /// The unbiased variance PyTorch puts into `running_var`.
+    pub fn unbiased_var(&self) -> Vec<f64> {
+        let m = self.count as f64;
+        let f = if self.count > 1 { m / (m - 1.0) } else { 1.0 };
+        self.var.iter().map(|v| v * f).collect()
+    }
+}
+
+/// Sums `f(value, index-in-plane)` over every (n, h, w) of channel `c`, in f64.
+fn channel_sum<T: Elem>(
+    x: &[T],
+    n: usize,
+    c_total: usize,
+    hw: usize,
+    c: usize,
+    f: impl Fn(f64) -> f64,
+) -> f64 {
+    (0..n)
+        .map(|i| {
+            x[(i * c_total + c) * hw..][..hw]
+                .iter()
+                .map(|&v| f(v.as_f64()))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Sum over channel `c` of a * (b - center), in f64.
+fn channel_dot<T: Elem>(
+    a: &[T],
+    b: &[T],
+    center: f64,
+    n: usize,
+    c_total: usize,
+    hw: usize,
+    c: usize,
+) -> f64 {
+    (0..n)
+        .map(|i| {
+            let o = (i * c_total + c) * hw;
+            a[o..o + hw]
+                .iter()
+                .zip(&b[o..o + hw])
+                .map(|(&u, &v)| u.as_f64() * (v.as_f64() - center))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Applies `y = (x - center[c]) * scale[c] + shift[c]` plane by plane. Centering first keeps
+/// f32 precision when a channel's mean is large next to its spread.
+fn affine_planes<T: Elem>(
+    x: &[T],
+    c_total: usize,
+    hw: usize,
+    center: &[f64],
+    scale: &[f64],
+    shift: &[f64],
+) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
+        let c = nc % c_total;
+        let m = T::from_f64(center[c]);
+        let (a, b) = (T::from_f64(scale[c]), T::from_f64(shift[c]));
+        for (o, &v) in out.iter_mut().zip(&x[nc * hw..(nc + 1) * hw]) {
+            *o = (v - m) * a + b;
+        }
+    });
+    y
+}
+
+fn dims<T: Elem>(t: &Tensor<T>) -> (usize, usize, usize) {
+    let s = t.shape();
+    assert!(s.len() >= 2, "batch_norm needs [N, C, ...], got {s:?}");
+    (s[0], s[1], s[2..].iter().product())
+}
+
+/// Train-mode BN over a [N, C, H, W] (or [N, C]) tensor.
+pub fn batch_norm_train<T: Elem>(
+    tape: &mut Tape<T>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    eps: f64,
+) -> (Var, BatchStats) {
+    let xt = tape.value(x).clone();
+    let (n, c, hw) = dims(&xt);
+    assert_eq!(tape.shape(gamma), [c], "batch_norm weight shape");
+    assert_eq!(tape.shape(beta), [c], "batch_norm bias shape");
+    let g: Vec<f64> = tape
+        .value(gamma)
+        .data()
+        .iter()
+        .map(|v| v.as_f64())
+        .collect();
+    let b: Vec<f64> = tape.value(beta).data().iter().map(|v| v.as_f64()).collect();
+    let m = (n * hw) as f64;
+    let xd = xt.data();
+    let mean: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ch| channel_sum(xd, n, c, hw, ch, |v| v) / m)
+        .collect();
+    let var: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ch| channel_sum(xd, n, c, hw, ch, |v| (v - mean[ch]) * (v - mean[ch])) / m)
+        .collect();
+    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let scale: Vec<f64> = (0..c).map(|i| g[i] * inv[i]).collect();
+    let y = Tensor::new(xt.shape(), affine_planes(xd, c, hw, &mean, &scale, &b));
+    let stats = BatchStats {
+        mean: mean.clone(),
+        var,
+        count: n * hw,
+    };
+    let out = tape.push(
+        y,
+        &[x, gamma, beta],
+        Box::new(move |gy, needs| {
+            let (xd, gyd) = (xt.data(), gy.data());
+            // xhat = (x - mean) * inv; dbeta = sum gy; dgamma = sum gy * xhat
+            let dbeta: Vec<f64> = (0..c)
+                .into_par_iter()
+                .map(|ch| channel_sum(gyd, n, c, hw, ch, |v| v))
+                .collect();
+            let dot: Vec<f64> = (0..c)
+                .into_par_iter()
+                .map(|ch| channel_dot(gyd, xd, mean[ch], n, c, hw, ch))
+                .collect();
+            let dgamma: Vec<f64> = (0..c).map(|i| dot[i] * inv[i]).collect();
+            // dx = gamma*inv/M * (M*gy - dbeta - xhat*dgamma)
+            let dx = needs[0].then(|| {
+                let mut dx = vec![T::zero(); xd.len()];
+                dx.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
+                    let ch = nc % c;
+                    let k = g[ch] * inv[ch];
+                    let a = T::from_f64(k);
+                    let mu = T::from_f64(mean[ch]);
+                    let bx = T::from_f64(-k * inv[ch] * dgamma[ch] / m);
+                    let c0 = T::from_f64(-k * dbeta[ch] / m);
+                    let (gp, xp) = (&gyd[nc * hw..(nc + 1) * hw], &xd[nc * hw..(nc + 1) * hw]);
+                    for ((o, &gv), &xv) in out.iter_mut().zip(gp).zip(xp) {
+                        *o = a * gv + bx * (xv - mu) + c0;
+                    }
+                });
+                Tensor::new(xt.shape(), dx)
+            });
+            let to_t = |v: &[f64]| Tensor::new(&[c], v.iter().map(|&x| T::from_f64(x)).collect());
+            vec![
+                dx,
+                needs[1].then(|| to_t(&dgamma)),
+                needs[2].then(|| to_t(&dbeta)),
+            ]
+        }),
+    );
+    (out, stats)
+}
+
+/// Eval-mode BN with the given running statistics (not trained, so plain slices).
+pub fn batch_norm_eval<T: Elem>(
+    tape: &mut Tape<T>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    running_mean: &[T],
+    running_var: &[T],
+    eps: f64,
+) -> Var {
+    let xt = tape.value(x).clone();
+    let (n, c, hw) = dims(&xt);
+    assert_eq!(tape.shape(gamma), [c], "batch_norm weight shape");
+    assert!(
+        running_mean.len() == c && running_var.len() == c,
+        "batch_norm running stats shape"
+    );
+    let g: Vec<f64> = tape
+        .value(gamma)
+        .data()
+        .iter()
+        .map(|v| v.as_f64())
+        .collect();
+    let b: Vec<f64> = tape.value(beta).data().iter().map(|v| v.as_f64()).collect();
+    let mean: Vec<f64> = running_mean.iter().map(|v| v.as_f64()).collect();
+    let inv: Vec<f64> = running_var
+        .iter()
+        .map(|v| 1.0 / (v.as_f64() + eps).sqrt())
+        .collect();
+    let scale: Vec<f64> = (0..c).map(|i| g[i] * inv[i]).collect();
+    let y = Tensor::new(
+        xt.shape(),
+        affine_planes(xt.data(), c, hw, &mean, &scale, &b),
+    );
+    tape.push(
+        y,
+        &[x, gamma, beta],
+        Box::new(move |gy, needs| {
+            let gyd = gy.data();
+            let dx = needs[0].then(|| {
+                Tensor::new(
+                    xt.shape(),
+                    affine_planes(gyd, c, hw, &vec![0.0; c], &scale, &vec![0.0; c]),
+                )
+            });
+            let dbeta: Vec<f64> = (0..c)
+                .into_par_iter()
+                .map(|ch| channel_sum(gyd, n, c, hw, ch, |v| v))
+                .collect();
+            let dot: Vec<f64> = (0..c)
+                .into_par_iter()
+                .map(|ch| channel_dot(gyd, xt.data(), mean[ch], n, c, hw, ch))
+                .collect();
+            let dgamma: Vec<f64> = (0..c).map(|i| dot[i] * inv[i]).collect();
+            let to_t = |v: &[f64]| Tensor::new(&[c], v.iter().map(|&x| T::from_f64(x)).collect());
+            vec![
+                dx,
+                needs[1].then(|| to_t(&dgamma)),
+                needs[2].then(|| to_t(&dbeta)),
+            ]
+        }),
+    )
+}

@@ -1,0 +1,75 @@
+//! conv2d: dense, grouped and depth-wise, any kernel/stride/padding, optional bias.
+
+use crate::autograd::{Tape, Var};
+use crate::backend::cpu::conv::{conv2d_backward, conv2d_forward, ConvGeom};
+use crate::tensor::{Elem, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dArgs {
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub groups: usize,
+}
+
+impl Conv2dArgs {
+    /// Square stride, "same" padding k//2 per axis for a kh x kw kernel, given groups.
+    pub fn same(kh: usize, kw: usize, stride: usize, groups: usize) -> Self {
+        Conv2dArgs {
+            stride: (stride, stride),
+            padding: (kh / 2, kw / 2),
+            groups,
+        }
+    }
+}
+
+/// `y = conv(x, w) + b`; x [N,C,H,W], w [C_out, C/groups, kh, kw], b [C_out].
+pub fn conv2d<T: Elem>(
+    tape: &mut Tape<T>,
+    x: Var,
+    w: Var,
+    b: Option<Var>,
+    args: Conv2dArgs,
+) -> Var {
+    let geom = ConvGeom::new(
+        tape.shape(x),
+        tape.shape(w),
+        args.stride,
+        args.padding,
+        args.groups,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(b) = b {
+        assert_eq!(tape.shape(b), [geom.cout], "conv2d bias shape");
+    }
+    let xt = tape.value(x).clone();
+    let wt = tape.value(w).clone();
+    let bt = b.map(|b| tape.value(b).clone());
+    let y = conv2d_forward(&geom, xt.data(), wt.data(), bt.as_ref().map(|t| t.data()));
+    tape.add_macs(geom.macs());
+    let out = Tensor::new(&geom.out_shape(), y);
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    let has_bias = b.is_some();
+    tape.push(
+        out,
+        &inputs,
+        Box::new(move |gy, needs| {
+            let need_db = has_bias && needs[2];
+            let g = conv2d_backward(
+                &geom,
+                xt.data(),
+                wt.data(),
+                gy.data(),
+                (needs[0], needs[1], need_db),
+            );
+            let mut r = vec![
+                g.dx.map(|d| Tensor::new(xt.shape(), d)),
+                g.dw.map(|d| Tensor::new(wt.shape(), d)),
+            ];
+            if has_bias {
+                r.push(g.db.map(|d| Tensor::new(&[geom.cout], d)));
+            }
+            r
+        }),
+    )
+}

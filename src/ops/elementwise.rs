@@ -1,0 +1,96 @@
+//! add, elementwise mul, per-channel mul (the SE gate) and reshape.
+
+use crate::autograd::{Tape, Var};
+use crate::tensor::{Elem, Tensor};
+use rayon::prelude::*;
+
+pub fn add<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
+    assert_eq!(tape.shape(a), tape.shape(b), "add: shapes differ");
+    let y = tape.value(a).add(tape.value(b));
+    tape.push(
+        y,
+        &[a, b],
+        Box::new(|gy, needs| vec![needs[0].then(|| gy.clone()), needs[1].then(|| gy.clone())]),
+    )
+}
+
+/// Elementwise product of two tensors of one shape.
+pub fn mul<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
+    assert_eq!(tape.shape(a), tape.shape(b), "mul: shapes differ");
+    let (at, bt) = (tape.value(a).clone(), tape.value(b).clone());
+    let prod = |u: &Tensor<T>, v: &Tensor<T>| {
+        Tensor::new(
+            u.shape(),
+            u.data()
+                .iter()
+                .zip(v.data())
+                .map(|(&p, &q)| p * q)
+                .collect(),
+        )
+    };
+    let y = prod(&at, &bt);
+    tape.push(
+        y,
+        &[a, b],
+        Box::new(move |gy, needs| {
+            vec![
+                needs[0].then(|| prod(gy, &bt)),
+                needs[1].then(|| prod(gy, &at)),
+            ]
+        }),
+    )
+}
+
+/// `y[n,c,h,w] = x[n,c,h,w] * s[n,c]`, with s of shape [N, C, 1, 1].
+pub fn mul_channel<T: Elem>(tape: &mut Tape<T>, x: Var, s: Var) -> Var {
+    let (xt, st) = (tape.value(x).clone(), tape.value(s).clone());
+    let (n, c, h, w) = xt.dims4();
+    assert_eq!(st.shape(), [n, c, 1, 1], "mul_channel: scale shape");
+    let hw = h * w;
+    let mut y = vec![T::zero(); xt.numel()];
+    y.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
+        let sv = st.data()[nc];
+        out.iter_mut()
+            .zip(&xt.data()[nc * hw..(nc + 1) * hw])
+            .for_each(|(o, &v)| *o = v * sv);
+    });
+    let y = Tensor::new(xt.shape(), y);
+    tape.push(
+        y,
+        &[x, s],
+        Box::new(move |gy, needs| {
+            let g = gy.data();
+            let dx = needs[0].then(|| {
+                let mut dx = vec![T::zero(); g.len()];
+                dx.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
+                    let sv = st.data()[nc];
+                    out.iter_mut()
+                        .zip(&g[nc * hw..(nc + 1) * hw])
+                        .for_each(|(o, &v)| *o = v * sv);
+                });
+                Tensor::new(xt.shape(), dx)
+            });
+            let ds = needs[1].then(|| {
+                let d = (0..n * c)
+                    .into_par_iter()
+                    .map(|nc| {
+                        g[nc * hw..(nc + 1) * hw]
+                            .iter()
+                            .zip(&xt.data()[nc * hw..(nc + 1) * hw])
+                            .map(|(&a, &b)| a * b)
+                            .sum()
+                    })
+                    .collect();
+                Tensor::new(st.shape(), d)
+            });
+            vec![dx, ds]
+        }),
+    )
+}
+
+/// The same values under another shape (e.g. flatten [N, C, 1, 1] -> [N, C]).
+pub fn reshape<T: Elem>(tape: &mut Tape<T>, x: Var, shape: &[usize]) -> Var {
+    let old = tape.shape(x).to_vec();
+    let y = tape.value(x).reshape(shape);
+    tape.push(y, &[x], Box::new(move |gy, _| vec![Some(gy.reshape(&old))]))
+}

@@ -1,0 +1,22 @@
+//! Differentiable ops: each file holds an op family's forward and backward side by side.
+//! Every op takes the tape, computes its output on the CPU backend and records its backward.
+
+pub mod act;
+pub mod batch_norm;
+pub mod concat;
+pub mod conv;
+pub mod dropout;
+pub mod elementwise;
+pub mod linear;
+pub mod loss;
+pub mod pool;
+
+pub use act::{hard_sigmoid, relu, sigmoid};
+pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
+pub use concat::concat_channels;
+pub use conv::{conv2d, Conv2dArgs};
+pub use dropout::dropout;
+pub use elementwise::{add, mul, mul_channel, reshape};
+pub use linear::linear;
+pub use loss::{cross_entropy, cross_entropy_soft, kd_loss};
+pub use pool::{avg_pool2x2, global_avg_pool, upsample_nearest};
