@@ -3,12 +3,15 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod data;
 pub mod io;
 pub mod models;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod reparam;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{Grads, Tape, Var};
 pub use tensor::{Elem, Tensor};

@@ -11,7 +11,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "ghostv3", version, about = "GhostNetV3 training and deployment engine (CPU backend)")]
+#[command(
+    name = "ghostv3",
+    version,
+    about = "GhostNetV3 training and deployment engine (CPU backend)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -25,8 +29,69 @@ enum Cmd {
     Forward(ForwardArgs),
     /// Folds a train-form checkpoint into the deploy form (timm `reparameterize_model` names).
     Fold(FoldArgs),
+    /// Trains a model with a TOML recipe (default: a quick run on the built-in synthetic set).
+    Train(TrainArgs),
+    /// Top-1/top-5 accuracy of weights on an ImageFolder directory.
+    Eval(EvalArgs),
+    /// Top-5 classes with probabilities for image files.
+    Predict(PredictArgs),
     /// Lists the models the engine can build.
     Models,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Recipe (TOML); see configs/. Without it: configs/synthetic_quick.toml, built in.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a recipe entry, e.g. --set train.epochs=5 --set optimizer.weight_decay=0.05.
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, conflicts_with = "config")]
+    resume: Option<PathBuf>,
+    /// Run directory for a new run (default runs/<model>-<time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Weights (safetensors; train or deploy form).
+    #[arg(long)]
+    weights: PathBuf,
+    /// ImageFolder directory (class sub-folders), e.g. imagenette2-224/val.
+    #[arg(long)]
+    data: PathBuf,
+    /// Input resolution.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Resize to size / crop_pct, then centre-crop (timm default 0.875).
+    #[arg(long, default_value_t = 0.875)]
+    crop_pct: f64,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Decoding threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    weights: PathBuf,
+    /// Input resolution.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    #[arg(long, default_value_t = 0.875)]
+    crop_pct: f64,
+    /// Image files (JPEG or PNG).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
 }
 
 /// Options that shape a model beyond its name.
@@ -58,7 +123,10 @@ impl ModelArgs {
         };
         if let Some(c) = self.classes {
             if weights.is_some() && c != o.num_classes {
-                bail!("--classes {c} but the weights file has {} classes", o.num_classes);
+                bail!(
+                    "--classes {c} but the weights file has {} classes",
+                    o.num_classes
+                );
             }
             o.num_classes = c;
         }
@@ -70,7 +138,10 @@ impl ModelArgs {
             };
         } else if let Some(n) = self.branches {
             if n != o.rep.branches {
-                bail!("--branches {n} but the weights file has {} branches", o.rep.branches);
+                bail!(
+                    "--branches {n} but the weights file has {} branches",
+                    o.rep.branches
+                );
             }
         }
         if deploy {
@@ -132,6 +203,9 @@ fn main() {
         Cmd::Info(a) => info(a),
         Cmd::Forward(a) => forward(a),
         Cmd::Fold(a) => fold(a),
+        Cmd::Train(a) => train(a),
+        Cmd::Eval(a) => eval(a),
+        Cmd::Predict(a) => predict(a),
         Cmd::Models => {
             models::names().iter().for_each(|n| println!("{n}"));
             Ok(())
@@ -165,11 +239,17 @@ fn count(m: &mut GhostNet, size: usize) -> (u64, u64) {
 
 fn info(a: InfoArgs) -> Result<()> {
     if a.size < 32 {
-        bail!("--size {} is too small: the network downsamples by 32", a.size);
+        bail!(
+            "--size {} is too small: the network downsamples by 32",
+            a.size
+        );
     }
     let base = a.model.options(None, false)?;
     let forms: &[bool] = if a.deploy { &[true] } else { &[false, true] };
-    println!("{} ({} classes) at {}x{}:", a.model.model, base.num_classes, a.size, a.size);
+    println!(
+        "{} ({} classes) at {}x{}:",
+        a.model.model, base.num_classes, a.size, a.size
+    );
     for &deploy in forms {
         let mut m = models::create(&a.model.model, &ModelOptions { deploy, ..base })?;
         let (params, macs) = count(&mut m, a.size);
@@ -177,7 +257,10 @@ fn info(a: InfoArgs) -> Result<()> {
             "deploy form".to_string()
         } else {
             let r = base.rep;
-            format!("train form (N={}, scale={}, identity={})", r.branches, r.scale, r.identity)
+            format!(
+                "train form (N={}, scale={}, identity={})",
+                r.branches, r.scale, r.identity
+            )
         };
         println!(
             "  {form:<44} {:>12} params  {:>7.1}M MACs  ({} tensors + {} BN buffers)",
@@ -202,7 +285,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let inputs = read_tensors(&a.inputs)?;
     let x = match inputs.get("input") {
         Some(TensorData::F32(s, v)) if s.len() == 4 && s[1] == 3 => Tensor::new(s, v.clone()),
-        Some(t) => bail!("input tensor must be f32 [N, 3, H, W], got shape {:?}", t.shape()),
+        Some(t) => bail!(
+            "input tensor must be f32 [N, 3, H, W], got shape {:?}",
+            t.shape()
+        ),
         None => bail!("{} has no tensor named 'input'", a.inputs.display()),
     };
     if !x.is_finite() {
@@ -210,7 +296,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
     }
     let mut out = BTreeMap::new();
     let logits = m.predict(&x);
-    out.insert("logits".to_string(), TensorData::F32(logits.shape().to_vec(), logits.to_vec()));
+    out.insert(
+        "logits".to_string(),
+        TensorData::F32(logits.shape().to_vec(), logits.to_vec()),
+    );
     if a.grads {
         let labels: Vec<usize> = match inputs.get("labels") {
             Some(TensorData::I64(_, v)) => v
@@ -222,7 +311,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
                     Ok(l as usize)
                 })
                 .collect::<Result<_>>()?,
-            _ => bail!("--grads needs an int64 tensor 'labels' [N] in {}", a.inputs.display()),
+            _ => bail!(
+                "--grads needs an int64 tensor 'labels' [N] in {}",
+                a.inputs.display()
+            ),
         };
         if labels.len() != x.shape()[0] {
             bail!("{} labels for a batch of {}", labels.len(), x.shape()[0]);
@@ -235,15 +327,24 @@ fn forward(a: ForwardArgs) -> Result<()> {
         let lv = tape.value(loss).data()[0];
         let grads = tape.backward(loss);
         let flat = leaves.flat_grads(&m.state, &grads);
-        out.insert("train_logits".into(), TensorData::F32(yv.shape().to_vec(), yv.to_vec()));
+        out.insert(
+            "train_logits".into(),
+            TensorData::F32(yv.shape().to_vec(), yv.to_vec()),
+        );
         out.insert("train_loss".into(), TensorData::F32(vec![1], vec![lv]));
         for e in m.state.params.entries() {
             let g = flat[e.offset..e.offset + e.numel()].to_vec();
-            out.insert(format!("grad.{}", e.name), TensorData::F32(e.shape.clone(), g));
+            out.insert(
+                format!("grad.{}", e.name),
+                TensorData::F32(e.shape.clone(), g),
+            );
         }
         for (i, e) in m.state.buffers.entries().iter().enumerate() {
             let v = m.state.buffers.slice(ghostv3::nn::Id(i)).to_vec();
-            out.insert(format!("after_step.{}", e.name), TensorData::F32(e.shape.clone(), v));
+            out.insert(
+                format!("after_step.{}", e.name),
+                TensorData::F32(e.shape.clone(), v),
+            );
         }
         println!("train loss {lv:.6}");
     }
@@ -260,7 +361,12 @@ fn fold(a: FoldArgs) -> Result<()> {
     let mut deploy = reparam::fold(&train).context("folding failed")?;
     // Check the fold on a random input: both forms in eval mode must agree.
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let x = Tensor::new(&[2, 3, 128, 128], (0..2 * 3 * 128 * 128).map(|_| rng.random_range(-2.0..2.0)).collect());
+    let x = Tensor::new(
+        &[2, 3, 128, 128],
+        (0..2 * 3 * 128 * 128)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect(),
+    );
     let (yt, yd) = (train.predict(&x), deploy.predict(&x));
     let rel = yd.max_abs_diff(&yt) / yt.max_abs().max(1e-30);
     let meta = HashMap::from([
@@ -280,5 +386,85 @@ fn fold(a: FoldArgs) -> Result<()> {
         bail!("folded model disagrees with the train form (rel {rel:.2e}); not trusting it");
     }
     println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    use ghostv3::train::{config::TrainConfig, Trainer};
+    let mut t = match &a.resume {
+        Some(dir) => {
+            let t = Trainer::resume(dir, &a.sets)?;
+            println!("resuming {} after epoch {}", dir.display(), t.epoch);
+            t
+        }
+        None => {
+            let cfg = match &a.config {
+                Some(p) => TrainConfig::load(p, &a.sets)?,
+                None => TrainConfig::from_toml(TrainConfig::default_recipe(), &a.sets, "built-in recipe")?,
+            };
+            let dir = a.out.clone().unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                PathBuf::from("runs").join(format!("{}-{secs}", cfg.model.name))
+            });
+            Trainer::new(cfg, &dir)?
+        }
+    };
+    t.run()?;
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    use ghostv3::data::{ImageFolder, Loader, TransformConfig};
+    let mut m = load_model(&a.model, &a.weights, false)?;
+    let ds = std::sync::Arc::new(ImageFolder::open(&a.data)?);
+    if ds.num_classes() != m.cfg.num_classes {
+        bail!("{} has {} classes, the weights have {}", a.data.display(), ds.num_classes(), m.cfg.num_classes);
+    }
+    let tf = TransformConfig { crop_pct: a.crop_pct, ..TransformConfig::eval(a.size) };
+    let loader = Loader::new(ds.clone(), tf, a.batch, false, false, a.workers, 0)?;
+    let t0 = std::time::Instant::now();
+    let (top1, top5, loss) = ghostv3::train::evaluate(&mut m, &loader)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{} ({} form) on {} ({} images): top-1 {:.2}%, top-5 {:.2}%, loss {loss:.4}, {:.1} images/s",
+        a.model.model,
+        if m.cfg.deploy { "deploy" } else { "train" },
+        a.data.display(),
+        ds.len(),
+        100.0 * top1,
+        100.0 * top5,
+        ds.len() as f64 / secs
+    );
+    Ok(())
+}
+
+use ghostv3::data::Dataset as _;
+
+fn predict(a: PredictArgs) -> Result<()> {
+    use ghostv3::data::{Transform, TransformConfig};
+    let mut m = load_model(&a.model, &a.weights, false)?;
+    let names: Option<Vec<String>> = {
+        let bytes = std::fs::read(&a.weights)?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        meta.metadata().as_ref().and_then(|m| m.get("ghostv3.classes")).and_then(|s| serde_json::from_str(s).ok())
+    };
+    let tf = Transform::new(&TransformConfig { crop_pct: a.crop_pct, ..TransformConfig::eval(a.size) })?;
+    for path in &a.images {
+        let img = ghostv3::data::dataset::decode_rgb(path)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let x = tf.apply(&img, &mut rng)?;
+        let logits = m.predict(&Tensor::new(&[1, 3, a.size, a.size], x));
+        let z = logits.data();
+        let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let e: Vec<f64> = z.iter().map(|&v| ((v - mx) as f64).exp()).collect();
+        let s: f64 = e.iter().sum();
+        let mut order: Vec<usize> = (0..z.len()).collect();
+        order.sort_by(|&i, &j| z[j].total_cmp(&z[i]));
+        println!("{}:", path.display());
+        for &c in order.iter().take(5) {
+            let name = names.as_ref().and_then(|n| n.get(c)).cloned().unwrap_or_else(|| format!("class {c}"));
+            println!("  {:6.2}%  {name}", 100.0 * e[c] / s);
+        }
+    }
     Ok(())
 }

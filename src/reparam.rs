@@ -19,7 +19,8 @@ pub fn fold(train: &GhostNet) -> Result<GhostNet> {
     let mut deploy = GhostNet::new(cfg, 0)?;
     let mut written = vec![false; deploy.state.params.len()];
     // Folded convs.
-    let pairs: Vec<(Option<(Vec<f32>, Vec<f32>)>, Conv2d)> = train
+    type Folded = Option<(Vec<f32>, Vec<f32>)>;
+    let pairs: Vec<(Folded, Conv2d)> = train
         .rep_convs()
         .into_iter()
         .zip(deploy.rep_convs())
@@ -43,10 +44,7 @@ pub fn fold(train: &GhostNet) -> Result<GhostNet> {
         written[bias.0] = true;
     }
     // Everything else keeps its name.
-    for i in 0..deploy.state.params.len() {
-        if written[i] {
-            continue;
-        }
+    for (i, _) in written.iter().enumerate().filter(|(_, w)| !**w) {
         let e = deploy.state.params.entry(Id(i)).clone();
         let Some(src) = train.state.params.find(&e.name) else {
             bail!("deploy tensor {} has no source in the train form", e.name)

@@ -8,11 +8,18 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn ghostv3(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ghostv3")).args(args).output().expect("run ghostv3")
+    Command::new(env!("CARGO_BIN_EXE_ghostv3"))
+        .args(args)
+        .output()
+        .expect("run ghostv3")
 }
 
 fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "ghostv3 failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "ghostv3 failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -26,25 +33,67 @@ fn tmp(name: &str) -> PathBuf {
 fn info_reports_timm_parameter_and_mac_counts() {
     // Spec section 8 (timm's counts): deploy params, deploy MACs, train params, train MACs.
     let expected = [
-        ("ghostnetv3_050", "2,853,176", "49.6M", "3,395,384", "117.5M"),
-        ("ghostnetv3_100", "6,147,588", "167.0M", "8,129,028", "404.1M"),
-        ("ghostnetv3_130", "8,948,296", "269.3M", "12,217,720", "654.8M"),
-        ("ghostnetv3_160", "12,377,778", "398.6M", "17,275,700", "971.6M"),
+        (
+            "ghostnetv3_050",
+            "2,853,176",
+            "49.6M",
+            "3,395,384",
+            "117.5M",
+        ),
+        (
+            "ghostnetv3_100",
+            "6,147,588",
+            "167.0M",
+            "8,129,028",
+            "404.1M",
+        ),
+        (
+            "ghostnetv3_130",
+            "8,948,296",
+            "269.3M",
+            "12,217,720",
+            "654.8M",
+        ),
+        (
+            "ghostnetv3_160",
+            "12,377,778",
+            "398.6M",
+            "17,275,700",
+            "971.6M",
+        ),
     ];
     for (name, dp, dm, tp, tm) in expected {
         let out = stdout(&ghostv3(&["info", "--model", name]));
-        let train = out.lines().find(|l| l.contains("train form")).expect("train line");
-        let deploy = out.lines().find(|l| l.contains("deploy form")).expect("deploy line");
+        let train = out
+            .lines()
+            .find(|l| l.contains("train form"))
+            .expect("train line");
+        let deploy = out
+            .lines()
+            .find(|l| l.contains("deploy form"))
+            .expect("deploy line");
         assert!(train.contains(tp) && train.contains(tm), "{name}: {train}");
-        assert!(deploy.contains(dp) && deploy.contains(dm), "{name}: {deploy}");
+        assert!(
+            deploy.contains(dp) && deploy.contains(dm),
+            "{name}: {deploy}"
+        );
     }
     let out = stdout(&ghostv3(&["info", "--model", "ghostnetv3_100", "--deploy"]));
-    assert!(!out.contains("train form") && out.contains("6,147,588"), "{out}");
+    assert!(
+        !out.contains("train form") && out.contains("6,147,588"),
+        "{out}"
+    );
 }
 
 #[test]
 fn every_command_has_help() {
-    for cmd in [&["--help"][..], &["info", "--help"], &["forward", "--help"], &["fold", "--help"], &["models", "--help"]] {
+    for cmd in [
+        &["--help"][..],
+        &["info", "--help"],
+        &["forward", "--help"],
+        &["fold", "--help"],
+        &["models", "--help"],
+    ] {
         let out = stdout(&ghostv3(cmd));
         assert!(out.contains("Usage"), "{cmd:?}: {out}");
     }
@@ -55,22 +104,50 @@ fn unknown_model_and_bad_flags_are_clear_errors() {
     let o = ghostv3(&["info", "--model", "ghostnetv3_999"]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("unknown model 'ghostnetv3_999'") && e.contains("ghostnetv3_100"), "{e}");
+    assert!(
+        e.contains("unknown model 'ghostnetv3_999'") && e.contains("ghostnetv3_100"),
+        "{e}"
+    );
     let o = ghostv3(&["info", "--model", "ghostnetv3_050", "--branches", "9"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("out of range 1..=5"));
-    let o = ghostv3(&["forward", "--model", "ghostnetv3_050", "--weights", "/nonexistent.safetensors", "--inputs", "x", "--out", "y"]);
+    let o = ghostv3(&[
+        "forward",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        "/nonexistent.safetensors",
+        "--inputs",
+        "x",
+        "--out",
+        "y",
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.safetensors"));
 }
 
 #[test]
 fn forward_with_grads_matches_the_timm_fixture() {
-    let Some(dir) = common::fixture("ghostnetv3_050-112") else { return };
+    let Some(dir) = common::fixture("ghostnetv3_050-112") else {
+        return;
+    };
     let out = tmp("forward.safetensors");
-    let (w, r) = (dir.join("train.safetensors"), dir.join("reference.safetensors"));
-    let args = ["forward", "--model", "ghostnetv3_050", "--weights", w.to_str().unwrap(), "--inputs", r.to_str().unwrap()];
-    stdout(&ghostv3(&[&args[..], &["--out", out.to_str().unwrap(), "--grads"]].concat()));
+    let (w, r) = (
+        dir.join("train.safetensors"),
+        dir.join("reference.safetensors"),
+    );
+    let args = [
+        "forward",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        w.to_str().unwrap(),
+        "--inputs",
+        r.to_str().unwrap(),
+    ];
+    stdout(&ghostv3(
+        &[&args[..], &["--out", out.to_str().unwrap(), "--grads"]].concat(),
+    ));
     let ours = read_tensors(&out).unwrap();
     let refs = read_tensors(&r).unwrap();
     let f = |m: &std::collections::BTreeMap<String, TensorData>, k: &str| match &m[k] {
@@ -81,7 +158,10 @@ fn forward_with_grads_matches_the_timm_fixture() {
     assert!(rel_err(&f(&ours, "train_logits"), &f(&refs, "train_logits")) <= 1e-4);
     assert!(rel_err(&f(&ours, "train_loss"), &f(&refs, "train_loss")) <= 1e-5);
     let grads: Vec<&String> = refs.keys().filter(|k| k.starts_with("grad.")).collect();
-    assert_eq!(grads.len(), ours.keys().filter(|k| k.starts_with("grad.")).count());
+    assert_eq!(
+        grads.len(),
+        ours.keys().filter(|k| k.starts_with("grad.")).count()
+    );
     let k = "grad.classifier.weight";
     assert!(rel_err(&f(&ours, k), &f(&refs, k)) <= 2e-3);
     let k = "after_step.bn1.running_var";
@@ -90,26 +170,58 @@ fn forward_with_grads_matches_the_timm_fixture() {
 
 #[test]
 fn fold_writes_timms_deploy_file() {
-    let Some(dir) = common::fixture("ghostnetv3_050-112") else { return };
+    let Some(dir) = common::fixture("ghostnetv3_050-112") else {
+        return;
+    };
     let out = tmp("deploy.safetensors");
     let w = dir.join("train.safetensors");
-    let msg = stdout(&ghostv3(&["fold", "--model", "ghostnetv3_050", "--weights", w.to_str().unwrap(), "--out", out.to_str().unwrap()]));
+    let msg = stdout(&ghostv3(&[
+        "fold",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     assert!(msg.contains("eval outputs agree"), "{msg}");
     let ours = read_tensors(&out).unwrap();
     let theirs = read_tensors(&dir.join("deploy.safetensors")).unwrap();
     for (k, t) in &theirs {
-        let (TensorData::F32(s, v), Some(TensorData::F32(s2, v2))) = (t, ours.get(k)) else { panic!("{k} missing") };
+        let (TensorData::F32(s, v), Some(TensorData::F32(s2, v2))) = (t, ours.get(k)) else {
+            panic!("{k} missing")
+        };
         assert_eq!(s, s2, "{k}");
         assert!(rel_err(v2, v) <= 1e-5, "{k}");
     }
     // Deploy-form weights run with `forward` (form detected from the names).
     let r = dir.join("reference.safetensors");
     let o2 = tmp("deploy-out.safetensors");
-    stdout(&ghostv3(&["forward", "--model", "ghostnetv3_050", "--weights", out.to_str().unwrap(), "--inputs", r.to_str().unwrap(), "--out", o2.to_str().unwrap()]));
+    stdout(&ghostv3(&[
+        "forward",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        out.to_str().unwrap(),
+        "--inputs",
+        r.to_str().unwrap(),
+        "--out",
+        o2.to_str().unwrap(),
+    ]));
     let (a, b) = (read_tensors(&o2).unwrap(), read_tensors(&r).unwrap());
-    let (TensorData::F32(_, x), TensorData::F32(_, y)) = (&a["logits"], &b["logits_deploy"]) else { panic!() };
+    let (TensorData::F32(_, x), TensorData::F32(_, y)) = (&a["logits"], &b["logits_deploy"]) else {
+        panic!()
+    };
     assert!(rel_err(x, y) <= 1e-4);
     // Folding deploy weights again is refused.
-    let o = ghostv3(&["fold", "--model", "ghostnetv3_050", "--weights", out.to_str().unwrap(), "--out", tmp("x.safetensors").to_str().unwrap()]);
+    let o = ghostv3(&[
+        "fold",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        out.to_str().unwrap(),
+        "--out",
+        tmp("x.safetensors").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
 }

@@ -18,11 +18,23 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn model(seed: u64) -> GhostNet {
-    models::create("ghostnetv3_050", &ModelOptions { num_classes: 10, seed, ..Default::default() }).unwrap()
+    models::create(
+        "ghostnetv3_050",
+        &ModelOptions {
+            num_classes: 10,
+            seed,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn snapshot(m: &GhostNet) -> (Vec<f32>, Vec<f32>, Vec<(String, i64)>) {
-    (m.state.params.flat().to_vec(), m.state.buffers.flat().to_vec(), m.state.counters.clone())
+    (
+        m.state.params.flat().to_vec(),
+        m.state.buffers.flat().to_vec(),
+        m.state.counters.clone(),
+    )
 }
 
 /// Writes `tensors` after `edit`, tries to load into a fresh model; returns the error text and
@@ -35,7 +47,7 @@ fn load_error(tag: &str, edit: impl FnOnce(&mut BTreeMap<String, TensorData>)) -
     write_tensors(&path, &t, None).unwrap();
     let mut dst = model(2);
     let before = snapshot(&dst);
-    let err = load_state(&mut dst.state, &path).err().expect("load must fail");
+    let err = load_state(&mut dst.state, &path).expect_err("load must fail");
     assert!(before == snapshot(&dst), "a failed load changed the model");
     format!("{err:#}")
 }
@@ -51,7 +63,10 @@ fn save_then_load_round_trips_exactly() {
     load_state(&mut b.state, &path).unwrap();
     assert!(snapshot(&a) == snapshot(&b));
     // No temp file is left beside the target.
-    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
@@ -60,25 +75,43 @@ fn missing_tensor_is_named_and_nothing_is_loaded() {
     let e = load_error("missing", |t| {
         t.remove("blocks.3.0.ghost1.cheap_rpr_conv.1.conv.weight");
     });
-    assert!(e.contains("missing tensor blocks.3.0.ghost1.cheap_rpr_conv.1.conv.weight"), "{e}");
-    assert!(e.contains("[20, 1, 3, 3]") || e.contains("[18, 1, 3, 3]"), "{e}");
+    assert!(
+        e.contains("missing tensor blocks.3.0.ghost1.cheap_rpr_conv.1.conv.weight"),
+        "{e}"
+    );
+    assert!(
+        e.contains("[20, 1, 3, 3]") || e.contains("[18, 1, 3, 3]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let e = load_error("unexpected", |t| {
-        t.insert("blocks.3.0.extra.weight".into(), TensorData::F32(vec![2], vec![1.0, 2.0]));
+        t.insert(
+            "blocks.3.0.extra.weight".into(),
+            TensorData::F32(vec![2], vec![1.0, 2.0]),
+        );
     });
-    assert!(e.contains("unexpected tensor blocks.3.0.extra.weight"), "{e}");
+    assert!(
+        e.contains("unexpected tensor blocks.3.0.extra.weight"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_shape_names_the_tensor_and_both_shapes() {
     let e = load_error("shape", |t| {
-        t.insert("classifier.weight".into(), TensorData::F32(vec![1000, 1280], vec![0.0; 1_280_000]));
+        t.insert(
+            "classifier.weight".into(),
+            TensorData::F32(vec![1000, 1280], vec![0.0; 1_280_000]),
+        );
     });
     assert!(e.contains("classifier.weight"), "{e}");
-    assert!(e.contains("[1000, 1280]") && e.contains("[10, 1280]"), "{e}");
+    assert!(
+        e.contains("[1000, 1280]") && e.contains("[10, 1280]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -99,7 +132,10 @@ fn not_a_safetensors_file_or_missing_file_is_a_clear_error() {
     let mut m = model(0);
     let e = format!("{:#}", load_state(&mut m.state, &p).unwrap_err());
     assert!(e.contains("not a valid safetensors"), "{e}");
-    let e = format!("{:#}", load_state(&mut m.state, &dir.join("nope.safetensors")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_state(&mut m.state, &dir.join("nope.safetensors")).unwrap_err()
+    );
     assert!(e.contains("nope.safetensors"), "{e}");
 }
 
@@ -111,21 +147,48 @@ fn official_checkpoint_spelling_loads() {
     let mut raw: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
     for (k, t) in state_tensors(&src.state) {
         let official = k.replace(".bn1.", ".bn.");
-        let official =
-            if official.contains(".ghost") || official.contains(".dw_rpr_") { official } else { k.clone() };
+        let official = if official.contains(".ghost") || official.contains(".dw_rpr_") {
+            official
+        } else {
+            k.clone()
+        };
         match t {
             TensorData::F32(s, v) => {
                 let v64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-                raw.push((format!("module.{official}"), s, bytemuck::cast_slice(&v64).to_vec(), Dtype::F64));
+                raw.push((
+                    format!("module.{official}"),
+                    s,
+                    bytemuck::cast_slice(&v64).to_vec(),
+                    Dtype::F64,
+                ));
             }
-            TensorData::I64(s, v) => raw.push((format!("module.{official}"), s, bytemuck::cast_slice(&v).to_vec(), Dtype::I64)),
+            TensorData::I64(s, v) => raw.push((
+                format!("module.{official}"),
+                s,
+                bytemuck::cast_slice(&v).to_vec(),
+                Dtype::I64,
+            )),
         }
     }
-    raw.push(("module.total_ops".into(), vec![1], bytemuck::cast_slice(&[1.0f64]).to_vec(), Dtype::F64));
-    raw.push(("module.blocks.0.0.total_params".into(), vec![1], bytemuck::cast_slice(&[1.0f64]).to_vec(), Dtype::F64));
-    assert!(raw.iter().any(|(k, ..)| k.contains("primary_rpr_conv.0.bn.weight")));
-    let views: Vec<(String, TensorView)> =
-        raw.iter().map(|(k, s, b, d)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    raw.push((
+        "module.total_ops".into(),
+        vec![1],
+        bytemuck::cast_slice(&[1.0f64]).to_vec(),
+        Dtype::F64,
+    ));
+    raw.push((
+        "module.blocks.0.0.total_params".into(),
+        vec![1],
+        bytemuck::cast_slice(&[1.0f64]).to_vec(),
+        Dtype::F64,
+    ));
+    assert!(raw
+        .iter()
+        .any(|(k, ..)| k.contains("primary_rpr_conv.0.bn.weight")));
+    let views: Vec<(String, TensorView)> = raw
+        .iter()
+        .map(|(k, s, b, d)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     let bytes = safetensors::serialize(views, None).unwrap();
     let path = tmpdir("official").join("official.safetensors");
     std::fs::write(&path, bytes).unwrap();
@@ -137,12 +200,20 @@ fn official_checkpoint_spelling_loads() {
 /// Our train-form names and shapes are exactly timm's (the fixture's train.safetensors).
 #[test]
 fn train_form_names_are_timms() {
-    let Some(dir) = common::fixture("ghostnetv3_050-112") else { return };
+    let Some(dir) = common::fixture("ghostnetv3_050-112") else {
+        return;
+    };
     let theirs = read_tensors(&dir.join("train.safetensors")).unwrap();
     let ours = state_tensors(&model(0).state);
-    let ours: BTreeMap<_, _> = ours.iter().filter(|(k, _)| !k.ends_with("num_batches_tracked")).collect();
+    let ours: BTreeMap<_, _> = ours
+        .iter()
+        .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+        .collect();
     let a: Vec<(&String, &[usize])> = theirs.iter().map(|(k, t)| (k, t.shape())).collect();
     let b: Vec<(&String, &[usize])> = ours.iter().map(|(k, t)| (*k, t.shape())).collect();
     assert_eq!(a, b);
-    println!("{} train-form tensors, names and shapes equal to timm's", a.len());
+    println!(
+        "{} train-form tensors, names and shapes equal to timm's",
+        a.len()
+    );
 }

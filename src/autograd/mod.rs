@@ -18,6 +18,7 @@ impl Var {
 pub type BackwardFn<T> = Box<dyn FnOnce(&Tensor<T>, &[bool]) -> Vec<Option<Tensor<T>>> + Send>;
 
 struct Node<T> {
+    op: &'static str,
     value: Tensor<T>,
     inputs: Vec<usize>,
     requires_grad: bool,
@@ -28,6 +29,37 @@ pub struct Tape<T = f32> {
     nodes: Vec<Node<T>>,
     grad_enabled: bool,
     macs: u64,
+    profile: Option<Profile>,
+}
+
+/// Time spent per op kind, forward and backward (enabled with `Tape::enable_profile`).
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// op -> (calls, forward seconds, backward seconds)
+    pub ops: std::collections::BTreeMap<&'static str, (usize, f64, f64)>,
+    last: Option<std::time::Instant>,
+}
+
+impl Profile {
+    /// One line per op, slowest first.
+    pub fn report(&self) -> String {
+        let mut rows: Vec<_> = self.ops.iter().collect();
+        rows.sort_by(|a, b| (b.1 .1 + b.1 .2).total_cmp(&(a.1 .1 + a.1 .2)));
+        let total: f64 = rows.iter().map(|(_, v)| v.1 + v.2).sum();
+        let mut s = format!(
+            "{:<20} {:>7} {:>10} {:>10} {:>6}\n",
+            "op", "calls", "fwd ms", "bwd ms", "%"
+        );
+        for (op, (n, f, b)) in rows {
+            s += &format!(
+                "{op:<20} {n:>7} {:>10.2} {:>10.2} {:>5.1}%\n",
+                f * 1e3,
+                b * 1e3,
+                100.0 * (f + b) / total
+            );
+        }
+        s
+    }
 }
 
 impl<T: Elem> Default for Tape<T> {
@@ -42,6 +74,7 @@ impl<T: Elem> Tape<T> {
             nodes: Vec::new(),
             grad_enabled: true,
             macs: 0,
+            profile: None,
         }
     }
 
@@ -51,11 +84,25 @@ impl<T: Elem> Tape<T> {
             nodes: Vec::new(),
             grad_enabled: false,
             macs: 0,
+            profile: None,
         }
     }
 
     pub fn grad_enabled(&self) -> bool {
         self.grad_enabled
+    }
+
+    /// Starts timing ops: forward time is measured between consecutive records, so call this
+    /// right before the forward pass.
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(Profile {
+            last: Some(std::time::Instant::now()),
+            ..Default::default()
+        });
+    }
+
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
     }
 
     /// Multiply-adds of the convs and linear layers recorded so far (the figure `info` reports).
@@ -78,6 +125,7 @@ impl<T: Elem> Tape<T> {
     /// A leaf: an input or a parameter. `requires_grad` leaves receive gradients.
     pub fn leaf(&mut self, value: Tensor<T>, requires_grad: bool) -> Var {
         self.nodes.push(Node {
+            op: "leaf",
             value,
             inputs: Vec::new(),
             requires_grad: requires_grad && self.grad_enabled,
@@ -104,10 +152,25 @@ impl<T: Elem> Tape<T> {
     }
 
     /// Records an op's output. The backward closure is kept only if some input requires a gradient.
-    pub fn push(&mut self, value: Tensor<T>, inputs: &[Var], backward: BackwardFn<T>) -> Var {
+    pub fn push(
+        &mut self,
+        op: &'static str,
+        value: Tensor<T>,
+        inputs: &[Var],
+        backward: BackwardFn<T>,
+    ) -> Var {
+        if let Some(p) = self.profile.as_mut() {
+            let now = std::time::Instant::now();
+            let dt = p.last.map_or(0.0, |t| (now - t).as_secs_f64());
+            let e = p.ops.entry(op).or_default();
+            e.0 += 1;
+            e.1 += dt;
+            p.last = Some(now);
+        }
         let requires_grad =
             self.grad_enabled && inputs.iter().any(|v| self.nodes[v.0].requires_grad);
         self.nodes.push(Node {
+            op,
             value,
             inputs: inputs.iter().map(|v| v.0).collect(),
             requires_grad,
@@ -143,7 +206,11 @@ impl<T: Elem> Tape<T> {
                 .iter()
                 .map(|&j| self.nodes[j].requires_grad)
                 .collect();
+            let t0 = self.profile.is_some().then(std::time::Instant::now);
             let input_grads = bw(&g, &needs);
+            if let (Some(p), Some(t0)) = (self.profile.as_mut(), t0) {
+                p.ops.entry(self.nodes[i].op).or_default().2 += t0.elapsed().as_secs_f64();
+            }
             assert_eq!(
                 input_grads.len(),
                 inputs.len(),

@@ -4,4 +4,6 @@ pub mod atomic;
 pub mod weights;
 
 pub use atomic::write_atomic;
-pub use weights::{load_state, read_tensors, save_state, write_tensors, TensorData};
+pub use weights::{
+    load_state, load_state_from, read_tensors, save_state, write_tensors, TensorData,
+};

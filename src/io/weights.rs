@@ -150,18 +150,26 @@ pub fn save_state(state: &State, path: &Path, meta: HashMap<String, String>) -> 
 
 /// Loads a checkpoint into `state`, all or nothing.
 pub fn load_state(state: &mut State, path: &Path) -> Result<()> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read weights {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
-    let mut file: HashMap<String, TensorView> = HashMap::new();
-    for (key, v) in st.tensors() {
-        if let Some(name) = canonical_name(&key) {
+    let tensors =
+        read_tensors(path).with_context(|| format!("cannot load weights {}", path.display()))?;
+    load_state_from(state, &tensors, &path.display().to_string())
+}
+
+/// Loads named tensors (timm or official names) into `state`, all or nothing; `origin` names the
+/// source in errors.
+pub fn load_state_from(
+    state: &mut State,
+    tensors: &BTreeMap<String, TensorData>,
+    origin: &str,
+) -> Result<()> {
+    let mut file: HashMap<String, &TensorData> = HashMap::new();
+    for (key, v) in tensors {
+        if let Some(name) = canonical_name(key) {
             file.insert(name, v);
         }
     }
     let mut errors = Vec::new();
-    let mut planned: Vec<(bool, usize, Vec<f32>)> = Vec::new(); // (is_param, entry, values)
+    let mut planned: Vec<(bool, usize, &[f32])> = Vec::new(); // (is_param, entry, values)
     for (is_param, store) in [(true, &state.params), (false, &state.buffers)] {
         for (i, e) in store.entries().iter().enumerate() {
             match file.get(&e.name) {
@@ -169,30 +177,31 @@ pub fn load_state(state: &mut State, path: &Path) -> Result<()> {
                     "missing tensor {} (expected shape {:?})",
                     e.name, e.shape
                 )),
-                Some(v) if v.shape() != e.shape.as_slice() => errors.push(format!(
+                Some(t) if t.shape() != e.shape.as_slice() => errors.push(format!(
                     "tensor {}: shape {:?} in the file, the model expects {:?}",
                     e.name,
-                    v.shape(),
+                    t.shape(),
                     e.shape
                 )),
-                Some(v) => match to_f32(&e.name, v) {
-                    Ok(vals) if vals.iter().all(|x| x.is_finite()) => {
-                        planned.push((is_param, i, vals))
-                    }
-                    Ok(_) => errors.push(format!("tensor {} holds NaN or Inf", e.name)),
-                    Err(err) => errors.push(err.to_string()),
-                },
+                Some(TensorData::F32(_, vals)) if vals.iter().all(|x| x.is_finite()) => {
+                    planned.push((is_param, i, vals))
+                }
+                Some(TensorData::F32(..)) => {
+                    errors.push(format!("tensor {} holds NaN or Inf", e.name))
+                }
+                Some(TensorData::I64(..)) => {
+                    errors.push(format!("tensor {}: integer dtype, expected float", e.name))
+                }
             }
         }
     }
     let mut counters = Vec::new();
     for (i, (name, _)) in state.counters.iter().enumerate() {
-        if let Some(v) = file.get(name) {
-            match to_i64(name, v) {
-                Ok(n) if n.len() == 1 => counters.push((i, n[0])),
-                Ok(_) => errors.push(format!("tensor {name}: expected a scalar")),
-                Err(err) => errors.push(err.to_string()),
-            }
+        match file.get(name) {
+            None => {}
+            Some(TensorData::I64(_, n)) if n.len() == 1 => counters.push((i, n[0])),
+            Some(TensorData::F32(_, n)) if n.len() == 1 => counters.push((i, n[0] as i64)),
+            Some(_) => errors.push(format!("tensor {name}: expected a scalar")),
         }
     }
     let known: std::collections::HashSet<&str> = state
@@ -218,8 +227,7 @@ pub fn load_state(state: &mut State, path: &Path) -> Result<()> {
         let n = errors.len();
         let shown: Vec<String> = errors.into_iter().take(20).collect();
         bail!(
-            "{} does not fit the model ({n} problem{}; nothing was loaded):\n  {}{}",
-            path.display(),
+            "{origin} does not fit the model ({n} problem{}; nothing was loaded):\n  {}{}",
             if n == 1 { "" } else { "s" },
             shown.join("\n  "),
             if n > 20 {
@@ -235,7 +243,7 @@ pub fn load_state(state: &mut State, path: &Path) -> Result<()> {
         } else {
             &mut state.buffers
         };
-        store.slice_mut(crate::nn::Id(i)).copy_from_slice(&vals);
+        store.slice_mut(crate::nn::Id(i)).copy_from_slice(vals);
     }
     for (i, n) in counters {
         state.counters[i].1 = n;

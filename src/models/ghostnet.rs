@@ -20,8 +20,11 @@ pub fn make_divisible(v: f64, divisor: usize) -> usize {
     n as usize
 }
 
-/// (kernel, expansion, out channels, SE ratio, stride) per block; one inner list per timm stage.
-const STAGES: [&[(usize, usize, usize, f64, usize)]; 9] = [
+/// (kernel, expansion, out channels, SE ratio, stride) of one block.
+type BlockArgs = (usize, usize, usize, f64, usize);
+
+/// The blocks of each timm stage.
+const STAGES: [&[BlockArgs]; 9] = [
     &[(3, 16, 16, 0.0, 1)],
     &[(3, 48, 24, 0.0, 2)],
     &[(3, 72, 24, 0.0, 1)],

@@ -61,14 +61,24 @@ pub fn create(name: &str, opts: &ModelOptions) -> Result<GhostNet> {
 /// with: the number of classes, train or deploy form, and the re-parameterization branches.
 pub fn detect_options(path: &std::path::Path) -> Result<ModelOptions> {
     use anyhow::Context;
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read weights {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read weights {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let tensors = meta.tensors();
-    let names: Vec<String> = tensors.keys().filter_map(|k| crate::io::weights::canonical_name(k)).collect();
-    let Some(cls) = tensors.iter().find(|(k, _)| k.ends_with("classifier.weight")).map(|(_, i)| i.shape.clone())
+    let names: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| crate::io::weights::canonical_name(k))
+        .collect();
+    let Some(cls) = tensors
+        .iter()
+        .find(|(k, _)| k.ends_with("classifier.weight"))
+        .map(|(_, i)| i.shape.clone())
     else {
-        bail!("{}: no classifier.weight tensor; is this a GhostNet checkpoint?", path.display())
+        bail!(
+            "{}: no classifier.weight tensor; is this a GhostNet checkpoint?",
+            path.display()
+        )
     };
     let deploy = names.iter().any(|n| n.contains(".primary_conv.0.weight"));
     let branches = names
@@ -82,5 +92,10 @@ pub fn detect_options(path: &std::path::Path) -> Result<ModelOptions> {
         scale: names.iter().any(|n| n.contains("_rpr_scale.")),
         identity: names.iter().any(|n| n.contains("_rpr_skip.")),
     };
-    Ok(ModelOptions { num_classes: cls[0], rep, deploy, ..Default::default() })
+    Ok(ModelOptions {
+        num_classes: cls[0],
+        rep,
+        deploy,
+        ..Default::default()
+    })
 }

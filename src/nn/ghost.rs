@@ -74,6 +74,7 @@ pub struct GhostModule {
 
 impl GhostModule {
     /// `prefix` like `blocks.3.0.ghost1`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         b: &mut Builder,
         prefix: &str,

@@ -227,14 +227,39 @@ mod tests {
     #[test]
     fn fold_of_one_rep_conv_is_exact() {
         let mut rng = StdRng::seed_from_u64(7);
-        for (k, stride, depthwise) in [(1, 1, false), (3, 1, true), (5, 2, true), (3, 2, true), (3, 1, false)] {
+        for (k, stride, depthwise) in [
+            (1, 1, false),
+            (3, 1, true),
+            (5, 2, true),
+            (3, 2, true),
+            (3, 1, false),
+        ] {
             for branches in 1..=5 {
-                for (scale, identity) in [(true, true), (false, false), (true, false), (false, true)] {
+                for (scale, identity) in
+                    [(true, true), (false, false), (true, false), (false, true)]
+                {
                     let c = 6;
                     let groups = if depthwise { c } else { 1 };
                     let mut b = Builder::new(rng.random());
-                    let spec = RepSpec { train_prefix: "x", deploy_name: "y", cin: c, cout: c, k, stride, groups };
-                    let rc = RepConv::new(&mut b, &spec, RepOptions { branches, scale, identity }, false);
+                    let spec = RepSpec {
+                        train_prefix: "x",
+                        deploy_name: "y",
+                        cin: c,
+                        cout: c,
+                        k,
+                        stride,
+                        groups,
+                    };
+                    let rc = RepConv::new(
+                        &mut b,
+                        &spec,
+                        RepOptions {
+                            branches,
+                            scale,
+                            identity,
+                        },
+                        false,
+                    );
                     let mut state = b.finish();
                     for i in 0..state.params.len() {
                         let v = state.params.slice_mut(Id(i));
@@ -243,9 +268,20 @@ mod tests {
                     for i in 0..state.buffers.len() {
                         let mean = state.buffers.entry(Id(i)).name.ends_with("mean");
                         let v = state.buffers.slice_mut(Id(i));
-                        v.iter_mut().for_each(|x| *x = if mean { rng.random_range(-0.5..0.5) } else { rng.random_range(0.5..1.5) });
+                        v.iter_mut().for_each(|x| {
+                            *x = if mean {
+                                rng.random_range(-0.5..0.5)
+                            } else {
+                                rng.random_range(0.5..1.5)
+                            }
+                        });
                     }
-                    let x = Tensor::new(&[2, c, 9, 7], (0..2 * c * 63).map(|_| rng.random_range(-2.0..2.0)).collect());
+                    let x = Tensor::new(
+                        &[2, c, 9, 7],
+                        (0..2 * c * 63)
+                            .map(|_| rng.random_range(-2.0..2.0))
+                            .collect(),
+                    );
                     let mut tape = Tape::inference();
                     let xv = tape.constant(x);
                     let mut ctx = Ctx::new(&mut tape, &mut state, Mode::Eval, None);
@@ -254,7 +290,11 @@ mod tests {
                     let wv = tape.constant(Tensor::new(&[c, c / groups, k, k], w));
                     let bv = tape.constant(Tensor::new(&[c], bias));
                     let pad = (k - 1) / 2;
-                    let args = Conv2dArgs { stride: (stride, stride), padding: (pad, pad), groups };
+                    let args = Conv2dArgs {
+                        stride: (stride, stride),
+                        padding: (pad, pad),
+                        groups,
+                    };
                     let yf = ops::conv2d(&mut tape, xv, wv, Some(bv), args);
                     let (a, f) = (tape.value(y), tape.value(yf));
                     let rel = f.max_abs_diff(a) / a.max_abs();

@@ -5,6 +5,7 @@ use crate::tensor::{Elem, Tensor};
 
 /// An elementwise op `y = f(x)` whose derivative is computed from x and y.
 fn unary<T: Elem>(
+    op: &'static str,
     tape: &mut Tape<T>,
     x: Var,
     f: impl Fn(T) -> T + Send + Sync,
@@ -14,6 +15,7 @@ fn unary<T: Elem>(
     let y = xt.map(f);
     let yt = y.clone();
     tape.push(
+        op,
         y,
         &[x],
         Box::new(move |gy, _| {
@@ -31,6 +33,7 @@ fn unary<T: Elem>(
 
 pub fn relu<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
     unary(
+        "relu",
         tape,
         x,
         |v| v.max(T::zero()),
@@ -40,6 +43,7 @@ pub fn relu<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
 
 pub fn sigmoid<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
     unary(
+        "sigmoid",
         tape,
         x,
         |v| T::one() / (T::one() + (-v).exp()),
@@ -52,6 +56,7 @@ pub fn hard_sigmoid<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
     let three = T::from_f64(3.0);
     let six = T::from_f64(6.0);
     unary(
+        "hard_sigmoid",
         tape,
         x,
         move |v| (v + three).max(T::zero()).min(six) / six,

@@ -3,6 +3,8 @@
 //! eval mode is the per-channel affine map given by the running stats.
 
 use crate::autograd::{Tape, Var};
+use crate::backend::cpu::min_len;
+use crate::backend::cpu::reduce;
 use crate::tensor::{Elem, Tensor};
 use rayon::prelude::*;
 
@@ -23,26 +25,37 @@ impl BatchStats {
     }
 }
 
-/// Sums `f(value, index-in-plane)` over every (n, h, w) of channel `c`, in f64.
-fn channel_sum<T: Elem>(
-    x: &[T],
+/// Applies a per-plane reduction to every (n, c) plane of channel `c` and adds the results in
+/// f64 (each plane is reduced with vectorized f32 lanes; planes are summed in f64 for accuracy).
+fn channel_reduce<T: Elem>(
     n: usize,
     c_total: usize,
     hw: usize,
     c: usize,
-    f: impl Fn(f64) -> f64,
+    f: impl Fn(usize) -> T,
 ) -> f64 {
-    (0..n)
-        .map(|i| {
-            x[(i * c_total + c) * hw..][..hw]
-                .iter()
-                .map(|&v| f(v.as_f64()))
-                .sum::<f64>()
-        })
-        .sum()
+    (0..n).map(|i| f((i * c_total + c) * hw).as_f64()).sum()
 }
 
-/// Sum over channel `c` of a * (b - center), in f64.
+fn channel_sum<T: Elem>(x: &[T], n: usize, c_total: usize, hw: usize, c: usize) -> f64 {
+    channel_reduce(n, c_total, hw, c, |o| reduce::sum_f64(&x[o..o + hw]))
+}
+
+/// sum over channel `c` of (x - center)^2
+fn channel_sq_dev<T: Elem>(
+    x: &[T],
+    center: f64,
+    n: usize,
+    c_total: usize,
+    hw: usize,
+    c: usize,
+) -> f64 {
+    channel_reduce(n, c_total, hw, c, |o| {
+        reduce::sq_dev_f64(&x[o..o + hw], center)
+    })
+}
+
+/// sum over channel `c` of a * (b - center)
 fn channel_dot<T: Elem>(
     a: &[T],
     b: &[T],
@@ -52,16 +65,9 @@ fn channel_dot<T: Elem>(
     hw: usize,
     c: usize,
 ) -> f64 {
-    (0..n)
-        .map(|i| {
-            let o = (i * c_total + c) * hw;
-            a[o..o + hw]
-                .iter()
-                .zip(&b[o..o + hw])
-                .map(|(&u, &v)| u.as_f64() * (v.as_f64() - center))
-                .sum::<f64>()
-        })
-        .sum()
+    channel_reduce(n, c_total, hw, c, |o| {
+        reduce::dot_centered_f64(&a[o..o + hw], &b[o..o + hw], center)
+    })
 }
 
 /// Applies `y = (x - center[c]) * scale[c] + shift[c]` plane by plane. Centering first keeps
@@ -75,14 +81,17 @@ fn affine_planes<T: Elem>(
     shift: &[f64],
 ) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
-        let c = nc % c_total;
-        let m = T::from_f64(center[c]);
-        let (a, b) = (T::from_f64(scale[c]), T::from_f64(shift[c]));
-        for (o, &v) in out.iter_mut().zip(&x[nc * hw..(nc + 1) * hw]) {
-            *o = (v - m) * a + b;
-        }
-    });
+    y.par_chunks_mut(hw)
+        .enumerate()
+        .with_min_len(min_len(hw))
+        .for_each(|(nc, out)| {
+            let c = nc % c_total;
+            let m = T::from_f64(center[c]);
+            let (a, b) = (T::from_f64(scale[c]), T::from_f64(shift[c]));
+            for (o, &v) in out.iter_mut().zip(&x[nc * hw..(nc + 1) * hw]) {
+                *o = (v - m) * a + b;
+            }
+        });
     y
 }
 
@@ -115,11 +124,13 @@ pub fn batch_norm_train<T: Elem>(
     let xd = xt.data();
     let mean: Vec<f64> = (0..c)
         .into_par_iter()
-        .map(|ch| channel_sum(xd, n, c, hw, ch, |v| v) / m)
+        .with_min_len(min_len(n * hw))
+        .map(|ch| channel_sum(xd, n, c, hw, ch) / m)
         .collect();
     let var: Vec<f64> = (0..c)
         .into_par_iter()
-        .map(|ch| channel_sum(xd, n, c, hw, ch, |v| (v - mean[ch]) * (v - mean[ch])) / m)
+        .with_min_len(min_len(n * hw))
+        .map(|ch| channel_sq_dev(xd, mean[ch], n, c, hw, ch) / m)
         .collect();
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let scale: Vec<f64> = (0..c).map(|i| g[i] * inv[i]).collect();
@@ -130,6 +141,7 @@ pub fn batch_norm_train<T: Elem>(
         count: n * hw,
     };
     let out = tape.push(
+        "batch_norm_train",
         y,
         &[x, gamma, beta],
         Box::new(move |gy, needs| {
@@ -137,28 +149,33 @@ pub fn batch_norm_train<T: Elem>(
             // xhat = (x - mean) * inv; dbeta = sum gy; dgamma = sum gy * xhat
             let dbeta: Vec<f64> = (0..c)
                 .into_par_iter()
-                .map(|ch| channel_sum(gyd, n, c, hw, ch, |v| v))
+                .with_min_len(min_len(n * hw))
+                .map(|ch| channel_sum(gyd, n, c, hw, ch))
                 .collect();
             let dot: Vec<f64> = (0..c)
                 .into_par_iter()
+                .with_min_len(min_len(n * hw))
                 .map(|ch| channel_dot(gyd, xd, mean[ch], n, c, hw, ch))
                 .collect();
             let dgamma: Vec<f64> = (0..c).map(|i| dot[i] * inv[i]).collect();
             // dx = gamma*inv/M * (M*gy - dbeta - xhat*dgamma)
             let dx = needs[0].then(|| {
                 let mut dx = vec![T::zero(); xd.len()];
-                dx.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
-                    let ch = nc % c;
-                    let k = g[ch] * inv[ch];
-                    let a = T::from_f64(k);
-                    let mu = T::from_f64(mean[ch]);
-                    let bx = T::from_f64(-k * inv[ch] * dgamma[ch] / m);
-                    let c0 = T::from_f64(-k * dbeta[ch] / m);
-                    let (gp, xp) = (&gyd[nc * hw..(nc + 1) * hw], &xd[nc * hw..(nc + 1) * hw]);
-                    for ((o, &gv), &xv) in out.iter_mut().zip(gp).zip(xp) {
-                        *o = a * gv + bx * (xv - mu) + c0;
-                    }
-                });
+                dx.par_chunks_mut(hw)
+                    .enumerate()
+                    .with_min_len(min_len(hw))
+                    .for_each(|(nc, out)| {
+                        let ch = nc % c;
+                        let k = g[ch] * inv[ch];
+                        let a = T::from_f64(k);
+                        let mu = T::from_f64(mean[ch]);
+                        let bx = T::from_f64(-k * inv[ch] * dgamma[ch] / m);
+                        let c0 = T::from_f64(-k * dbeta[ch] / m);
+                        let (gp, xp) = (&gyd[nc * hw..(nc + 1) * hw], &xd[nc * hw..(nc + 1) * hw]);
+                        for ((o, &gv), &xv) in out.iter_mut().zip(gp).zip(xp) {
+                            *o = a * gv + bx * (xv - mu) + c0;
+                        }
+                    });
                 Tensor::new(xt.shape(), dx)
             });
             let to_t = |v: &[f64]| Tensor::new(&[c], v.iter().map(|&x| T::from_f64(x)).collect());
@@ -207,6 +224,7 @@ pub fn batch_norm_eval<T: Elem>(
         affine_planes(xt.data(), c, hw, &mean, &scale, &b),
     );
     tape.push(
+        "batch_norm_eval",
         y,
         &[x, gamma, beta],
         Box::new(move |gy, needs| {
@@ -219,10 +237,12 @@ pub fn batch_norm_eval<T: Elem>(
             });
             let dbeta: Vec<f64> = (0..c)
                 .into_par_iter()
-                .map(|ch| channel_sum(gyd, n, c, hw, ch, |v| v))
+                .with_min_len(min_len(n * hw))
+                .map(|ch| channel_sum(gyd, n, c, hw, ch))
                 .collect();
             let dot: Vec<f64> = (0..c)
                 .into_par_iter()
+                .with_min_len(min_len(n * hw))
                 .map(|ch| channel_dot(gyd, xt.data(), mean[ch], n, c, hw, ch))
                 .collect();
             let dgamma: Vec<f64> = (0..c).map(|i| dot[i] * inv[i]).collect();

@@ -21,6 +21,7 @@ pub fn concat_channels<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     }
     let y = Tensor::new(&[n, ca + cb, h, w], y);
     tape.push(
+        "concat_channels",
         y,
         &[a, b],
         Box::new(move |gy, needs| {

@@ -28,6 +28,7 @@ pub fn dropout<T: Elem>(tape: &mut Tape<T>, x: Var, p: f64, rng: &mut impl Rng) 
         xt.data().iter().zip(&mask).map(|(&v, &m)| v * m).collect(),
     );
     tape.push(
+        "dropout",
         y,
         &[x],
         Box::new(move |gy, _| {

@@ -1,6 +1,7 @@
 //! add, elementwise mul, per-channel mul (the SE gate) and reshape.
 
 use crate::autograd::{Tape, Var};
+use crate::backend::cpu::min_len;
 use crate::tensor::{Elem, Tensor};
 use rayon::prelude::*;
 
@@ -8,6 +9,7 @@ pub fn add<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "add: shapes differ");
     let y = tape.value(a).add(tape.value(b));
     tape.push(
+        "add",
         y,
         &[a, b],
         Box::new(|gy, needs| vec![needs[0].then(|| gy.clone()), needs[1].then(|| gy.clone())]),
@@ -30,6 +32,7 @@ pub fn mul<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     };
     let y = prod(&at, &bt);
     tape.push(
+        "mul",
         y,
         &[a, b],
         Box::new(move |gy, needs| {
@@ -48,26 +51,33 @@ pub fn mul_channel<T: Elem>(tape: &mut Tape<T>, x: Var, s: Var) -> Var {
     assert_eq!(st.shape(), [n, c, 1, 1], "mul_channel: scale shape");
     let hw = h * w;
     let mut y = vec![T::zero(); xt.numel()];
-    y.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
-        let sv = st.data()[nc];
-        out.iter_mut()
-            .zip(&xt.data()[nc * hw..(nc + 1) * hw])
-            .for_each(|(o, &v)| *o = v * sv);
-    });
+    y.par_chunks_mut(hw)
+        .enumerate()
+        .with_min_len(min_len(hw))
+        .for_each(|(nc, out)| {
+            let sv = st.data()[nc];
+            out.iter_mut()
+                .zip(&xt.data()[nc * hw..(nc + 1) * hw])
+                .for_each(|(o, &v)| *o = v * sv);
+        });
     let y = Tensor::new(xt.shape(), y);
     tape.push(
+        "mul_channel",
         y,
         &[x, s],
         Box::new(move |gy, needs| {
             let g = gy.data();
             let dx = needs[0].then(|| {
                 let mut dx = vec![T::zero(); g.len()];
-                dx.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
-                    let sv = st.data()[nc];
-                    out.iter_mut()
-                        .zip(&g[nc * hw..(nc + 1) * hw])
-                        .for_each(|(o, &v)| *o = v * sv);
-                });
+                dx.par_chunks_mut(hw)
+                    .enumerate()
+                    .with_min_len(min_len(hw))
+                    .for_each(|(nc, out)| {
+                        let sv = st.data()[nc];
+                        out.iter_mut()
+                            .zip(&g[nc * hw..(nc + 1) * hw])
+                            .for_each(|(o, &v)| *o = v * sv);
+                    });
                 Tensor::new(xt.shape(), dx)
             });
             let ds = needs[1].then(|| {
@@ -92,5 +102,16 @@ pub fn mul_channel<T: Elem>(tape: &mut Tape<T>, x: Var, s: Var) -> Var {
 pub fn reshape<T: Elem>(tape: &mut Tape<T>, x: Var, shape: &[usize]) -> Var {
     let old = tape.shape(x).to_vec();
     let y = tape.value(x).reshape(shape);
-    tape.push(y, &[x], Box::new(move |gy, _| vec![Some(gy.reshape(&old))]))
+    tape.push(
+        "reshape",
+        y,
+        &[x],
+        Box::new(move |gy, _| vec![Some(gy.reshape(&old))]),
+    )
+}
+
+/// `y = a * x` for a constant a (loss weights).
+pub fn scale<T: Elem>(tape: &mut Tape<T>, x: Var, a: T) -> Var {
+    let y = tape.value(x).map(|v| v * a);
+    tape.push("scale", y, &[x], Box::new(move |gy, _| vec![Some(gy.map(|g| g * a))]))
 }

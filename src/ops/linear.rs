@@ -40,6 +40,7 @@ pub fn linear<T: Elem>(tape: &mut Tape<T>, x: Var, w: Var, b: Option<Var>) -> Va
     inputs.extend(b);
     let has_bias = b.is_some();
     tape.push(
+        "linear",
         Tensor::new(&[n, o], y),
         &inputs,
         Box::new(move |gy, needs| {

@@ -47,6 +47,7 @@ pub fn cross_entropy_soft<T: Elem>(tape: &mut Tape<T>, logits: Var, targets: &Te
     }
     let shape = [n, c];
     tape.push(
+        "cross_entropy_soft",
         Tensor::scalar(T::from_f64(loss / n as f64)),
         &[logits],
         Box::new(move |gy, _| {
@@ -110,6 +111,7 @@ pub fn kd_loss<T: Elem>(tape: &mut Tape<T>, student: Var, teacher: &Tensor<T>, t
     }
     let shape = [n, c];
     tape.push(
+        "kd_loss",
         Tensor::scalar(T::from_f64(t * t * loss / n as f64)),
         &[student],
         Box::new(move |gy, _| {

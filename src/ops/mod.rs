@@ -16,7 +16,7 @@ pub use batch_norm::{batch_norm_eval, batch_norm_train, BatchStats};
 pub use concat::concat_channels;
 pub use conv::{conv2d, Conv2dArgs};
 pub use dropout::dropout;
-pub use elementwise::{add, mul, mul_channel, reshape};
+pub use elementwise::{add, mul, mul_channel, reshape, scale};
 pub use linear::linear;
 pub use loss::{cross_entropy, cross_entropy_soft, kd_loss};
 pub use pool::{avg_pool2x2, global_avg_pool, upsample_nearest};

@@ -2,6 +2,7 @@
 //! 'nearest' index rule: src = floor(dst * (in / out)) computed in f32, clamped to in - 1).
 
 use crate::autograd::{Tape, Var};
+use crate::backend::cpu::min_len;
 use crate::tensor::{Elem, Tensor};
 use rayon::prelude::*;
 
@@ -12,31 +13,39 @@ pub fn avg_pool2x2<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
     let q = T::from_f64(0.25);
     let mut y = vec![T::zero(); n * c * ho * wo];
     let xd = tape.value(x).data();
-    y.par_chunks_mut(ho * wo).enumerate().for_each(|(nc, out)| {
-        let p = &xd[nc * h * w..(nc + 1) * h * w];
-        for oy in 0..ho {
-            for ox in 0..wo {
-                let (r0, r1) = (&p[2 * oy * w..], &p[(2 * oy + 1) * w..]);
-                out[oy * wo + ox] = (r0[2 * ox] + r0[2 * ox + 1] + r1[2 * ox] + r1[2 * ox + 1]) * q;
+    y.par_chunks_mut(ho * wo)
+        .enumerate()
+        .with_min_len(min_len(ho * wo))
+        .for_each(|(nc, out)| {
+            let p = &xd[nc * h * w..(nc + 1) * h * w];
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let (r0, r1) = (&p[2 * oy * w..], &p[(2 * oy + 1) * w..]);
+                    out[oy * wo + ox] =
+                        (r0[2 * ox] + r0[2 * ox + 1] + r1[2 * ox] + r1[2 * ox + 1]) * q;
+                }
             }
-        }
-    });
+        });
     tape.push(
+        "avg_pool2x2",
         Tensor::new(&[n, c, ho, wo], y),
         &[x],
         Box::new(move |gy, _| {
             let g = gy.data();
             let mut dx = vec![T::zero(); n * c * h * w];
-            dx.par_chunks_mut(h * w).enumerate().for_each(|(nc, p)| {
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let v = g[nc * ho * wo + oy * wo + ox] * q;
-                        for (dy, dx_) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                            p[(2 * oy + dy) * w + 2 * ox + dx_] = v;
+            dx.par_chunks_mut(h * w)
+                .enumerate()
+                .with_min_len(min_len(h * w))
+                .for_each(|(nc, p)| {
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let v = g[nc * ho * wo + oy * wo + ox] * q;
+                            for (dy, dx_) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                                p[(2 * oy + dy) * w + 2 * ox + dx_] = v;
+                            }
                         }
                     }
-                }
-            });
+                });
             vec![Some(Tensor::new(&[n, c, h, w], dx))]
         }),
     )
@@ -54,6 +63,7 @@ pub fn global_avg_pool<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
         .map(|p| p.iter().copied().sum::<T>() * inv)
         .collect();
     tape.push(
+        "global_avg_pool",
         Tensor::new(&[n, c, 1, 1], y),
         &[x],
         Box::new(move |gy, _| {
@@ -83,6 +93,7 @@ pub fn upsample_nearest<T: Elem>(tape: &mut Tape<T>, x: Var, out_h: usize, out_w
     let xd = tape.value(x).data();
     y.par_chunks_mut(out_h * out_w)
         .enumerate()
+        .with_min_len(min_len(out_h * out_w))
         .for_each(|(nc, out)| {
             let p = &xd[nc * h * w..(nc + 1) * h * w];
             for (oy, &sy) in iy.iter().enumerate() {
@@ -92,19 +103,23 @@ pub fn upsample_nearest<T: Elem>(tape: &mut Tape<T>, x: Var, out_h: usize, out_w
             }
         });
     tape.push(
+        "upsample_nearest",
         Tensor::new(&[n, c, out_h, out_w], y),
         &[x],
         Box::new(move |gy, _| {
             let g = gy.data();
             let mut dx = vec![T::zero(); n * c * h * w];
-            dx.par_chunks_mut(h * w).enumerate().for_each(|(nc, p)| {
-                let gp = &g[nc * out_h * out_w..(nc + 1) * out_h * out_w];
-                for (oy, &sy) in iy.iter().enumerate() {
-                    for (ox, &sx) in ix.iter().enumerate() {
-                        p[sy * w + sx] += gp[oy * out_w + ox];
+            dx.par_chunks_mut(h * w)
+                .enumerate()
+                .with_min_len(min_len(h * w))
+                .for_each(|(nc, p)| {
+                    let gp = &g[nc * out_h * out_w..(nc + 1) * out_h * out_w];
+                    for (oy, &sy) in iy.iter().enumerate() {
+                        for (ox, &sx) in ix.iter().enumerate() {
+                            p[sy * w + sx] += gp[oy * out_w + ox];
+                        }
                     }
-                }
-            });
+                });
             vec![Some(Tensor::new(&[n, c, h, w], dx))]
         }),
     )

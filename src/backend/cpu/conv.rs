@@ -5,6 +5,8 @@
 //! plane already is the GEMM operand).
 
 use super::gemm::matmul;
+use super::min_len;
+use super::reduce;
 use crate::tensor::Elem;
 use rayon::prelude::*;
 
@@ -182,16 +184,20 @@ pub fn conv2d_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
     let mut y = vec![T::zero(); g.n * g.cout * p];
     if g.is_depthwise() {
         let kk = g.kh * g.kw;
-        y.par_chunks_mut(p).enumerate().for_each(|(nc, out)| {
-            let c = nc % g.cin;
-            let plane = &x[nc * g.h * g.w..(nc + 1) * g.h * g.w];
-            dw_plane_forward(g, plane, &w[c * kk..(c + 1) * kk], out);
-        });
+        y.par_chunks_mut(p)
+            .enumerate()
+            .with_min_len(min_len(p))
+            .for_each(|(nc, out)| {
+                let c = nc % g.cin;
+                let plane = &x[nc * g.h * g.w..(nc + 1) * g.h * g.w];
+                dw_plane_forward(g, plane, &w[c * kk..(c + 1) * kk], out);
+            });
     } else {
         let (cig, cog, kg) = (g.cin / g.groups, g.cout / g.groups, g.k_group());
         let par_inner = g.n < rayon::current_num_threads();
         y.par_chunks_mut(g.cout * p)
             .enumerate()
+            .with_min_len(min_len(g.cout * p))
             .for_each(|(n, yn)| {
                 let xn = &x[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
                 let mut col = if g.is_pointwise() {
@@ -214,10 +220,13 @@ pub fn conv2d_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
             });
     }
     if let Some(b) = bias {
-        y.par_chunks_mut(p).enumerate().for_each(|(nc, out)| {
-            let bv = b[nc % g.cout];
-            out.iter_mut().for_each(|v| *v += bv);
-        });
+        y.par_chunks_mut(p)
+            .enumerate()
+            .with_min_len(min_len(p))
+            .for_each(|(nc, out)| {
+                let bv = b[nc % g.cout];
+                out.iter_mut().for_each(|v| *v += bv);
+            });
     }
     y
 }
@@ -322,34 +331,43 @@ pub fn conv2d_backward<T: Elem>(
             }
         }
     };
-    let zero_acc = || vec![T::zero(); if need_dw { wsize } else { 0 }];
-    let sum_acc = |mut a: Vec<T>, b: Vec<T>| {
-        a.iter_mut().zip(&b).for_each(|(x, &y)| *x += y);
-        a
-    };
-    let (dx, dw) = if need_dx {
-        let mut dx = vec![T::zero(); g.n * chw];
-        let dw = dx
-            .par_chunks_mut(chw)
+    // Samples are split into a fixed number of chunks whatever the thread count, and the chunks'
+    // dW partials are added in order: the result is bitwise reproducible (exact resume).
+    const CHUNKS: usize = 16;
+    let per = g.n.div_ceil(CHUNKS).max(1);
+    let mut dx = need_dx.then(|| vec![T::zero(); g.n * chw]);
+    let partials: Vec<Vec<T>> = match dx.as_mut() {
+        Some(dx) => dx
+            .par_chunks_mut(per * chw)
             .enumerate()
-            .fold(zero_acc, |mut acc, (n, dxn)| {
-                sample(n, Some(dxn), &mut acc);
+            .map(|(ci, dxc)| {
+                let mut acc = vec![T::zero(); if need_dw { wsize } else { 0 }];
+                for (j, dxn) in dxc.chunks_mut(chw).enumerate() {
+                    sample(ci * per + j, Some(dxn), &mut acc);
+                }
                 acc
             })
-            .reduce(zero_acc, sum_acc);
-        (Some(dx), need_dw.then_some(dw))
-    } else if need_dw {
-        let dw = (0..g.n)
+            .collect(),
+        None if need_dw => (0..g.n.div_ceil(per))
             .into_par_iter()
-            .fold(zero_acc, |mut acc, n| {
-                sample(n, None, &mut acc);
+            .map(|ci| {
+                let mut acc = vec![T::zero(); wsize];
+                for n in ci * per..((ci + 1) * per).min(g.n) {
+                    sample(n, None, &mut acc);
+                }
                 acc
             })
-            .reduce(zero_acc, sum_acc);
-        (None, Some(dw))
-    } else {
-        (None, None)
+            .collect(),
+        None => Vec::new(),
     };
+    let dw = need_dw.then(|| {
+        let mut it = partials.into_iter();
+        let mut dw = it.next().unwrap_or_else(|| vec![T::zero(); wsize]);
+        for p in it {
+            dw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+        }
+        dw
+    });
     ConvGrads { dx, dw, db }
 }
 
@@ -364,53 +382,78 @@ fn dw_backward<T: Elem>(
     let (p, hw, kk) = (g.ho * g.wo, g.h * g.w, g.kh * g.kw);
     let dx = need_dx.then(|| {
         let mut dx = vec![T::zero(); g.n * g.cin * hw];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(nc, dxp)| {
-            let c = nc % g.cin;
-            let wc = &w[c * kk..(c + 1) * kk];
-            let dyp = &dy[nc * p..(nc + 1) * p];
-            for ky in 0..g.kh {
-                let (oy0, oy1) = g.oy_range(ky);
-                for kx in 0..g.kw {
-                    let wv = wc[ky * g.kw + kx];
-                    let (ox0, ox1) = g.ox_range(kx);
-                    for oy in oy0..oy1 {
-                        let iy = oy * g.sh + ky - g.ph;
-                        let drow = &mut dxp[iy * g.w..(iy + 1) * g.w];
-                        let srow = &dyp[oy * g.wo..(oy + 1) * g.wo];
-                        for ox in ox0..ox1 {
-                            drow[ox * g.sw + kx - g.pw] += wv * srow[ox];
-                        }
-                    }
-                }
-            }
-        });
-        dx
-    });
-    let dw = need_dw.then(|| {
-        let mut dw = vec![T::zero(); g.cin * kk];
-        dw.par_chunks_mut(kk).enumerate().for_each(|(c, dwc)| {
-            for n in 0..g.n {
-                let nc = n * g.cin + c;
-                let xp = &x[nc * hw..(nc + 1) * hw];
+        dx.par_chunks_mut(hw)
+            .enumerate()
+            .with_min_len(min_len(hw))
+            .for_each(|(nc, dxp)| {
+                let c = nc % g.cin;
+                let wc = &w[c * kk..(c + 1) * kk];
                 let dyp = &dy[nc * p..(nc + 1) * p];
                 for ky in 0..g.kh {
                     let (oy0, oy1) = g.oy_range(ky);
                     for kx in 0..g.kw {
+                        let wv = wc[ky * g.kw + kx];
                         let (ox0, ox1) = g.ox_range(kx);
-                        let mut s = T::zero();
+                        if ox0 >= ox1 {
+                            continue;
+                        }
                         for oy in oy0..oy1 {
                             let iy = oy * g.sh + ky - g.ph;
-                            let xrow = &xp[iy * g.w..(iy + 1) * g.w];
-                            let drow = &dyp[oy * g.wo..(oy + 1) * g.wo];
-                            for ox in ox0..ox1 {
-                                s += drow[ox] * xrow[ox * g.sw + kx - g.pw];
+                            let drow = &mut dxp[iy * g.w..(iy + 1) * g.w];
+                            let srow = &dyp[oy * g.wo + ox0..oy * g.wo + ox1];
+                            // input columns ox*sw + kx - pw for ox in [ox0, ox1)
+                            let start = ox0 * g.sw + kx - g.pw;
+                            if g.sw == 1 {
+                                for (d, &s) in drow[start..].iter_mut().zip(srow) {
+                                    *d += wv * s;
+                                }
+                            } else {
+                                for (d, &s) in drow[start..].iter_mut().step_by(g.sw).zip(srow) {
+                                    *d += wv * s;
+                                }
                             }
                         }
-                        dwc[ky * g.kw + kx] += s;
                     }
                 }
-            }
-        });
+            });
+        dx
+    });
+    let dw = need_dw.then(|| {
+        let mut dw = vec![T::zero(); g.cin * kk];
+        dw.par_chunks_mut(kk)
+            .enumerate()
+            .with_min_len(min_len(kk))
+            .for_each(|(c, dwc)| {
+                for n in 0..g.n {
+                    let nc = n * g.cin + c;
+                    let xp = &x[nc * hw..(nc + 1) * hw];
+                    let dyp = &dy[nc * p..(nc + 1) * p];
+                    for ky in 0..g.kh {
+                        let (oy0, oy1) = g.oy_range(ky);
+                        for kx in 0..g.kw {
+                            let (ox0, ox1) = g.ox_range(kx);
+                            let mut s = T::zero();
+                            if ox0 < ox1 {
+                                for oy in oy0..oy1 {
+                                    let iy = oy * g.sh + ky - g.ph;
+                                    let xrow = &xp[iy * g.w..(iy + 1) * g.w];
+                                    let drow = &dyp[oy * g.wo + ox0..oy * g.wo + ox1];
+                                    let start = ox0 * g.sw + kx - g.pw;
+                                    s += if g.sw == 1 {
+                                        reduce::dot(drow, &xrow[start..])
+                                    } else {
+                                        drow.iter()
+                                            .zip(xrow[start..].iter().step_by(g.sw))
+                                            .map(|(&a, &b)| a * b)
+                                            .sum()
+                                    };
+                                }
+                            }
+                            dwc[ky * g.kw + kx] += s;
+                        }
+                    }
+                }
+            });
         dw
     });
     (dx, dw)

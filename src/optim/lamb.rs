@@ -1,0 +1,331 @@
+//! LAMB with the semantics of `timm.optim.Lamb` (the paper's optimizer, spec section 9c):
+//!
+//! ```text
+//! clip       = max(||g||_global / max_grad_norm, 1)         (only if max_grad_norm is set)
+//! g          = g / clip
+//! exp_avg    = b1 * exp_avg + (1 - b1) * g
+//! exp_avg_sq = b2 * exp_avg_sq + (1 - b2) * g^2
+//! update     = (exp_avg / bc1) / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
+//! if wd != 0:  update += wd * p                               (L2 in the update, not decoupled)
+//!              trust = ||p|| / ||update||  (1 if either is 0) (always_adapt=False)
+//! p         -= lr * trust * update
+//! ```
+//!
+//! `wd` is 0 for the layout's no-decay tensors (timm's factory groups). timm defaults that are
+//! fixed here: bias_correction, grad_averaging, no trust_clip, no caution, coupled decay.
+//! Scalars are rounded to f32 before use, as PyTorch does with Python floats on f32 tensors.
+
+use super::{
+    check_lr, decode_step, encode_step, global_grad_norm, match_state, split_chunks_mut,
+    validate_adam, Chunk, Layout, Optimizer,
+};
+use anyhow::Result;
+use rayon::prelude::*;
+
+/// Hyperparameters of [`Lamb`]; `Default` is timm's `Lamb(...)` defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LambOptions {
+    pub betas: (f64, f64),
+    pub eps: f64,
+    /// Applied to the layout's decay tensors only.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip inside the optimizer; `None` turns it off.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for LambOptions {
+    fn default() -> Self {
+        LambOptions {
+            betas: (0.9, 0.999),
+            eps: 1e-6,
+            weight_decay: 0.01,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+impl LambOptions {
+    pub fn validate(&self) -> Result<()> {
+        validate_adam(self.betas, self.eps, self.weight_decay)?;
+        super::clip_option(self.max_grad_norm)?;
+        Ok(())
+    }
+}
+
+pub struct Lamb {
+    layout: Layout,
+    opts: LambOptions,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    step: u64,
+}
+
+/// Per-step f32 scalars of the element update.
+#[derive(Clone, Copy)]
+struct Coef {
+    b1: f32,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    bc1: f32,
+    sqrt_bc2: f32,
+    eps: f32,
+    /// Global clip divisor; exactly 1 when clipping is off or not triggered.
+    clip: f32,
+}
+
+impl Coef {
+    /// Moment update of one element; returns the (pre-trust) update direction.
+    #[inline(always)]
+    fn moments(&self, wd: f32, p: f32, g: f32, m: &mut f32, v: &mut f32) -> f32 {
+        let g = if self.clip != 1.0 { g / self.clip } else { g };
+        *m = self.b1 * *m + self.one_minus_b1 * g;
+        *v = self.b2 * *v + self.one_minus_b2 * g * g;
+        self.direction(wd, p, *m, *v)
+    }
+
+    /// `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + wd * p`, in timm's order of operations.
+    #[inline(always)]
+    fn direction(&self, wd: f32, p: f32, m: f32, v: f32) -> f32 {
+        let u = (m / self.bc1) / (v.sqrt() / self.sqrt_bc2 + self.eps);
+        if wd != 0.0 {
+            u + wd * p
+        } else {
+            u
+        }
+    }
+}
+
+/// One chunk's slices plus its partial norms.
+struct Work<'a> {
+    chunk: &'a Chunk,
+    p: &'a mut [f32],
+    g: &'a [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    wd: f32,
+    /// (||p||^2, ||update||^2) of this chunk.
+    sums: (f64, f64),
+    done: bool,
+}
+
+const LANES: usize = 8;
+
+/// Updates the moments and returns (||p||^2, ||update||^2); f32 lanes within 1 Ki blocks, f64
+/// across blocks, in a fixed order.
+fn moments_and_norms(k: &Coef, w: &mut Work) -> (f64, f64) {
+    let (mut sp, mut su) = (0f64, 0f64);
+    let blocks =
+        w.p.chunks(1024)
+            .zip(w.g.chunks(1024))
+            .zip(w.m.chunks_mut(1024))
+            .zip(w.v.chunks_mut(1024));
+    for (((p, g), m), v) in blocks {
+        let (mut ap, mut au) = ([0f32; LANES], [0f32; LANES]);
+        let mut it = p
+            .chunks_exact(LANES)
+            .zip(g.chunks_exact(LANES))
+            .zip(m.chunks_exact_mut(LANES))
+            .zip(v.chunks_exact_mut(LANES));
+        for (((p, g), m), v) in &mut it {
+            for i in 0..LANES {
+                let u = k.moments(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
+                ap[i] += p[i] * p[i];
+                au[i] += u * u;
+            }
+        }
+        let tail = p.len() / LANES * LANES;
+        let (mut tp, mut tu) = (0f32, 0f32);
+        for i in tail..p.len() {
+            let u = k.moments(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
+            tp += p[i] * p[i];
+            tu += u * u;
+        }
+        sp += (ap.iter().sum::<f32>() + tp) as f64;
+        su += (au.iter().sum::<f32>() + tu) as f64;
+    }
+    (sp, su)
+}
+
+/// `p += -lr * (trust * update)` with the update recomputed from the stored moments.
+fn apply(k: &Coef, w: &mut Work, neg_lr: f32, trust: f32) {
+    for ((p, &m), &v) in w.p.iter_mut().zip(w.m.iter()).zip(w.v.iter()) {
+        let u = k.direction(w.wd, *p, m, v);
+        *p += neg_lr * (u * trust);
+    }
+}
+
+/// Moments and parameter update in one pass, for tensors without a trust ratio.
+fn fused_no_trust(k: &Coef, w: &mut Work, neg_lr: f32) {
+    for (((p, &g), m), v) in
+        w.p.iter_mut()
+            .zip(w.g.iter())
+            .zip(w.m.iter_mut())
+            .zip(w.v.iter_mut())
+    {
+        let u = k.moments(w.wd, *p, g, m, v);
+        *p += neg_lr * u;
+    }
+}
+
+/// timm's trust ratio from squared norms: norms are f32 tensors there, so round them first.
+fn trust_ratio(sum_p: f64, sum_u: f64) -> f32 {
+    let (w, u) = (sum_p.sqrt() as f32, sum_u.sqrt() as f32);
+    if w > 0.0 && u > 0.0 {
+        w / u
+    } else {
+        1.0
+    }
+}
+
+impl Lamb {
+    pub fn new(layout: Layout, opts: LambOptions) -> Lamb {
+        opts.validate().expect("invalid LAMB options");
+        let n = layout.numel();
+        Lamb {
+            layout,
+            opts,
+            exp_avg: vec![0.0; n],
+            exp_avg_sq: vec![0.0; n],
+            step: 0,
+        }
+    }
+
+    pub fn options(&self) -> &LambOptions {
+        &self.opts
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn exp_avg(&self) -> &[f32] {
+        &self.exp_avg
+    }
+
+    pub fn exp_avg_sq(&self) -> &[f32] {
+        &self.exp_avg_sq
+    }
+}
+
+impl Optimizer for Lamb {
+    fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+        self.layout.check("lamb", params, grads);
+        check_lr("lamb", lr);
+        self.step += 1;
+        let t = self.step as f64;
+        let (b1, b2) = self.opts.betas;
+        // Python float math, as timm (`beta1 ** step` is C pow): f64, then used as f32 scalars.
+        let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
+        let clip = match self.opts.max_grad_norm {
+            Some(max) => (global_grad_norm(&self.layout, grads) / max).max(1.0) as f32,
+            None => 1.0,
+        };
+        let k = Coef {
+            b1: b1 as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            bc1: bc1 as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            eps: self.opts.eps as f32,
+            clip,
+        };
+        let neg_lr = -lr as f32;
+        let wd = self.opts.weight_decay as f32;
+
+        let layout = &self.layout;
+        let chunks = layout.chunks();
+        let mut work: Vec<Work> = chunks
+            .iter()
+            .zip(split_chunks_mut(chunks, params))
+            .zip(split_chunks_mut(chunks, &mut self.exp_avg))
+            .zip(split_chunks_mut(chunks, &mut self.exp_avg_sq))
+            .map(|(((c, p), m), v)| Work {
+                chunk: c,
+                p,
+                g: &grads[c.offset..c.offset + c.len],
+                m,
+                v,
+                wd: if layout.entries()[c.tensor].decay {
+                    wd
+                } else {
+                    0.0
+                },
+                sums: (0.0, 0.0),
+                done: false,
+            })
+            .collect();
+
+        // Pass 1: moments everywhere. Tensors without decay (no trust ratio) and tensors that
+        // fit in one chunk finish here, while their data is still in cache.
+        work.par_iter_mut().for_each(|w| {
+            if w.wd == 0.0 {
+                fused_no_trust(&k, w, neg_lr);
+                w.done = true;
+            } else {
+                w.sums = moments_and_norms(&k, w);
+                if w.chunk.whole {
+                    let trust = trust_ratio(w.sums.0, w.sums.1);
+                    apply(&k, w, neg_lr, trust);
+                    w.done = true;
+                }
+            }
+        });
+
+        // Large decayed tensors: reduce their chunks' norms in order (deterministic), then
+        // pass 2 applies the update with the tensor's trust ratio.
+        let mut trust = Vec::new();
+        let mut i = 0;
+        while i < work.len() {
+            let tensor = work[i].chunk.tensor;
+            let mut j = i;
+            let (mut sp, mut su) = (0.0, 0.0);
+            while j < work.len() && work[j].chunk.tensor == tensor {
+                sp += work[j].sums.0;
+                su += work[j].sums.1;
+                j += 1;
+            }
+            if !work[i].done {
+                trust.push((tensor, trust_ratio(sp, su)));
+            }
+            i = j;
+        }
+        if !trust.is_empty() {
+            work.par_iter_mut().filter(|w| !w.done).for_each(|w| {
+                let t = trust[trust.partition_point(|&(ti, _)| ti < w.chunk.tensor)].1;
+                apply(&k, w, neg_lr, t);
+            });
+        }
+    }
+
+    fn state(&self) -> Vec<(String, Vec<f32>)> {
+        vec![
+            ("exp_avg".into(), self.exp_avg.clone()),
+            ("exp_avg_sq".into(), self.exp_avg_sq.clone()),
+            ("step".into(), encode_step(self.step)),
+        ]
+    }
+
+    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
+        let n = self.layout.numel();
+        let b = match_state(
+            "lamb",
+            state,
+            &[("exp_avg", n), ("exp_avg_sq", n), ("step", 2)],
+        )?;
+        let step = decode_step("step", b[2])?;
+        self.exp_avg.copy_from_slice(b[0]);
+        self.exp_avg_sq.copy_from_slice(b[1]);
+        self.step = step;
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "lamb"
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+}

@@ -1,0 +1,460 @@
+//! Optimizers (LAMB, AdamW, SGD), the EMA of weights and the learning-rate schedules.
+//!
+//! Everything works on FLAT buffers (DESIGN.md, "Flat buffers"): parameters, gradients and each
+//! moment buffer are one contiguous `[f32]` described by one [`Layout`]. A step is a few passes
+//! over memory in parallel chunks instead of one small loop per tensor, which is also the shape
+//! of the later fused CUDA kernel.
+//!
+//! Semantics follow timm and PyTorch so that users can compare numbers one to one:
+//! [`Lamb`] is `timm.optim.Lamb`, [`AdamW`] is `torch.optim.AdamW`, [`Sgd`] is `torch.optim.SGD`
+//! (with timm's `--opt sgd` defaults), [`Ema`] is timm's `ModelEmaV2` (plus optional warm-up) and
+//! [`ScheduleConfig`] is timm's cosine/step scheduler.
+
+mod adamw;
+mod ema;
+mod lamb;
+mod schedule;
+mod sgd;
+
+pub use adamw::{AdamW, AdamWOptions};
+pub use ema::{Ema, EmaConfig, EmaWarmup};
+pub use lamb::{Lamb, LambOptions};
+pub use schedule::{ScheduleConfig, ScheduleKind};
+pub use sgd::{Sgd, SgdOptions};
+
+use crate::nn::FlatStore;
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+
+/// One tensor of a flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutEntry {
+    pub name: String,
+    pub offset: usize,
+    pub len: usize,
+    pub shape: Vec<usize>,
+    /// Whether weight decay applies (timm's decay group); biases and BN affine are excluded.
+    pub decay: bool,
+}
+
+/// Largest number of elements one parallel work item touches: 16Ki f32 is 64 KiB per buffer,
+/// so the 4-5 buffers of a LAMB chunk stay in L2 between its two passes.
+pub(crate) const CHUNK: usize = 16 * 1024;
+
+/// A run of at most [`CHUNK`] elements inside one tensor: the unit of parallel work.
+#[derive(Clone, Debug)]
+pub(crate) struct Chunk {
+    pub tensor: usize,
+    pub offset: usize,
+    pub len: usize,
+    /// The chunk is the whole tensor, so per-tensor norms are complete after one pass over it.
+    pub whole: bool,
+}
+
+/// The table of tensors of a flat buffer: (name, offset, len, shape, decay).
+///
+/// Offsets are increasing and ranges do not overlap (gaps are allowed and left untouched).
+#[derive(Clone, Debug)]
+pub struct Layout {
+    entries: Vec<LayoutEntry>,
+    numel: usize,
+    chunks: Vec<Chunk>,
+}
+
+/// timm's `param_groups_weight_decay`: 0-D/1-D tensors and `*.bias` go to the no-decay group.
+fn timm_decay(name: &str, shape: &[usize]) -> bool {
+    shape.len() > 1 && !name.ends_with(".bias")
+}
+
+impl Layout {
+    /// The layout of a parameter store. `decay` is timm's rule: tensors with more than one
+    /// dimension decay; biases and BN weights (1-D) do not.
+    pub fn from_store(store: &FlatStore) -> Layout {
+        let entries = store
+            .entries()
+            .iter()
+            .map(|e| LayoutEntry {
+                name: e.name.clone(),
+                offset: e.offset,
+                len: e.numel(),
+                shape: e.shape.clone(),
+                decay: timm_decay(&e.name, &e.shape),
+            })
+            .collect();
+        Layout::from_entries(entries, store.numel()).expect("a FlatStore is a valid layout")
+    }
+
+    /// Packs tensors back to back in the given order, with timm's decay rule.
+    pub fn from_shapes<S: AsRef<str>>(tensors: &[(S, Vec<usize>)]) -> Layout {
+        let mut offset = 0;
+        let entries = tensors
+            .iter()
+            .map(|(name, shape)| {
+                let len = shape.iter().product();
+                let e = LayoutEntry {
+                    name: name.as_ref().to_string(),
+                    offset,
+                    len,
+                    shape: shape.clone(),
+                    decay: timm_decay(name.as_ref(), shape),
+                };
+                offset += len;
+                e
+            })
+            .collect();
+        Layout::from_entries(entries, offset).expect("packed shapes are a valid layout")
+    }
+
+    /// A layout from explicit entries over a buffer of `numel` scalars. Checks that each `len`
+    /// matches its shape, that offsets increase without overlap and that all fits in `numel`.
+    pub fn from_entries(entries: Vec<LayoutEntry>, numel: usize) -> Result<Layout> {
+        let mut end = 0;
+        for e in &entries {
+            ensure!(
+                e.len == e.shape.iter().product::<usize>(),
+                "layout: {} has len {} but shape {:?}",
+                e.name,
+                e.len,
+                e.shape
+            );
+            ensure!(
+                e.offset >= end,
+                "layout: {} at offset {} overlaps or precedes the previous tensor (ends at {end})",
+                e.name,
+                e.offset
+            );
+            end = e.offset + e.len;
+        }
+        ensure!(
+            end <= numel,
+            "layout: tensors end at {end}, past the buffer length {numel}"
+        );
+        let mut chunks = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let mut start = 0;
+            while start < e.len {
+                let len = CHUNK.min(e.len - start);
+                chunks.push(Chunk {
+                    tensor: i,
+                    offset: e.offset + start,
+                    len,
+                    whole: len == e.len,
+                });
+                start += len;
+            }
+        }
+        Ok(Layout {
+            entries,
+            numel,
+            chunks,
+        })
+    }
+
+    pub fn entries(&self) -> &[LayoutEntry] {
+        &self.entries
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Length of the flat buffers this layout describes.
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    pub fn find(&self, name: &str) -> Option<&LayoutEntry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    pub(crate) fn chunks(&self) -> &[Chunk] {
+        &self.chunks
+    }
+
+    /// Panics with a clear message when a caller hands buffers of the wrong size.
+    pub(crate) fn check(&self, what: &str, params: &[f32], grads: &[f32]) {
+        assert_eq!(
+            params.len(),
+            self.numel,
+            "{what}: params have {} values, layout has {}",
+            params.len(),
+            self.numel
+        );
+        assert_eq!(
+            grads.len(),
+            self.numel,
+            "{what}: grads have {} values, layout has {}",
+            grads.len(),
+            self.numel
+        );
+    }
+}
+
+/// Successive disjoint mutable slices of `buf`, one per chunk (chunks are sorted and disjoint),
+/// without allocating a table of them.
+pub(crate) fn split_chunks_mut<'a>(
+    chunks: &'a [Chunk],
+    buf: &'a mut [f32],
+) -> impl Iterator<Item = &'a mut [f32]> + 'a {
+    let mut rest = buf;
+    let mut pos = 0;
+    chunks.iter().map(move |c| {
+        let taken = std::mem::take(&mut rest);
+        let (_, tail) = taken.split_at_mut(c.offset - pos);
+        let (s, tail) = tail.split_at_mut(c.len);
+        rest = tail;
+        pos = c.offset + c.len;
+        s
+    })
+}
+
+/// Sum of squares, accumulated in f32 lanes over short blocks (vectorizes) and in f64 across
+/// blocks (accurate for millions of elements). Deterministic: fixed order.
+pub(crate) fn sum_sq(x: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut total = 0f64;
+    for block in x.chunks(1024) {
+        let mut acc = [0f32; LANES];
+        let mut it = block.chunks_exact(LANES);
+        for c in &mut it {
+            for i in 0..LANES {
+                acc[i] += c[i] * c[i];
+            }
+        }
+        let mut s: f32 = it.remainder().iter().map(|v| v * v).sum();
+        s += acc.iter().sum::<f32>();
+        total += s as f64;
+    }
+    total
+}
+
+/// Global L2 norm of the gradient over the layout's tensors, computed chunk-parallel with a
+/// deterministic reduction (the same bits every run, so a resumed run matches).
+pub(crate) fn global_grad_norm(layout: &Layout, grads: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let mut partial = vec![0f64; layout.chunks.len()];
+    partial
+        .par_iter_mut()
+        .zip(layout.chunks.par_iter())
+        .for_each(|(s, c)| *s = sum_sq(&grads[c.offset..c.offset + c.len]));
+    partial.iter().sum::<f64>().sqrt()
+}
+
+/// Validates an optional `max_grad_norm`: `None` or `0` means no clipping.
+pub(crate) fn clip_option(max_grad_norm: Option<f64>) -> Result<Option<f64>> {
+    match max_grad_norm {
+        None => Ok(None),
+        Some(m) if m == 0.0 => Ok(None),
+        Some(m) if m.is_finite() && m > 0.0 => Ok(Some(m)),
+        Some(m) => bail!("max_grad_norm must be positive (0 turns clipping off), got {m}"),
+    }
+}
+
+/// PyTorch's `clip_grad_norm_` factor, used by AdamW and SGD (timm's `--clip-grad`):
+/// `min(max_norm / (norm + 1e-6), 1)`, multiplied into the gradient.
+pub(crate) fn torch_clip_coef(layout: &Layout, grads: &[f32], max_norm: Option<f64>) -> f32 {
+    match max_norm {
+        None => 1.0,
+        Some(m) => {
+            let norm = global_grad_norm(layout, grads);
+            (m / (norm + 1e-6)).min(1.0) as f32
+        }
+    }
+}
+
+/// A step counter in a checkpoint: f32 is exact only up to 2^24, so the counter is stored as
+/// two f32 values `[low 24 bits, high bits]` (exact up to 2^48 steps).
+pub(crate) fn encode_step(step: u64) -> Vec<f32> {
+    vec![(step & 0xff_ffff) as f32, (step >> 24) as f32]
+}
+
+pub(crate) fn decode_step(name: &str, v: &[f32]) -> Result<u64> {
+    let ok = |x: f32| x >= 0.0 && x.fract() == 0.0 && x < 16_777_216.0;
+    ensure!(
+        v.len() == 2 && ok(v[0]) && ok(v[1]),
+        "state buffer `{name}` is not a step counter [low 24 bits, high bits]: {v:?}"
+    );
+    Ok(((v[1] as u64) << 24) | v[0] as u64)
+}
+
+/// Checks a saved state against the expected buffer names and sizes before anything is loaded,
+/// so a failed load leaves the optimizer untouched. Returns the buffers in `expected` order.
+pub(crate) fn match_state<'a>(
+    who: &str,
+    state: &'a [(String, Vec<f32>)],
+    expected: &[(&str, usize)],
+) -> Result<Vec<&'a [f32]>> {
+    for (name, _) in state {
+        ensure!(
+            expected.iter().any(|(n, _)| n == name),
+            "{who} state: unexpected buffer `{name}` (expected {:?})",
+            expected.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+        );
+    }
+    expected
+        .iter()
+        .map(|&(name, len)| {
+            let mut found = state.iter().filter(|(n, _)| n == name);
+            let Some((_, v)) = found.next() else {
+                bail!("{who} state: missing buffer `{name}`")
+            };
+            ensure!(
+                found.next().is_none(),
+                "{who} state: buffer `{name}` appears twice"
+            );
+            ensure!(
+                v.len() == len,
+                "{who} state: buffer `{name}` has {} values, expected {len}",
+                v.len()
+            );
+            Ok(v.as_slice())
+        })
+        .collect()
+}
+
+/// An optimizer over flat buffers laid out by a [`Layout`].
+pub trait Optimizer: Send {
+    /// One update: `params` and `grads` are the flat buffers of the layout; `lr` comes from the
+    /// schedule. `grads` is left unmodified (timm's LAMB also clips a copy, not `p.grad`).
+    fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64);
+    /// Moment buffers and the step counter, by name, for a checkpoint.
+    fn state(&self) -> Vec<(String, Vec<f32>)>;
+    /// Restores [`Optimizer::state`]; errors name a missing, unexpected or wrongly sized buffer.
+    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()>;
+    fn name(&self) -> &str;
+    /// Number of steps taken so far.
+    fn steps(&self) -> u64;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Lamb,
+    Adamw,
+    Sgd,
+}
+
+/// Optimizer choice and its lr-independent hyperparameters (a recipe's `[optimizer]` table).
+/// Absent fields take the defaults of the timm/PyTorch class (see [`LambOptions`],
+/// [`AdamWOptions`], [`SgdOptions`]); fields that do not apply to `kind` are an error.
+/// `max_grad_norm = 0` turns clipping off (timm's `max_grad_norm=None`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+    #[serde(default)]
+    pub betas: Option<(f64, f64)>,
+    #[serde(default)]
+    pub eps: Option<f64>,
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    #[serde(default)]
+    pub nesterov: Option<bool>,
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+}
+
+impl OptimizerConfig {
+    pub fn new(kind: OptimizerKind) -> Self {
+        OptimizerConfig {
+            kind,
+            weight_decay: None,
+            betas: None,
+            eps: None,
+            momentum: None,
+            nesterov: None,
+            max_grad_norm: None,
+        }
+    }
+
+    fn reject(&self, fields: &[(&str, bool)]) -> Result<()> {
+        for (field, set) in fields {
+            ensure!(!set, "optimizer `{:?}` does not take `{field}`", self.kind);
+        }
+        Ok(())
+    }
+
+    pub fn lamb_options(&self) -> Result<LambOptions> {
+        self.reject(&[
+            ("momentum", self.momentum.is_some()),
+            ("nesterov", self.nesterov.is_some()),
+        ])?;
+        let d = LambOptions::default();
+        let o = LambOptions {
+            betas: self.betas.unwrap_or(d.betas),
+            eps: self.eps.unwrap_or(d.eps),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            max_grad_norm: match self.max_grad_norm {
+                None => d.max_grad_norm,
+                m => clip_option(m)?,
+            },
+        };
+        o.validate()?;
+        Ok(o)
+    }
+
+    pub fn adamw_options(&self) -> Result<AdamWOptions> {
+        self.reject(&[
+            ("momentum", self.momentum.is_some()),
+            ("nesterov", self.nesterov.is_some()),
+        ])?;
+        let d = AdamWOptions::default();
+        let o = AdamWOptions {
+            betas: self.betas.unwrap_or(d.betas),
+            eps: self.eps.unwrap_or(d.eps),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            max_grad_norm: clip_option(self.max_grad_norm)?,
+        };
+        o.validate()?;
+        Ok(o)
+    }
+
+    pub fn sgd_options(&self) -> Result<SgdOptions> {
+        self.reject(&[("betas", self.betas.is_some()), ("eps", self.eps.is_some())])?;
+        let d = SgdOptions::default();
+        let o = SgdOptions {
+            momentum: self.momentum.unwrap_or(d.momentum),
+            nesterov: self.nesterov.unwrap_or(d.nesterov),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            max_grad_norm: clip_option(self.max_grad_norm)?,
+        };
+        o.validate()?;
+        Ok(o)
+    }
+
+    /// The optimizer for `layout`, with zeroed state. Errors on invalid hyperparameters.
+    pub fn build(&self, layout: &Layout) -> Result<Box<dyn Optimizer>> {
+        Ok(match self.kind {
+            OptimizerKind::Lamb => Box::new(Lamb::new(layout.clone(), self.lamb_options()?)),
+            OptimizerKind::Adamw => Box::new(AdamW::new(layout.clone(), self.adamw_options()?)),
+            OptimizerKind::Sgd => Box::new(Sgd::new(layout.clone(), self.sgd_options()?)),
+        })
+    }
+}
+
+pub(crate) fn validate_adam(betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<()> {
+    ensure!(
+        (0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1),
+        "betas must be in [0, 1), got {betas:?}"
+    );
+    ensure!(eps.is_finite() && eps >= 0.0, "eps must be >= 0, got {eps}");
+    ensure!(
+        weight_decay.is_finite() && weight_decay >= 0.0,
+        "weight_decay must be >= 0, got {weight_decay}"
+    );
+    Ok(())
+}
+
+pub(crate) fn check_lr(what: &str, lr: f64) {
+    assert!(
+        lr.is_finite() && lr >= 0.0,
+        "{what}: learning rate must be finite and >= 0, got {lr}"
+    );
+}

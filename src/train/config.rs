@@ -1,0 +1,250 @@
+//! The training recipe as a TOML file. Every table rejects unknown keys (a typo is an error that
+//! names the key), and `--set table.key=value` overrides any entry before validation.
+
+use crate::data::TransformConfig;
+use crate::optim::{EmaConfig, OptimizerConfig, ScheduleConfig};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub data: DataSection,
+    /// Train-time transform (timm flags: scale, ratio, hflip, auto_augment, re_prob, ...).
+    #[serde(default = "default_train_transform")]
+    pub augment: TransformConfig,
+    /// Eval transform (resize to size / crop_pct, centre crop).
+    #[serde(default = "default_eval_transform")]
+    pub eval: TransformConfig,
+    #[serde(default)]
+    pub mixup: MixupSection,
+    pub train: TrainSection,
+    pub optimizer: OptimizerConfig,
+    pub schedule: ScheduleConfig,
+    /// EMA of weights and BN buffers; absent = no EMA.
+    #[serde(default)]
+    pub ema: Option<EmaConfig>,
+    /// Knowledge distillation; absent = plain cross-entropy.
+    #[serde(default)]
+    pub kd: Option<KdSection>,
+}
+
+fn default_train_transform() -> TransformConfig {
+    TransformConfig::train(224)
+}
+
+fn default_eval_transform() -> TransformConfig {
+    TransformConfig::eval(224)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// timm name, e.g. ghostnetv3_100.
+    pub name: String,
+    /// N repeated kxk branches of each re-parameterized conv (paper Table 2; 1..=5).
+    #[serde(default = "three")]
+    pub rep_branches: usize,
+    /// The 1x1 depth-wise scale branch.
+    #[serde(default = "yes")]
+    pub rep_scale: bool,
+    /// The BN identity branch.
+    #[serde(default = "yes")]
+    pub rep_identity: bool,
+    /// Dropout before the classifier (timm 0.2; official V3 0).
+    #[serde(default)]
+    pub drop_rate: f64,
+    /// Optional initial weights (safetensors, timm names, train form).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+}
+
+fn three() -> usize {
+    3
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    Synthetic,
+    Imagefolder,
+    Cifar10,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub kind: DatasetKind,
+    /// ImageFolder: the folder holding `train_split` and `val_split`; CIFAR-10: the folder with
+    /// the binary batches.
+    pub root: Option<PathBuf>,
+    pub train_split: String,
+    pub val_split: String,
+    /// Synthetic set sizes and image side.
+    pub synthetic_train: usize,
+    pub synthetic_val: usize,
+    pub synthetic_size: usize,
+    /// Use at most this many images (evenly spaced) of each split; for quick runs.
+    pub max_train: Option<usize>,
+    pub max_val: Option<usize>,
+    pub workers: usize,
+    /// Fail on an unreadable image instead of skipping it with a warning.
+    pub strict: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            kind: DatasetKind::Synthetic,
+            root: None,
+            train_split: "train".into(),
+            val_split: "val".into(),
+            synthetic_train: 2000,
+            synthetic_val: 500,
+            synthetic_size: 64,
+            max_train: None,
+            max_val: None,
+            workers: 2,
+            strict: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MixupSection {
+    pub mixup_alpha: f64,
+    pub cutmix_alpha: f64,
+    pub prob: f64,
+    pub switch_prob: f64,
+}
+
+impl Default for MixupSection {
+    fn default() -> Self {
+        MixupSection { mixup_alpha: 0.0, cutmix_alpha: 0.0, prob: 1.0, switch_prob: 0.5 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Base learning rate (the schedule scales it).
+    pub lr: f64,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "eval_batch")]
+    pub eval_batch_size: usize,
+}
+
+fn eval_batch() -> usize {
+    64
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KdSection {
+    /// Teacher model name (any model the engine builds) and its weights.
+    pub teacher: String,
+    pub teacher_weights: PathBuf,
+    /// Loss = (1 - alpha) CE + alpha t^2 KL (paper: alpha 0.5, t 1; Tables 3-4).
+    #[serde(default = "half")]
+    pub alpha: f64,
+    #[serde(default = "one")]
+    pub temperature: f64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Applies `key=value` overrides (`table.key=value`, value parsed as TOML, else a string).
+pub fn apply_overrides(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
+    for s in sets {
+        let Some((key, raw)) = s.split_once('=') else { bail!("--set {s}: expected table.key=value") };
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        let mut t = &mut *doc;
+        for p in &parts[..parts.len() - 1] {
+            t = t
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .with_context(|| format!("--set {s}: {p} is not a table"))?;
+        }
+        t.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    Ok(())
+}
+
+impl TrainConfig {
+    /// Parses a recipe (with overrides); errors name the offending key.
+    pub fn from_toml(text: &str, sets: &[String], origin: &str) -> Result<Self> {
+        let mut doc: toml::Table = toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
+        apply_overrides(&mut doc, sets)?;
+        let cfg: TrainConfig = doc.try_into().with_context(|| format!("{origin}: invalid recipe"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::from_toml(&text, sets, &path.display().to_string())
+    }
+
+    /// The recipe `ghostv3 train` runs with no arguments: GhostNetV3-0.5x on the built-in synthetic
+    /// set, a couple of minutes on a CPU.
+    pub fn default_recipe() -> &'static str {
+        include_str!("../../configs/synthetic_quick.toml")
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).context("cannot serialize the recipe")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        if t.epochs == 0 || t.batch_size == 0 || t.eval_batch_size == 0 {
+            bail!("train.epochs, train.batch_size and train.eval_batch_size must be positive");
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            bail!("train.lr must be positive, got {}", t.lr);
+        }
+        if !(0.0..1.0).contains(&t.label_smoothing) {
+            bail!("train.label_smoothing must be in [0, 1), got {}", t.label_smoothing);
+        }
+        if !self.augment.is_training {
+            bail!("augment.is_training must be true (it is the train-time transform)");
+        }
+        self.schedule.validate()?;
+        if let Some(e) = &self.ema {
+            e.validate()?;
+        }
+        if let Some(kd) = &self.kd {
+            if !(0.0..=1.0).contains(&kd.alpha) || kd.temperature <= 0.0 {
+                bail!("kd.alpha must be in [0, 1] and kd.temperature > 0");
+            }
+        }
+        if self.data.kind != DatasetKind::Synthetic && self.data.root.is_none() {
+            bail!("data.root is required for data.kind = {:?}", self.data.kind);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,480 @@
+//! The trainer: the paper's recipe end to end on the CPU backend.
+//!
+//! One epoch: loader batches (augmented on worker threads) -> optional Mixup/CutMix -> forward
+//! of the re-parameterized train form (tape) -> loss (label-smoothed CE, plus KD against a teacher
+//! run in eval mode on the same batch) -> backward -> one optimizer pass over the flat buffers ->
+//! EMA update. Then eval of the model and its EMA, `metrics.jsonl`, an atomic checkpoint.
+//!
+//! Every random stream derives from (seed, epoch, step or sample index), so resuming from the
+//! checkpoint of epoch k continues exactly as the uninterrupted run would.
+
+pub mod config;
+
+use crate::autograd::Tape;
+use crate::data::{self, Batch, Cifar10, Dataset, ImageFolder, Loader, Mixup, Subset, Synthetic};
+use crate::io::weights::state_tensors;
+use crate::io::{load_state, load_state_from, read_tensors, write_tensors, TensorData};
+use crate::models::{self, ghostnet::GhostNet, ModelOptions};
+use crate::nn::{Mode, RepOptions};
+use crate::optim::{Ema, Layout, Optimizer};
+use crate::{ops, reparam, Tensor};
+use anyhow::{bail, ensure, Context, Result};
+use config::{DatasetKind, TrainConfig};
+use rand::rngs::StdRng;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// One epoch's figures, as appended to `metrics.jsonl`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub lr: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub val_loss: f64,
+    pub ema_top1: Option<f64>,
+    pub ema_top5: Option<f64>,
+    pub images_per_s: f64,
+    pub epoch_seconds: f64,
+    pub skipped_images: usize,
+}
+
+/// What `run` reports at the end.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub epochs: Vec<EpochMetrics>,
+    pub best_top1: f64,
+    pub run_dir: PathBuf,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub run_dir: PathBuf,
+    pub model: GhostNet,
+    ema_model: Option<GhostNet>,
+    optimizer: Box<dyn Optimizer>,
+    ema: Option<Ema>,
+    teacher: Option<GhostNet>,
+    train_loader: Loader,
+    val_loader: Loader,
+    class_names: Vec<String>,
+    /// Epochs completed so far.
+    pub epoch: usize,
+    best_top1: f64,
+    pub quiet: bool,
+}
+
+/// A deterministic random stream for (seed, epoch, step, purpose).
+fn stream(seed: u64, epoch: usize, step: usize, purpose: u64) -> StdRng {
+    data::sample_rng(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15), epoch, step)
+}
+
+fn datasets(cfg: &TrainConfig) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
+    let d = &cfg.data;
+    let (train, val): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match d.kind {
+        DatasetKind::Synthetic => (
+            Arc::new(Synthetic::new(d.synthetic_train, d.synthetic_size, cfg.train.seed)),
+            Arc::new(Synthetic::new(d.synthetic_val, d.synthetic_size, cfg.train.seed.wrapping_add(0x5eed))),
+        ),
+        DatasetKind::Imagefolder => {
+            let root = d.root.as_ref().context("data.root")?;
+            (
+                Arc::new(ImageFolder::open(root.join(&d.train_split))?),
+                Arc::new(ImageFolder::open(root.join(&d.val_split))?),
+            )
+        }
+        DatasetKind::Cifar10 => {
+            let root = d.root.as_ref().context("data.root")?;
+            (Arc::new(Cifar10::open(root, true)?), Arc::new(Cifar10::open(root, false)?))
+        }
+    };
+    let cap = |ds: Arc<dyn Dataset>, n: Option<usize>| -> Arc<dyn Dataset> {
+        match n {
+            Some(n) if n < ds.len() => Arc::new(Subset::evenly_spaced(ds, n)),
+            _ => ds,
+        }
+    };
+    Ok((cap(train, d.max_train), cap(val, d.max_val)))
+}
+
+impl Trainer {
+    /// A fresh run in `run_dir` (created; refused if it already holds a checkpoint).
+    pub fn new(cfg: TrainConfig, run_dir: &Path) -> Result<Self> {
+        if run_dir.join(CHECKPOINT).exists() {
+            bail!("{} already holds a run; use --resume {} to continue it", run_dir.display(), run_dir.display());
+        }
+        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let t = Self::build(cfg, run_dir)?;
+        crate::io::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml()?.as_bytes())?;
+        Ok(t)
+    }
+
+    /// Continues the run in `run_dir` from its last checkpoint: model, optimizer, EMA, schedule
+    /// position, epoch and random streams. `sets` may override the stored recipe (e.g. epochs).
+    pub fn resume(run_dir: &Path, sets: &[String]) -> Result<Self> {
+        let cfg = TrainConfig::load(&run_dir.join("config.toml"), sets)?;
+        let mut t = Self::build(cfg, run_dir)?;
+        let path = run_dir.join(CHECKPOINT);
+        let bytes = std::fs::read(&path).with_context(|| format!("no checkpoint to resume: {}", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).context("corrupt checkpoint")?;
+        let info = meta.metadata().as_ref().and_then(|m| m.get("ghostv3.trainer")).context("checkpoint without trainer state")?;
+        let info: serde_json::Value = serde_json::from_str(info)?;
+        drop(bytes);
+        let tensors = read_tensors(&path)?;
+        let mut model_t = BTreeMap::new();
+        let mut optim_t = Vec::new();
+        let mut ema_t = Vec::new();
+        for (k, v) in tensors {
+            if let Some(name) = k.strip_prefix("optim.") {
+                let TensorData::F32(_, d) = v else { bail!("optimizer state {k} is not f32") };
+                optim_t.push((name.to_string(), d));
+            } else if let Some(name) = k.strip_prefix("ema.") {
+                let TensorData::F32(_, d) = v else { bail!("EMA state {k} is not f32") };
+                ema_t.push((name.to_string(), d));
+            } else {
+                model_t.insert(k, v);
+            }
+        }
+        load_state_from(&mut t.model.state, &model_t, &path.display().to_string())?;
+        t.optimizer.load_state(&optim_t)?;
+        if let Some(ema) = t.ema.as_mut() {
+            ema.load_state(&ema_t)?;
+        }
+        t.epoch = info["epoch"].as_u64().context("epoch")? as usize;
+        t.best_top1 = info["best_top1"].as_f64().unwrap_or(0.0);
+        Ok(t)
+    }
+
+    fn build(cfg: TrainConfig, run_dir: &Path) -> Result<Self> {
+        let (train_ds, val_ds) = datasets(&cfg)?;
+        let num_classes = train_ds.num_classes();
+        ensure!(val_ds.num_classes() == num_classes, "train and val splits have different classes");
+        let class_names = train_ds.class_names();
+        let m = &cfg.model;
+        let opts = ModelOptions {
+            num_classes,
+            rep: RepOptions { branches: m.rep_branches, scale: m.rep_scale, identity: m.rep_identity },
+            deploy: false,
+            drop_rate: m.drop_rate,
+            seed: cfg.train.seed,
+        };
+        let mut model = models::create(&m.name, &opts)?;
+        if let Some(init) = &m.init {
+            load_state(&mut model.state, init)?;
+        }
+        let layout = Layout::from_store(&model.state.params);
+        let optimizer = cfg.optimizer.build(&layout)?;
+        let ema = match &cfg.ema {
+            Some(e) => Some(Ema::new(e.clone(), model.state.params.flat(), model.state.buffers.flat())?),
+            None => None,
+        };
+        let ema_model = if ema.is_some() { Some(models::create(&m.name, &opts)?) } else { None };
+        let teacher = match &cfg.kd {
+            None => None,
+            Some(kd) => {
+                let topts = models::detect_options(&kd.teacher_weights)?;
+                ensure!(
+                    topts.num_classes == num_classes,
+                    "teacher {} has {} classes, the data has {num_classes}",
+                    kd.teacher_weights.display(),
+                    topts.num_classes
+                );
+                let mut t = models::create(&kd.teacher, &topts)?;
+                load_state(&mut t.state, &kd.teacher_weights)?;
+                Some(t)
+            }
+        };
+        let d = &cfg.data;
+        let seed = cfg.train.seed;
+        let train_loader =
+            Loader::new(train_ds, cfg.augment.clone(), cfg.train.batch_size, true, true, d.workers, seed)?.strict(d.strict);
+        let val_loader =
+            Loader::new(val_ds, cfg.eval.clone(), cfg.train.eval_batch_size, false, false, d.workers, seed)?.strict(d.strict);
+        ensure!(train_loader.batches_per_epoch() > 0, "the training set is smaller than one batch");
+        Ok(Trainer {
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            model,
+            ema_model,
+            optimizer,
+            ema,
+            teacher,
+            train_loader,
+            val_loader,
+            class_names,
+            epoch: 0,
+            best_top1: -1.0,
+            quiet: false,
+        })
+    }
+
+    fn say(&self, s: &str) {
+        if !self.quiet {
+            println!("{s}");
+        }
+    }
+
+    /// Trains until `train.epochs`, evaluating and checkpointing after every epoch.
+    pub fn run(&mut self) -> Result<Summary> {
+        let mut epochs = Vec::new();
+        self.say(&format!(
+            "training {} (train form, {} params) for {} epochs on {} images, {} classes; run dir {}",
+            self.cfg.model.name,
+            self.model.state.params.numel(),
+            self.cfg.train.epochs,
+            self.train_loader.dataset().len(),
+            self.class_names.len(),
+            self.run_dir.display()
+        ));
+        while self.epoch < self.cfg.train.epochs {
+            let m = self.run_epoch()?;
+            epochs.push(m);
+        }
+        self.finish()?;
+        Ok(Summary { epochs, best_top1: self.best_top1, run_dir: self.run_dir.clone() })
+    }
+
+    /// One epoch: train, evaluate, log, checkpoint.
+    pub fn run_epoch(&mut self) -> Result<EpochMetrics> {
+        let epoch = self.epoch;
+        let t0 = Instant::now();
+        let (train_loss, images, skipped, lr) = self.train_epoch(epoch)?;
+        let train_s = t0.elapsed().as_secs_f64();
+        let (top1, top5, val_loss) = evaluate(&mut self.model, &self.val_loader)?;
+        let (ema_top1, ema_top5) = match (&self.ema, self.ema_model.as_mut()) {
+            (Some(ema), Some(em)) => {
+                em.state.params.flat_mut().copy_from_slice(ema.params());
+                em.state.buffers.flat_mut().copy_from_slice(ema.buffers());
+                let (a, b, _) = evaluate(em, &self.val_loader)?;
+                (Some(a), Some(b))
+            }
+            _ => (None, None),
+        };
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss,
+            lr,
+            top1,
+            top5,
+            val_loss,
+            ema_top1,
+            ema_top5,
+            images_per_s: images as f64 / train_s,
+            epoch_seconds: t0.elapsed().as_secs_f64(),
+            skipped_images: skipped,
+        };
+        self.epoch = epoch + 1;
+        let ema_txt = ema_top1.map_or(String::new(), |e| format!(", EMA top-1 {:.2}%", 100.0 * e));
+        self.say(&format!(
+            "epoch {}/{}: train loss {:.4}, val top-1 {:.2}% top-5 {:.2}%{ema_txt}, {:.1} img/s, {:.0} s{}",
+            m.epoch,
+            self.cfg.train.epochs,
+            train_loss,
+            100.0 * top1,
+            100.0 * top5,
+            m.images_per_s,
+            m.epoch_seconds,
+            if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() }
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.join("metrics.jsonl"))
+            .context("cannot open metrics.jsonl")?;
+        writeln!(f, "{}", serde_json::to_string(&m)?)?;
+        // Best weights: the model or its EMA, whichever scores higher.
+        let (best_now, from_ema) = match ema_top1 {
+            Some(e) if e > top1 => (e, true),
+            _ => (top1, false),
+        };
+        if best_now > self.best_top1 {
+            self.best_top1 = best_now;
+            let state = if from_ema { &self.ema_model.as_ref().expect("ema model").state } else { &self.model.state };
+            let meta = self.weights_meta(if from_ema { "ema" } else { "model" }, m.epoch);
+            crate::io::save_state(state, &self.run_dir.join("best.safetensors"), meta)?;
+        }
+        self.save_checkpoint()?;
+        Ok(m)
+    }
+
+    fn train_epoch(&mut self, epoch: usize) -> Result<(f64, usize, usize, f64)> {
+        let steps = self.train_loader.batches_per_epoch();
+        let bar = if self.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new(steps as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .expect("template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(format!("{}/{}", epoch + 1, self.cfg.train.epochs));
+            b
+        };
+        let num_classes = self.model.cfg.num_classes;
+        let mixup = self.mixup(num_classes);
+        let (mut loss_sum, mut images, mut skipped, mut lr) = (0.0, 0usize, 0usize, 0.0);
+        let t0 = Instant::now();
+        for (step, batch) in self.train_loader.epoch(epoch).enumerate() {
+            let mut batch: Batch = batch?;
+            skipped += batch.skipped.len();
+            for s in &batch.skipped {
+                bar.suspend(|| eprintln!("warning: skipped unreadable image {s}"));
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            lr = self.cfg.schedule.lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
+            let targets = match &mixup {
+                Some(mx) => mx.apply(&mut batch.images, &batch.labels, &mut stream(self.cfg.train.seed, epoch, step, 1))?.targets,
+                None => data::one_hot_smoothed(&batch.labels, num_classes, self.cfg.train.label_smoothing),
+            };
+            let loss = self.train_step(&batch.images, &targets, epoch, step, lr)?;
+            if !loss.is_finite() {
+                bail!(
+                    "the loss became {loss} at epoch {} step {step} (lr {lr:.3e}); stopping. The last good \
+                     checkpoint is {} (after epoch {})",
+                    epoch + 1,
+                    self.run_dir.join(CHECKPOINT).display(),
+                    self.epoch
+                );
+            }
+            loss_sum += loss * batch.len() as f64;
+            images += batch.len();
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {:.1} img/s",
+                images as f64 / t0.elapsed().as_secs_f64()
+            ));
+        }
+        bar.finish_and_clear();
+        ensure!(images > 0, "epoch {} saw no images", epoch + 1);
+        Ok((loss_sum / images as f64, images, skipped, lr))
+    }
+
+    fn mixup(&self, num_classes: usize) -> Option<Mixup> {
+        let c = &self.cfg.mixup;
+        if c.mixup_alpha <= 0.0 && c.cutmix_alpha <= 0.0 {
+            return None;
+        }
+        let mut m = Mixup::new(num_classes);
+        m.mixup_alpha = c.mixup_alpha;
+        m.cutmix_alpha = c.cutmix_alpha;
+        m.prob = c.prob;
+        m.switch_prob = c.switch_prob;
+        m.label_smoothing = self.cfg.train.label_smoothing;
+        Some(m)
+    }
+
+    /// Forward, loss, backward and the parameter update for one batch; returns the loss.
+    fn train_step(&mut self, images: &Tensor<f32>, targets: &Tensor<f32>, epoch: usize, step: usize, lr: f64) -> Result<f64> {
+        let teacher_logits = self.teacher.as_mut().map(|t| t.predict(images));
+        let mut rng = stream(self.cfg.train.seed, epoch, step, 2);
+        let mut tape = Tape::new();
+        let x = tape.constant(images.clone());
+        let (logits, leaves) = self.model.forward(&mut tape, x, Mode::Train { dropout: true }, Some(&mut rng));
+        let ce = ops::cross_entropy_soft(&mut tape, logits, targets);
+        let loss = match (&self.cfg.kd, teacher_logits) {
+            (Some(kd), Some(tl)) => {
+                // (1 - a) CE + a t^2 KL(p_t || p_s)
+                let kl = ops::kd_loss(&mut tape, logits, &tl, kd.temperature);
+                let a = kd.alpha as f32;
+                let ce_w = ops::scale(&mut tape, ce, 1.0 - a);
+                let kl_w = ops::scale(&mut tape, kl, a);
+                ops::add(&mut tape, ce_w, kl_w)
+            }
+            _ => ce,
+        };
+        let value = tape.value(loss).data()[0] as f64;
+        if !value.is_finite() {
+            return Ok(value);
+        }
+        let grads = tape.backward(loss);
+        let flat = leaves.flat_grads(&self.model.state, &grads);
+        drop(tape); // releases the tape's views of the parameters, so the update is in place
+        self.optimizer.step(self.model.state.params.flat_mut(), &flat, lr);
+        if let Some(ema) = self.ema.as_mut() {
+            ema.update(self.model.state.params.flat(), self.model.state.buffers.flat());
+        }
+        Ok(value)
+    }
+
+    fn weights_meta(&self, source: &str, epoch: usize) -> HashMap<String, String> {
+        HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("ghostv3.model".to_string(), self.cfg.model.name.clone()),
+            ("ghostv3.form".to_string(), "train".to_string()),
+            ("ghostv3.source".to_string(), source.to_string()),
+            ("ghostv3.epoch".to_string(), epoch.to_string()),
+            ("ghostv3.classes".to_string(), serde_json::to_string(&self.class_names).unwrap_or_default()),
+        ])
+    }
+
+    /// Model, optimizer and EMA state in one atomically written file.
+    fn save_checkpoint(&self) -> Result<()> {
+        let mut t = state_tensors(&self.model.state);
+        for (k, v) in self.optimizer.state() {
+            t.insert(format!("optim.{k}"), TensorData::F32(vec![v.len()], v));
+        }
+        if let Some(ema) = &self.ema {
+            for (k, v) in ema.state() {
+                t.insert(format!("ema.{k}"), TensorData::F32(vec![v.len()], v));
+            }
+        }
+        let mut meta = self.weights_meta("checkpoint", self.epoch);
+        let info = serde_json::json!({ "epoch": self.epoch, "best_top1": self.best_top1 });
+        meta.insert("ghostv3.trainer".to_string(), info.to_string());
+        write_tensors(&self.run_dir.join(CHECKPOINT), &t, Some(meta))?;
+        crate::io::save_state(&self.model.state, &self.run_dir.join("last.safetensors"), self.weights_meta("model", self.epoch))
+    }
+
+    /// Folds the best weights into the deploy form (`deploy.safetensors`).
+    fn finish(&mut self) -> Result<()> {
+        let best = self.run_dir.join("best.safetensors");
+        let mut m = models::create(&self.cfg.model.name, &models::detect_options(&best)?)?;
+        load_state(&mut m.state, &best)?;
+        let d = reparam::fold(&m)?;
+        let mut meta = self.weights_meta("best", self.epoch);
+        meta.insert("ghostv3.form".to_string(), "deploy".to_string());
+        crate::io::save_state(&d.state, &self.run_dir.join("deploy.safetensors"), meta)?;
+        self.say(&format!(
+            "best val top-1 {:.2}%; deploy weights (folded) in {}",
+            100.0 * self.best_top1,
+            self.run_dir.join("deploy.safetensors").display()
+        ));
+        Ok(())
+    }
+}
+
+/// Top-1, top-5 (top-k with k = min(5, classes)) and mean CE of a model on a loader, eval mode.
+pub fn evaluate(model: &mut GhostNet, loader: &Loader) -> Result<(f64, f64, f64)> {
+    let (mut n, mut c1, mut c5, mut loss) = (0usize, 0usize, 0usize, 0.0f64);
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        if batch.is_empty() {
+            continue;
+        }
+        let logits = model.predict(&batch.images);
+        let (b, k) = (logits.shape()[0], logits.shape()[1]);
+        for i in 0..b {
+            let row = &logits.data()[i * k..(i + 1) * k];
+            let label = batch.labels[i];
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            c1 += (order[0] == label) as usize;
+            c5 += order[..k.min(5)].contains(&label) as usize;
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+            let lse = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+            loss += lse - row[label] as f64;
+        }
+        n += b;
+    }
+    ensure!(n > 0, "the validation set is empty");
+    Ok((c1 as f64 / n as f64, c5 as f64 / n as f64, loss / n as f64))
+}
