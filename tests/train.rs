@@ -1,0 +1,110 @@
+//! The trainer end to end on the built-in synthetic set: exact resume, config errors that name
+//! the key, and a NaN loss that stops the run without touching the last good checkpoint.
+
+use ghostv3::train::config::TrainConfig;
+use ghostv3::train::{Trainer, CHECKPOINT};
+use std::path::PathBuf;
+
+/// A tiny recipe: 64 images of 64x64, batch 32, GhostNetV3-0.5x with N=2 branches.
+fn tiny(extra: &[&str]) -> TrainConfig {
+    let mut sets: Vec<String> = [
+        "data.synthetic_train=64",
+        "data.synthetic_val=32",
+        "data.workers=2",
+        "train.epochs=2",
+        "schedule.epochs=2",
+        "train.batch_size=32",
+        "train.eval_batch_size=32",
+        "model.rep_branches=2",
+        "model.drop_rate=0.2",
+        "augment.auto_augment=\"rand-m9-mstd0.5\"",
+        "augment.re_prob=0.25",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::from_toml(TrainConfig::default_recipe(), &sets, "test").unwrap()
+}
+
+fn run_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ghostv3-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn two_epochs_equal_one_plus_resume_one() {
+    let (a, b) = (run_dir("straight"), run_dir("resumed"));
+    let mut t = Trainer::new(tiny(&[]), &a).unwrap();
+    t.quiet = true;
+    let summary = t.run().unwrap();
+    assert_eq!(summary.epochs.len(), 2);
+    let straight = (t.model.state.params.flat().to_vec(), t.model.state.buffers.flat().to_vec());
+
+    let mut t1 = Trainer::new(tiny(&[]), &b).unwrap();
+    t1.quiet = true;
+    t1.run_epoch().unwrap();
+    drop(t1);
+    let mut t2 = Trainer::resume(&b, &[]).unwrap();
+    t2.quiet = true;
+    assert_eq!(t2.epoch, 1);
+    t2.run().unwrap();
+    let resumed = (t2.model.state.params.flat().to_vec(), t2.model.state.buffers.flat().to_vec());
+    assert!(straight.0 == resumed.0, "parameters differ after resume");
+    assert!(straight.1 == resumed.1, "BN buffers differ after resume");
+    // Both runs logged two epochs, wrote best/last/deploy weights.
+    for d in [&a, &b] {
+        let lines = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
+        assert_eq!(lines, 2);
+        for f in ["best.safetensors", "last.safetensors", "deploy.safetensors", CHECKPOINT, "config.toml"] {
+            assert!(d.join(f).is_file(), "{f} missing in {}", d.display());
+        }
+    }
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let e = format!("{:#}", TrainConfig::from_toml(TrainConfig::default_recipe(), &["train.lrr=0.1".into()], "x").unwrap_err());
+    assert!(e.contains("lrr"), "{e}");
+    let e = format!("{:#}", TrainConfig::from_toml(TrainConfig::default_recipe(), &["train.epochs=\"five\"".into()], "x").unwrap_err());
+    assert!(e.contains("epochs"), "{e}");
+    let e = format!("{:#}", TrainConfig::from_toml("[modle]\nname = \"x\"", &[], "x").unwrap_err());
+    assert!(e.contains("modle"), "{e}");
+    let e = format!("{:#}", TrainConfig::from_toml(TrainConfig::default_recipe(), &["optimizer.kind=\"adam\"".into()], "x").unwrap_err());
+    assert!(e.contains("adam"), "{e}");
+}
+
+#[test]
+fn a_new_run_refuses_a_directory_that_holds_one() {
+    let d = run_dir("twice");
+    let mut t = Trainer::new(tiny(&["train.epochs=1", "schedule.epochs=1"]), &d).unwrap();
+    t.quiet = true;
+    t.run().unwrap();
+    let e = Trainer::new(tiny(&[]), &d).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("--resume"), "{e}");
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let d = run_dir("nan");
+    let mut t = Trainer::new(tiny(&[]), &d).unwrap();
+    t.quiet = true;
+    t.run_epoch().unwrap();
+    drop(t);
+    let before = std::fs::read(d.join(CHECKPOINT)).unwrap();
+    let mut t = Trainer::resume(&d, &["train.lr=1e30".into(), "optimizer.max_grad_norm=0".into()]).unwrap();
+    t.quiet = true;
+    let e = format!("{:#}", t.run().unwrap_err());
+    assert!(e.contains("loss became") && e.contains("last good checkpoint"), "{e}");
+    assert_eq!(std::fs::read(d.join(CHECKPOINT)).unwrap(), before, "checkpoint changed");
+}
+
+#[test]
+fn shipped_recipes_parse() {
+    for f in ["configs/synthetic_quick.toml", "configs/imagenette_cpu.toml", "configs/ghostnetv3_100_imagenet.toml"] {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        let cfg = TrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+        assert!(cfg.train.epochs > 0);
+    }
+}
