@@ -400,10 +400,16 @@ fn train(a: TrainArgs) -> Result<()> {
         None => {
             let cfg = match &a.config {
                 Some(p) => TrainConfig::load(p, &a.sets)?,
-                None => TrainConfig::from_toml(TrainConfig::default_recipe(), &a.sets, "built-in recipe")?,
+                None => TrainConfig::from_toml(
+                    TrainConfig::default_recipe(),
+                    &a.sets,
+                    "built-in recipe",
+                )?,
             };
             let dir = a.out.clone().unwrap_or_else(|| {
-                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
                 PathBuf::from("runs").join(format!("{}-{secs}", cfg.model.name))
             });
             Trainer::new(cfg, &dir)?
@@ -418,9 +424,17 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut m = load_model(&a.model, &a.weights, false)?;
     let ds = std::sync::Arc::new(ImageFolder::open(&a.data)?);
     if ds.num_classes() != m.cfg.num_classes {
-        bail!("{} has {} classes, the weights have {}", a.data.display(), ds.num_classes(), m.cfg.num_classes);
+        bail!(
+            "{} has {} classes, the weights have {}",
+            a.data.display(),
+            ds.num_classes(),
+            m.cfg.num_classes
+        );
     }
-    let tf = TransformConfig { crop_pct: a.crop_pct, ..TransformConfig::eval(a.size) };
+    let tf = TransformConfig {
+        crop_pct: a.crop_pct,
+        ..TransformConfig::eval(a.size)
+    };
     let loader = Loader::new(ds.clone(), tf, a.batch, false, false, a.workers, 0)?;
     let t0 = std::time::Instant::now();
     let (top1, top5, loss) = ghostv3::train::evaluate(&mut m, &loader)?;
@@ -446,9 +460,15 @@ fn predict(a: PredictArgs) -> Result<()> {
     let names: Option<Vec<String>> = {
         let bytes = std::fs::read(&a.weights)?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
-        meta.metadata().as_ref().and_then(|m| m.get("ghostv3.classes")).and_then(|s| serde_json::from_str(s).ok())
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("ghostv3.classes"))
+            .and_then(|s| serde_json::from_str(s).ok())
     };
-    let tf = Transform::new(&TransformConfig { crop_pct: a.crop_pct, ..TransformConfig::eval(a.size) })?;
+    let tf = Transform::new(&TransformConfig {
+        crop_pct: a.crop_pct,
+        ..TransformConfig::eval(a.size)
+    })?;
     for path in &a.images {
         let img = ghostv3::data::dataset::decode_rgb(path)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -462,7 +482,11 @@ fn predict(a: PredictArgs) -> Result<()> {
         order.sort_by(|&i, &j| z[j].total_cmp(&z[i]));
         println!("{}:", path.display());
         for &c in order.iter().take(5) {
-            let name = names.as_ref().and_then(|n| n.get(c)).cloned().unwrap_or_else(|| format!("class {c}"));
+            let name = names
+                .as_ref()
+                .and_then(|n| n.get(c))
+                .cloned()
+                .unwrap_or_else(|| format!("class {c}"));
             println!("  {:6.2}%  {name}", 100.0 * e[c] / s);
         }
     }

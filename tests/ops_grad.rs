@@ -473,6 +473,12 @@ fn conv2d_depthwise_fast_path() {
         // 1x1 depth-wise (stride 1 and 2) takes the depth-wise loop, not the pointwise GEMM.
         valid([3, 4, 5, 5], 4, (1, 1), 1, 4, true),
         same([1, 4, 7, 9], 4, (1, 1), 2, 4, true),
+        // Feature maps smaller than the padding (GhostNet's last stage at 64x64 inputs): some
+        // kernel taps see no input column at all.
+        same([2, 3, 1, 1], 3, (5, 5), 1, 3, true),
+        same([2, 3, 2, 2], 3, (5, 5), 2, 3, true),
+        same([1, 3, 1, 3], 3, (1, 5), 1, 3, true),
+        same([1, 3, 2, 1], 3, (5, 1), 1, 3, true),
         ConvCase {
             stride: (2, 1),
             padding: (0, 1),

@@ -6,6 +6,7 @@
 //!   * step 1:                        m/bc1 = g,  sqrt(v/bc2) = |g|
 //!   * step 2 with the same gradient: m/bc1 = g,  sqrt(v/bc2) = |g|
 //!   * step 2 with a zero gradient:   m/bc1 = b1/(1+b1) g,  sqrt(v/bc2) = sqrt(b2/(1+b2)) |g|
+//!
 //! so the Adam direction is `g / (|g| + eps)` or `(b1/(1+b1)) g / (sqrt(b2/(1+b2)) |g| + eps)`.
 //!
 //! LAMB, AdamW and SGD are also compared over 5 steps against independent f64 implementations
@@ -109,6 +110,13 @@ fn layout_rejects_overlap_and_overflow() {
     opt.step(&mut p, &[5.0; 7], 0.1);
     assert_eq!((p[0], p[3], p[6]), (1.0, 1.0, 1.0));
     assert!(p[1] < 1.0 && p[5] < 1.0);
+}
+
+#[test]
+#[should_panic(expected = "lamb: grads have 5 values, layout has 6")]
+fn step_panics_on_buffer_size_mismatch() {
+    let mut opt = Lamb::new(tiny_layout(), LambOptions::default());
+    opt.step(&mut [0.0; 6], &[0.0; 5], 0.1);
 }
 
 #[test]

@@ -40,7 +40,10 @@ fn two_epochs_equal_one_plus_resume_one() {
     t.quiet = true;
     let summary = t.run().unwrap();
     assert_eq!(summary.epochs.len(), 2);
-    let straight = (t.model.state.params.flat().to_vec(), t.model.state.buffers.flat().to_vec());
+    let straight = (
+        t.model.state.params.flat().to_vec(),
+        t.model.state.buffers.flat().to_vec(),
+    );
 
     let mut t1 = Trainer::new(tiny(&[]), &b).unwrap();
     t1.quiet = true;
@@ -50,14 +53,26 @@ fn two_epochs_equal_one_plus_resume_one() {
     t2.quiet = true;
     assert_eq!(t2.epoch, 1);
     t2.run().unwrap();
-    let resumed = (t2.model.state.params.flat().to_vec(), t2.model.state.buffers.flat().to_vec());
+    let resumed = (
+        t2.model.state.params.flat().to_vec(),
+        t2.model.state.buffers.flat().to_vec(),
+    );
     assert!(straight.0 == resumed.0, "parameters differ after resume");
     assert!(straight.1 == resumed.1, "BN buffers differ after resume");
     // Both runs logged two epochs, wrote best/last/deploy weights.
     for d in [&a, &b] {
-        let lines = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
+        let lines = std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count();
         assert_eq!(lines, 2);
-        for f in ["best.safetensors", "last.safetensors", "deploy.safetensors", CHECKPOINT, "config.toml"] {
+        for f in [
+            "best.safetensors",
+            "last.safetensors",
+            "deploy.safetensors",
+            CHECKPOINT,
+            "config.toml",
+        ] {
             assert!(d.join(f).is_file(), "{f} missing in {}", d.display());
         }
     }
@@ -65,13 +80,40 @@ fn two_epochs_equal_one_plus_resume_one() {
 
 #[test]
 fn config_errors_name_the_key() {
-    let e = format!("{:#}", TrainConfig::from_toml(TrainConfig::default_recipe(), &["train.lrr=0.1".into()], "x").unwrap_err());
+    let e = format!(
+        "{:#}",
+        TrainConfig::from_toml(
+            TrainConfig::default_recipe(),
+            &["train.lrr=0.1".into()],
+            "x"
+        )
+        .unwrap_err()
+    );
     assert!(e.contains("lrr"), "{e}");
-    let e = format!("{:#}", TrainConfig::from_toml(TrainConfig::default_recipe(), &["train.epochs=\"five\"".into()], "x").unwrap_err());
+    let e = format!(
+        "{:#}",
+        TrainConfig::from_toml(
+            TrainConfig::default_recipe(),
+            &["train.epochs=\"five\"".into()],
+            "x"
+        )
+        .unwrap_err()
+    );
     assert!(e.contains("epochs"), "{e}");
-    let e = format!("{:#}", TrainConfig::from_toml("[modle]\nname = \"x\"", &[], "x").unwrap_err());
+    let e = format!(
+        "{:#}",
+        TrainConfig::from_toml("[modle]\nname = \"x\"", &[], "x").unwrap_err()
+    );
     assert!(e.contains("modle"), "{e}");
-    let e = format!("{:#}", TrainConfig::from_toml(TrainConfig::default_recipe(), &["optimizer.kind=\"adam\"".into()], "x").unwrap_err());
+    let e = format!(
+        "{:#}",
+        TrainConfig::from_toml(
+            TrainConfig::default_recipe(),
+            &["optimizer.kind=\"adam\"".into()],
+            "x"
+        )
+        .unwrap_err()
+    );
     assert!(e.contains("adam"), "{e}");
 }
 
@@ -81,7 +123,10 @@ fn a_new_run_refuses_a_directory_that_holds_one() {
     let mut t = Trainer::new(tiny(&["train.epochs=1", "schedule.epochs=1"]), &d).unwrap();
     t.quiet = true;
     t.run().unwrap();
-    let e = Trainer::new(tiny(&[]), &d).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = Trainer::new(tiny(&[]), &d)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("--resume"), "{e}");
 }
 
@@ -93,16 +138,31 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     t.run_epoch().unwrap();
     drop(t);
     let before = std::fs::read(d.join(CHECKPOINT)).unwrap();
-    let mut t = Trainer::resume(&d, &["train.lr=1e30".into(), "optimizer.max_grad_norm=0".into()]).unwrap();
+    let mut t = Trainer::resume(
+        &d,
+        &["train.lr=1e30".into(), "optimizer.max_grad_norm=0".into()],
+    )
+    .unwrap();
     t.quiet = true;
     let e = format!("{:#}", t.run().unwrap_err());
-    assert!(e.contains("loss became") && e.contains("last good checkpoint"), "{e}");
-    assert_eq!(std::fs::read(d.join(CHECKPOINT)).unwrap(), before, "checkpoint changed");
+    assert!(
+        e.contains("loss became") && e.contains("last good checkpoint"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(d.join(CHECKPOINT)).unwrap(),
+        before,
+        "checkpoint changed"
+    );
 }
 
 #[test]
 fn shipped_recipes_parse() {
-    for f in ["configs/synthetic_quick.toml", "configs/imagenette_cpu.toml", "configs/ghostnetv3_100_imagenet.toml"] {
+    for f in [
+        "configs/synthetic_quick.toml",
+        "configs/imagenette_cpu.toml",
+        "configs/ghostnetv3_100_imagenet.toml",
+    ] {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         let cfg = TrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
         assert!(cfg.train.epochs > 0);

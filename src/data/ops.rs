@@ -193,24 +193,26 @@ pub fn enhance_sharpness(img: &RgbImage, factor: f64) -> RgbImage {
 /// the one-pixel border unfiltered.
 pub fn smooth(img: &RgbImage) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let src = img.as_raw();
     let mut out = img.clone();
     if w < 3 || h < 3 {
         return out;
     }
+    let src = img.as_raw();
+    let row = w * 3;
     let dst = out.as_mut();
     for y in 1..h - 1 {
-        for x in 1..w - 1 {
-            for c in 0..3 {
-                let mut sum = 4 * src[(y * w + x) * 3 + c] as u32;
-                for yy in y - 1..=y + 1 {
-                    for xx in x - 1..=x + 1 {
-                        sum += src[(yy * w + xx) * 3 + c] as u32;
-                    }
-                }
-                // PIL computes sum/13 in float and rounds half up.
-                dst[(y * w + x) * 3 + c] = ((sum as f32 / 13.0) + 0.5).min(255.0) as u8;
-            }
+        let (up, mid, down) = (
+            &src[(y - 1) * row..y * row],
+            &src[y * row..(y + 1) * row],
+            &src[(y + 1) * row..(y + 2) * row],
+        );
+        let out_row = &mut dst[y * row..(y + 1) * row];
+        for i in 3..row - 3 {
+            let sum = |r: &[u8]| r[i - 3] as u32 + r[i] as u32 + r[i + 3] as u32;
+            let total = sum(up) + sum(mid) + sum(down) + 4 * mid[i] as u32;
+            // PIL rounds total / 13 half up in float; total / 13 is never exactly x.5, so the
+            // integer form is the same.
+            out_row[i] = ((total + 6) / 13) as u8;
         }
     }
     out
@@ -227,19 +229,19 @@ pub fn smooth(img: &RgbImage) -> RgbImage {
 pub fn affine(img: &RgbImage, m: [f64; 6], resample: Resample, fill: [u8; 3]) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
+    let row = w * 3;
     let mut out = RgbImage::new(w as u32, h as u32);
     let dst = out.as_mut();
-    let clamp_x = |x: i64| x.clamp(0, w as i64 - 1) as usize;
-    let clamp_y = |y: i64| y.clamp(0, h as i64 - 1) as usize;
-    let at = |x: usize, y: usize, c: usize| src[(y * w + x) * 3 + c] as f64;
-    for y in 0..h {
-        for x in 0..w {
+    // Byte offsets of a clamped column / row.
+    let col = |x: i64| x.clamp(0, w as i64 - 1) as usize * 3;
+    let line = |y: i64| y.clamp(0, h as i64 - 1) as usize * row;
+    for (y, out_row) in dst.chunks_exact_mut(row).enumerate() {
+        for (x, px) in out_row.chunks_exact_mut(3).enumerate() {
             let (fx, fy) = (x as f64 + 0.5, y as f64 + 0.5);
             let xin = m[0] * fx + m[1] * fy + m[2];
             let yin = m[3] * fx + m[4] * fy + m[5];
-            let o = (y * w + x) * 3;
             if !(xin >= 0.0 && xin < w as f64 && yin >= 0.0 && yin < h as f64) {
-                dst[o..o + 3].copy_from_slice(&fill);
+                px.copy_from_slice(&fill);
                 continue;
             }
             let (xs, ys) = (xin - 0.5, yin - 0.5);
@@ -247,22 +249,26 @@ pub fn affine(img: &RgbImage, m: [f64; 6], resample: Resample, fill: [u8; 3]) ->
             let (dx, dy) = (xs - x0 as f64, ys - y0 as f64);
             match resample {
                 Resample::Bilinear => {
-                    let (xa, xb) = (clamp_x(x0), clamp_x(x0 + 1));
-                    let (ya, yb) = (clamp_y(y0), clamp_y(y0 + 1));
-                    for c in 0..3 {
-                        let v1 = at(xa, ya, c) + (at(xb, ya, c) - at(xa, ya, c)) * dx;
-                        let v2 = at(xa, yb, c) + (at(xb, yb, c) - at(xa, yb, c)) * dx;
-                        let v = v1 + (v2 - v1) * dy;
-                        dst[o + c] = v.clamp(0.0, 255.0) as u8;
+                    let (xa, xb) = (col(x0), col(x0 + 1));
+                    let (ra, rb) = (line(y0), line(y0 + 1));
+                    for (c, o) in px.iter_mut().enumerate() {
+                        let p = |r: usize, x: usize| src[r + x + c] as f64;
+                        let v1 = p(ra, xa) + (p(ra, xb) - p(ra, xa)) * dx;
+                        let v2 = p(rb, xa) + (p(rb, xb) - p(rb, xa)) * dx;
+                        *o = (v1 + (v2 - v1) * dy).clamp(0.0, 255.0) as u8;
                     }
                 }
                 Resample::Bicubic => {
-                    let xs4 = [-1, 0, 1, 2].map(|k| clamp_x(x0 + k));
-                    let ys4 = [-1, 0, 1, 2].map(|k| clamp_y(y0 + k));
-                    for c in 0..3 {
-                        let rows = ys4.map(|yy| cubic_a1(xs4.map(|xx| at(xx, yy, c)), dx));
-                        let v = cubic_a1(rows, dy);
-                        dst[o + c] = v.clamp(0.0, 255.0) as u8;
+                    let xo = [col(x0 - 1), col(x0), col(x0 + 1), col(x0 + 2)];
+                    let ro = [line(y0 - 1), line(y0), line(y0 + 1), line(y0 + 2)];
+                    for (c, o) in px.iter_mut().enumerate() {
+                        let mut rows = [0.0; 4];
+                        for (v, &r) in rows.iter_mut().zip(&ro) {
+                            let line = &src[r + c..r + row];
+                            let taps = [line[xo[0]], line[xo[1]], line[xo[2]], line[xo[3]]];
+                            *v = cubic_a1(taps.map(f64::from), dx);
+                        }
+                        *o = cubic_a1(rows, dy).clamp(0.0, 255.0) as u8;
                     }
                 }
             }
@@ -271,7 +277,9 @@ pub fn affine(img: &RgbImage, m: [f64; 6], resample: Resample, fill: [u8; 3]) ->
     out
 }
 
-/// PIL Geometry.c's BICUBIC: cubic convolution with a = -1 through v[0..4] at -1, 0, 1, 2.
+/// PIL Geometry.c's BICUBIC: cubic convolution with a = -1 through v[0..4] at -1, 0, 1, 2
+/// (in this Horner form, so that truncation matches PIL's).
+#[inline(always)]
 fn cubic_a1(v: [f64; 4], d: f64) -> f64 {
     let p1 = v[1];
     let p2 = -v[0] + v[2];

@@ -113,5 +113,10 @@ pub fn reshape<T: Elem>(tape: &mut Tape<T>, x: Var, shape: &[usize]) -> Var {
 /// `y = a * x` for a constant a (loss weights).
 pub fn scale<T: Elem>(tape: &mut Tape<T>, x: Var, a: T) -> Var {
     let y = tape.value(x).map(|v| v * a);
-    tape.push("scale", y, &[x], Box::new(move |gy, _| vec![Some(gy.map(|g| g * a))]))
+    tape.push(
+        "scale",
+        y,
+        &[x],
+        Box::new(move |gy, _| vec![Some(gy.map(|g| g * a))]),
+    )
 }

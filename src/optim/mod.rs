@@ -249,7 +249,7 @@ pub(crate) fn global_grad_norm(layout: &Layout, grads: &[f32]) -> f64 {
 pub(crate) fn clip_option(max_grad_norm: Option<f64>) -> Result<Option<f64>> {
     match max_grad_norm {
         None => Ok(None),
-        Some(m) if m == 0.0 => Ok(None),
+        Some(0.0) => Ok(None),
         Some(m) if m.is_finite() && m > 0.0 => Ok(Some(m)),
         Some(m) => bail!("max_grad_norm must be positive (0 turns clipping off), got {m}"),
     }
@@ -321,6 +321,7 @@ pub(crate) fn match_state<'a>(
 pub trait Optimizer: Send {
     /// One update: `params` and `grads` are the flat buffers of the layout; `lr` comes from the
     /// schedule. `grads` is left unmodified (timm's LAMB also clips a copy, not `p.grad`).
+    /// Panics if a buffer's length differs from the layout's or `lr` is negative or not finite.
     fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64);
     /// Moment buffers and the step counter, by name, for a checkpoint.
     fn state(&self) -> Vec<(String, Vec<f32>)>;

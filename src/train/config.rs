@@ -128,7 +128,12 @@ pub struct MixupSection {
 
 impl Default for MixupSection {
     fn default() -> Self {
-        MixupSection { mixup_alpha: 0.0, cutmix_alpha: 0.0, prob: 1.0, switch_prob: 0.5 }
+        MixupSection {
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            prob: 1.0,
+            switch_prob: 0.5,
+        }
     }
 }
 
@@ -175,7 +180,9 @@ fn one() -> f64 {
 /// Applies `key=value` overrides (`table.key=value`, value parsed as TOML, else a string).
 pub fn apply_overrides(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
     for s in sets {
-        let Some((key, raw)) = s.split_once('=') else { bail!("--set {s}: expected table.key=value") };
+        let Some((key, raw)) = s.split_once('=') else {
+            bail!("--set {s}: expected table.key=value")
+        };
         let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
@@ -197,15 +204,19 @@ pub fn apply_overrides(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
 impl TrainConfig {
     /// Parses a recipe (with overrides); errors name the offending key.
     pub fn from_toml(text: &str, sets: &[String], origin: &str) -> Result<Self> {
-        let mut doc: toml::Table = toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
+        let mut doc: toml::Table =
+            toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
         apply_overrides(&mut doc, sets)?;
-        let cfg: TrainConfig = doc.try_into().with_context(|| format!("{origin}: invalid recipe"))?;
+        let cfg: TrainConfig = doc
+            .try_into()
+            .with_context(|| format!("{origin}: invalid recipe"))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         Self::from_toml(&text, sets, &path.display().to_string())
     }
 
@@ -228,7 +239,10 @@ impl TrainConfig {
             bail!("train.lr must be positive, got {}", t.lr);
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
-            bail!("train.label_smoothing must be in [0, 1), got {}", t.label_smoothing);
+            bail!(
+                "train.label_smoothing must be in [0, 1), got {}",
+                t.label_smoothing
+            );
         }
         if !self.augment.is_training {
             bail!("augment.is_training must be true (it is the train-time transform)");

@@ -72,15 +72,27 @@ pub struct Trainer {
 
 /// A deterministic random stream for (seed, epoch, step, purpose).
 fn stream(seed: u64, epoch: usize, step: usize, purpose: u64) -> StdRng {
-    data::sample_rng(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15), epoch, step)
+    data::sample_rng(
+        seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        epoch,
+        step,
+    )
 }
 
 fn datasets(cfg: &TrainConfig) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
     let d = &cfg.data;
     let (train, val): (Arc<dyn Dataset>, Arc<dyn Dataset>) = match d.kind {
         DatasetKind::Synthetic => (
-            Arc::new(Synthetic::new(d.synthetic_train, d.synthetic_size, cfg.train.seed)),
-            Arc::new(Synthetic::new(d.synthetic_val, d.synthetic_size, cfg.train.seed.wrapping_add(0x5eed))),
+            Arc::new(Synthetic::new(
+                d.synthetic_train,
+                d.synthetic_size,
+                cfg.train.seed,
+            )),
+            Arc::new(Synthetic::new(
+                d.synthetic_val,
+                d.synthetic_size,
+                cfg.train.seed.wrapping_add(0x5eed),
+            )),
         ),
         DatasetKind::Imagefolder => {
             let root = d.root.as_ref().context("data.root")?;
@@ -91,7 +103,10 @@ fn datasets(cfg: &TrainConfig) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
         }
         DatasetKind::Cifar10 => {
             let root = d.root.as_ref().context("data.root")?;
-            (Arc::new(Cifar10::open(root, true)?), Arc::new(Cifar10::open(root, false)?))
+            (
+                Arc::new(Cifar10::open(root, true)?),
+                Arc::new(Cifar10::open(root, false)?),
+            )
         }
     };
     let cap = |ds: Arc<dyn Dataset>, n: Option<usize>| -> Arc<dyn Dataset> {
@@ -107,9 +122,14 @@ impl Trainer {
     /// A fresh run in `run_dir` (created; refused if it already holds a checkpoint).
     pub fn new(cfg: TrainConfig, run_dir: &Path) -> Result<Self> {
         if run_dir.join(CHECKPOINT).exists() {
-            bail!("{} already holds a run; use --resume {} to continue it", run_dir.display(), run_dir.display());
+            bail!(
+                "{} already holds a run; use --resume {} to continue it",
+                run_dir.display(),
+                run_dir.display()
+            );
         }
-        std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
         let t = Self::build(cfg, run_dir)?;
         crate::io::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml()?.as_bytes())?;
         Ok(t)
@@ -121,9 +141,15 @@ impl Trainer {
         let cfg = TrainConfig::load(&run_dir.join("config.toml"), sets)?;
         let mut t = Self::build(cfg, run_dir)?;
         let path = run_dir.join(CHECKPOINT);
-        let bytes = std::fs::read(&path).with_context(|| format!("no checkpoint to resume: {}", path.display()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).context("corrupt checkpoint")?;
-        let info = meta.metadata().as_ref().and_then(|m| m.get("ghostv3.trainer")).context("checkpoint without trainer state")?;
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("no checkpoint to resume: {}", path.display()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).context("corrupt checkpoint")?;
+        let info = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("ghostv3.trainer"))
+            .context("checkpoint without trainer state")?;
         let info: serde_json::Value = serde_json::from_str(info)?;
         drop(bytes);
         let tensors = read_tensors(&path)?;
@@ -132,10 +158,14 @@ impl Trainer {
         let mut ema_t = Vec::new();
         for (k, v) in tensors {
             if let Some(name) = k.strip_prefix("optim.") {
-                let TensorData::F32(_, d) = v else { bail!("optimizer state {k} is not f32") };
+                let TensorData::F32(_, d) = v else {
+                    bail!("optimizer state {k} is not f32")
+                };
                 optim_t.push((name.to_string(), d));
             } else if let Some(name) = k.strip_prefix("ema.") {
-                let TensorData::F32(_, d) = v else { bail!("EMA state {k} is not f32") };
+                let TensorData::F32(_, d) = v else {
+                    bail!("EMA state {k} is not f32")
+                };
                 ema_t.push((name.to_string(), d));
             } else {
                 model_t.insert(k, v);
@@ -154,12 +184,19 @@ impl Trainer {
     fn build(cfg: TrainConfig, run_dir: &Path) -> Result<Self> {
         let (train_ds, val_ds) = datasets(&cfg)?;
         let num_classes = train_ds.num_classes();
-        ensure!(val_ds.num_classes() == num_classes, "train and val splits have different classes");
+        ensure!(
+            val_ds.num_classes() == num_classes,
+            "train and val splits have different classes"
+        );
         let class_names = train_ds.class_names();
         let m = &cfg.model;
         let opts = ModelOptions {
             num_classes,
-            rep: RepOptions { branches: m.rep_branches, scale: m.rep_scale, identity: m.rep_identity },
+            rep: RepOptions {
+                branches: m.rep_branches,
+                scale: m.rep_scale,
+                identity: m.rep_identity,
+            },
             deploy: false,
             drop_rate: m.drop_rate,
             seed: cfg.train.seed,
@@ -171,10 +208,18 @@ impl Trainer {
         let layout = Layout::from_store(&model.state.params);
         let optimizer = cfg.optimizer.build(&layout)?;
         let ema = match &cfg.ema {
-            Some(e) => Some(Ema::new(e.clone(), model.state.params.flat(), model.state.buffers.flat())?),
+            Some(e) => Some(Ema::new(
+                e.clone(),
+                model.state.params.flat(),
+                model.state.buffers.flat(),
+            )?),
             None => None,
         };
-        let ema_model = if ema.is_some() { Some(models::create(&m.name, &opts)?) } else { None };
+        let ema_model = if ema.is_some() {
+            Some(models::create(&m.name, &opts)?)
+        } else {
+            None
+        };
         let teacher = match &cfg.kd {
             None => None,
             Some(kd) => {
@@ -192,11 +237,30 @@ impl Trainer {
         };
         let d = &cfg.data;
         let seed = cfg.train.seed;
-        let train_loader =
-            Loader::new(train_ds, cfg.augment.clone(), cfg.train.batch_size, true, true, d.workers, seed)?.strict(d.strict);
-        let val_loader =
-            Loader::new(val_ds, cfg.eval.clone(), cfg.train.eval_batch_size, false, false, d.workers, seed)?.strict(d.strict);
-        ensure!(train_loader.batches_per_epoch() > 0, "the training set is smaller than one batch");
+        let train_loader = Loader::new(
+            train_ds,
+            cfg.augment.clone(),
+            cfg.train.batch_size,
+            true,
+            true,
+            d.workers,
+            seed,
+        )?
+        .strict(d.strict);
+        let val_loader = Loader::new(
+            val_ds,
+            cfg.eval.clone(),
+            cfg.train.eval_batch_size,
+            false,
+            false,
+            d.workers,
+            seed,
+        )?
+        .strict(d.strict);
+        ensure!(
+            train_loader.batches_per_epoch() > 0,
+            "the training set is smaller than one batch"
+        );
         Ok(Trainer {
             cfg,
             run_dir: run_dir.to_path_buf(),
@@ -237,7 +301,11 @@ impl Trainer {
             epochs.push(m);
         }
         self.finish()?;
-        Ok(Summary { epochs, best_top1: self.best_top1, run_dir: self.run_dir.clone() })
+        Ok(Summary {
+            epochs,
+            best_top1: self.best_top1,
+            run_dir: self.run_dir.clone(),
+        })
     }
 
     /// One epoch: train, evaluate, log, checkpoint.
@@ -295,7 +363,11 @@ impl Trainer {
         };
         if best_now > self.best_top1 {
             self.best_top1 = best_now;
-            let state = if from_ema { &self.ema_model.as_ref().expect("ema model").state } else { &self.model.state };
+            let state = if from_ema {
+                &self.ema_model.as_ref().expect("ema model").state
+            } else {
+                &self.model.state
+            };
             let meta = self.weights_meta(if from_ema { "ema" } else { "model" }, m.epoch);
             crate::io::save_state(state, &self.run_dir.join("best.safetensors"), meta)?;
         }
@@ -310,9 +382,11 @@ impl Trainer {
         } else {
             let b = indicatif::ProgressBar::new(steps as u64);
             b.set_style(
-                indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
-                    .expect("template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
             );
             b.set_prefix(format!("{}/{}", epoch + 1, self.cfg.train.epochs));
             b
@@ -330,10 +404,24 @@ impl Trainer {
             if batch.is_empty() {
                 continue;
             }
-            lr = self.cfg.schedule.lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
+            lr = self
+                .cfg
+                .schedule
+                .lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
             let targets = match &mixup {
-                Some(mx) => mx.apply(&mut batch.images, &batch.labels, &mut stream(self.cfg.train.seed, epoch, step, 1))?.targets,
-                None => data::one_hot_smoothed(&batch.labels, num_classes, self.cfg.train.label_smoothing),
+                Some(mx) => {
+                    mx.apply(
+                        &mut batch.images,
+                        &batch.labels,
+                        &mut stream(self.cfg.train.seed, epoch, step, 1),
+                    )?
+                    .targets
+                }
+                None => data::one_hot_smoothed(
+                    &batch.labels,
+                    num_classes,
+                    self.cfg.train.label_smoothing,
+                ),
             };
             let loss = self.train_step(&batch.images, &targets, epoch, step, lr)?;
             if !loss.is_finite() {
@@ -373,12 +461,21 @@ impl Trainer {
     }
 
     /// Forward, loss, backward and the parameter update for one batch; returns the loss.
-    fn train_step(&mut self, images: &Tensor<f32>, targets: &Tensor<f32>, epoch: usize, step: usize, lr: f64) -> Result<f64> {
+    fn train_step(
+        &mut self,
+        images: &Tensor<f32>,
+        targets: &Tensor<f32>,
+        epoch: usize,
+        step: usize,
+        lr: f64,
+    ) -> Result<f64> {
         let teacher_logits = self.teacher.as_mut().map(|t| t.predict(images));
         let mut rng = stream(self.cfg.train.seed, epoch, step, 2);
         let mut tape = Tape::new();
         let x = tape.constant(images.clone());
-        let (logits, leaves) = self.model.forward(&mut tape, x, Mode::Train { dropout: true }, Some(&mut rng));
+        let (logits, leaves) =
+            self.model
+                .forward(&mut tape, x, Mode::Train { dropout: true }, Some(&mut rng));
         let ce = ops::cross_entropy_soft(&mut tape, logits, targets);
         let loss = match (&self.cfg.kd, teacher_logits) {
             (Some(kd), Some(tl)) => {
@@ -398,9 +495,13 @@ impl Trainer {
         let grads = tape.backward(loss);
         let flat = leaves.flat_grads(&self.model.state, &grads);
         drop(tape); // releases the tape's views of the parameters, so the update is in place
-        self.optimizer.step(self.model.state.params.flat_mut(), &flat, lr);
+        self.optimizer
+            .step(self.model.state.params.flat_mut(), &flat, lr);
         if let Some(ema) = self.ema.as_mut() {
-            ema.update(self.model.state.params.flat(), self.model.state.buffers.flat());
+            ema.update(
+                self.model.state.params.flat(),
+                self.model.state.buffers.flat(),
+            );
         }
         Ok(value)
     }
@@ -412,7 +513,10 @@ impl Trainer {
             ("ghostv3.form".to_string(), "train".to_string()),
             ("ghostv3.source".to_string(), source.to_string()),
             ("ghostv3.epoch".to_string(), epoch.to_string()),
-            ("ghostv3.classes".to_string(), serde_json::to_string(&self.class_names).unwrap_or_default()),
+            (
+                "ghostv3.classes".to_string(),
+                serde_json::to_string(&self.class_names).unwrap_or_default(),
+            ),
         ])
     }
 
@@ -431,7 +535,11 @@ impl Trainer {
         let info = serde_json::json!({ "epoch": self.epoch, "best_top1": self.best_top1 });
         meta.insert("ghostv3.trainer".to_string(), info.to_string());
         write_tensors(&self.run_dir.join(CHECKPOINT), &t, Some(meta))?;
-        crate::io::save_state(&self.model.state, &self.run_dir.join("last.safetensors"), self.weights_meta("model", self.epoch))
+        crate::io::save_state(
+            &self.model.state,
+            &self.run_dir.join("last.safetensors"),
+            self.weights_meta("model", self.epoch),
+        )
     }
 
     /// Folds the best weights into the deploy form (`deploy.safetensors`).
