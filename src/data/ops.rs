@@ -261,14 +261,17 @@ pub fn affine(img: &RgbImage, m: [f64; 6], resample: Resample, fill: [u8; 3]) ->
                 Resample::Bicubic => {
                     let xo = [col(x0 - 1), col(x0), col(x0 + 1), col(x0 + 2)];
                     let ro = [line(y0 - 1), line(y0), line(y0 + 1), line(y0 + 2)];
-                    for (c, o) in px.iter_mut().enumerate() {
-                        let mut rows = [0.0; 4];
-                        for (v, &r) in rows.iter_mut().zip(&ro) {
-                            let line = &src[r + c..r + row];
-                            let taps = [line[xo[0]], line[xo[1]], line[xo[2]], line[xo[3]]];
-                            *v = cubic_a1(taps.map(f64::from), dx);
+                    // Interpolate along x in each of the 4 rows, all channels at once.
+                    let mut rows = [[0.0; 4]; 3];
+                    for (k, &r) in ro.iter().enumerate() {
+                        let taps = xo.map(|x| &src[r + x..r + x + 3]);
+                        for (c, channel) in rows.iter_mut().enumerate() {
+                            let v = [taps[0][c], taps[1][c], taps[2][c], taps[3][c]];
+                            channel[k] = cubic_a1(v.map(f64::from), dx);
                         }
-                        *o = cubic_a1(rows, dy).clamp(0.0, 255.0) as u8;
+                    }
+                    for (o, channel) in px.iter_mut().zip(rows) {
+                        *o = cubic_a1(channel, dy).clamp(0.0, 255.0) as u8;
                     }
                 }
             }

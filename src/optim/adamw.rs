@@ -103,12 +103,15 @@ impl Optimizer for AdamW {
             .into_par_iter()
             .for_each(|(((c, p), m), v)| {
                 let g = &grads[c.offset..c.offset + c.len];
-                let decays = layout.entries()[c.tensor].decay && self.opts.weight_decay != 0.0;
+                // p * 1.0 is exact, so the no-decay group needs no branch in the loop.
+                let decay = if layout.entries()[c.tensor].decay {
+                    decay
+                } else {
+                    1.0
+                };
                 for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                     let g = g * coef;
-                    if decays {
-                        *p *= decay;
-                    }
+                    *p *= decay;
                     // torch.lerp with a small weight: m + w * (g - m).
                     *m += w1 * (g - *m);
                     *v = b2f * *v + w2 * g * g;

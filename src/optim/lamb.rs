@@ -57,6 +57,9 @@ pub struct Lamb {
     opts: LambOptions,
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
+    /// The update of every decayed tensor, kept between the norm pass and the apply pass so
+    /// that the divisions and square roots run once per element (they bound the CPU step).
+    update: Vec<f32>,
     step: u64,
 }
 
@@ -70,25 +73,28 @@ struct Coef {
     bc1: f32,
     sqrt_bc2: f32,
     eps: f32,
-    /// Global clip divisor; exactly 1 when clipping is off or not triggered.
+    /// Global clip divisor, used only when clipping triggers.
     clip: f32,
 }
 
 impl Coef {
-    /// Moment update of one element; returns the (pre-trust) update direction.
+    /// Moments of one element and its update `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)
+    /// [+ wd * p]`, in timm's order of operations. `CLIP` and `WD` are compile-time so the loops
+    /// have no branches and vectorize.
     #[inline(always)]
-    fn moments(&self, wd: f32, p: f32, g: f32, m: &mut f32, v: &mut f32) -> f32 {
-        let g = if self.clip != 1.0 { g / self.clip } else { g };
+    fn update<const CLIP: bool, const WD: bool>(
+        &self,
+        wd: f32,
+        p: f32,
+        g: f32,
+        m: &mut f32,
+        v: &mut f32,
+    ) -> f32 {
+        let g = if CLIP { g / self.clip } else { g };
         *m = self.b1 * *m + self.one_minus_b1 * g;
         *v = self.b2 * *v + self.one_minus_b2 * g * g;
-        self.direction(wd, p, *m, *v)
-    }
-
-    /// `(m / bc1) / (sqrt(v) / sqrt(bc2) + eps) + wd * p`, in timm's order of operations.
-    #[inline(always)]
-    fn direction(&self, wd: f32, p: f32, m: f32, v: f32) -> f32 {
-        let u = (m / self.bc1) / (v.sqrt() / self.sqrt_bc2 + self.eps);
-        if wd != 0.0 {
+        let u = (*m / self.bc1) / (v.sqrt() / self.sqrt_bc2 + self.eps);
+        if WD {
             u + wd * p
         } else {
             u
@@ -103,43 +109,46 @@ struct Work<'a> {
     g: &'a [f32],
     m: &'a mut [f32],
     v: &'a mut [f32],
+    /// Update scratch; empty for tensors without weight decay.
+    u: &'a mut [f32],
     wd: f32,
     /// (||p||^2, ||update||^2) of this chunk.
     sums: (f64, f64),
-    done: bool,
 }
 
 const LANES: usize = 8;
+const BLOCK: usize = 1024;
 
-/// Updates the moments and returns (||p||^2, ||update||^2); f32 lanes within 1 Ki blocks, f64
-/// across blocks, in a fixed order.
-fn moments_and_norms(k: &Coef, w: &mut Work) -> (f64, f64) {
+/// Moments and update of a decayed chunk, stored in `w.u`; returns (||p||^2, ||update||^2)
+/// summed in f32 lanes within 1 Ki blocks and in f64 across blocks, in a fixed order.
+fn moments_and_norms<const CLIP: bool>(k: &Coef, w: &mut Work) -> (f64, f64) {
     let (mut sp, mut su) = (0f64, 0f64);
     let blocks =
-        w.p.chunks(1024)
-            .zip(w.g.chunks(1024))
-            .zip(w.m.chunks_mut(1024))
-            .zip(w.v.chunks_mut(1024));
-    for (((p, g), m), v) in blocks {
+        w.p.chunks(BLOCK)
+            .zip(w.g.chunks(BLOCK))
+            .zip(w.m.chunks_mut(BLOCK))
+            .zip(w.v.chunks_mut(BLOCK))
+            .zip(w.u.chunks_mut(BLOCK));
+    for ((((p, g), m), v), u) in blocks {
         let (mut ap, mut au) = ([0f32; LANES], [0f32; LANES]);
-        let mut it = p
+        let lanes = p
             .chunks_exact(LANES)
             .zip(g.chunks_exact(LANES))
             .zip(m.chunks_exact_mut(LANES))
-            .zip(v.chunks_exact_mut(LANES));
-        for (((p, g), m), v) in &mut it {
+            .zip(v.chunks_exact_mut(LANES))
+            .zip(u.chunks_exact_mut(LANES));
+        for ((((p, g), m), v), u) in lanes {
             for i in 0..LANES {
-                let u = k.moments(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
+                u[i] = k.update::<CLIP, true>(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
                 ap[i] += p[i] * p[i];
-                au[i] += u * u;
+                au[i] += u[i] * u[i];
             }
         }
-        let tail = p.len() / LANES * LANES;
         let (mut tp, mut tu) = (0f32, 0f32);
-        for i in tail..p.len() {
-            let u = k.moments(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
+        for i in p.len() / LANES * LANES..p.len() {
+            u[i] = k.update::<CLIP, true>(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
             tp += p[i] * p[i];
-            tu += u * u;
+            tu += u[i] * u[i];
         }
         sp += (ap.iter().sum::<f32>() + tp) as f64;
         su += (au.iter().sum::<f32>() + tu) as f64;
@@ -147,24 +156,22 @@ fn moments_and_norms(k: &Coef, w: &mut Work) -> (f64, f64) {
     (sp, su)
 }
 
-/// `p += -lr * (trust * update)` with the update recomputed from the stored moments.
-fn apply(k: &Coef, w: &mut Work, neg_lr: f32, trust: f32) {
-    for ((p, &m), &v) in w.p.iter_mut().zip(w.m.iter()).zip(w.v.iter()) {
-        let u = k.direction(w.wd, *p, m, v);
+/// `p += -lr * (update * trust)`, timm's `update.mul_(trust)` then `p.add_(update, alpha=-lr)`.
+fn apply(w: &mut Work, neg_lr: f32, trust: f32) {
+    for (p, &u) in w.p.iter_mut().zip(w.u.iter()) {
         *p += neg_lr * (u * trust);
     }
 }
 
-/// Moments and parameter update in one pass, for tensors without a trust ratio.
-fn fused_no_trust(k: &Coef, w: &mut Work, neg_lr: f32) {
-    for (((p, &g), m), v) in
+/// Moments and parameter update in one pass, for tensors without weight decay (no trust ratio).
+fn fused_no_decay<const CLIP: bool>(k: &Coef, w: &mut Work, neg_lr: f32) {
+    let elems =
         w.p.iter_mut()
             .zip(w.g.iter())
             .zip(w.m.iter_mut())
-            .zip(w.v.iter_mut())
-    {
-        let u = k.moments(w.wd, *p, g, m, v);
-        *p += neg_lr * u;
+            .zip(w.v.iter_mut());
+    for (((p, &g), m), v) in elems {
+        *p += neg_lr * k.update::<CLIP, false>(0.0, *p, g, m, v);
     }
 }
 
@@ -178,15 +185,39 @@ fn trust_ratio(sum_p: f64, sum_u: f64) -> f32 {
     }
 }
 
+/// Pass 1 over one chunk; finishes it unless it is part of a larger decayed tensor.
+fn first_pass<const CLIP: bool>(k: &Coef, w: &mut Work, neg_lr: f32) {
+    if w.wd == 0.0 {
+        fused_no_decay::<CLIP>(k, w, neg_lr);
+    } else {
+        w.sums = moments_and_norms::<CLIP>(k, w);
+        if w.chunk.whole {
+            // Still in cache: apply right away.
+            apply(w, neg_lr, trust_ratio(w.sums.0, w.sums.1));
+        }
+    }
+}
+
 impl Lamb {
     pub fn new(layout: Layout, opts: LambOptions) -> Lamb {
         opts.validate().expect("invalid LAMB options");
         let n = layout.numel();
+        let decayed = if opts.weight_decay != 0.0 {
+            layout
+                .entries()
+                .iter()
+                .filter(|e| e.decay)
+                .map(|e| e.len)
+                .sum()
+        } else {
+            0
+        };
         Lamb {
             layout,
             opts,
             exp_avg: vec![0.0; n],
             exp_avg_sq: vec![0.0; n],
+            update: vec![0.0; decayed],
             step: 0,
         }
     }
@@ -236,66 +267,64 @@ impl Optimizer for Lamb {
 
         let layout = &self.layout;
         let chunks = layout.chunks();
+        let mut scratch: &mut [f32] = &mut self.update;
         let mut work: Vec<Work> = chunks
             .iter()
             .zip(split_chunks_mut(chunks, params))
             .zip(split_chunks_mut(chunks, &mut self.exp_avg))
             .zip(split_chunks_mut(chunks, &mut self.exp_avg_sq))
-            .map(|(((c, p), m), v)| Work {
-                chunk: c,
-                p,
-                g: &grads[c.offset..c.offset + c.len],
-                m,
-                v,
-                wd: if layout.entries()[c.tensor].decay {
+            .map(|(((c, p), m), v)| {
+                let wd = if layout.entries()[c.tensor].decay {
                     wd
                 } else {
                     0.0
-                },
-                sums: (0.0, 0.0),
-                done: false,
+                };
+                // Decayed chunks take the next `len` values of the scratch, in chunk order.
+                let take = if wd != 0.0 { c.len } else { 0 };
+                let (u, rest) = std::mem::take(&mut scratch).split_at_mut(take);
+                scratch = rest;
+                Work {
+                    chunk: c,
+                    p,
+                    g: &grads[c.offset..c.offset + c.len],
+                    m,
+                    v,
+                    u,
+                    wd,
+                    sums: (0.0, 0.0),
+                }
             })
             .collect();
 
-        // Pass 1: moments everywhere. Tensors without decay (no trust ratio) and tensors that
-        // fit in one chunk finish here, while their data is still in cache.
+        // Pass 1: moments and updates everywhere; tensors without decay and decayed tensors
+        // that fit in one chunk finish here, while their data is still in cache.
+        let clipping = clip != 1.0;
         work.par_iter_mut().for_each(|w| {
-            if w.wd == 0.0 {
-                fused_no_trust(&k, w, neg_lr);
-                w.done = true;
+            if clipping {
+                first_pass::<true>(&k, w, neg_lr)
             } else {
-                w.sums = moments_and_norms(&k, w);
-                if w.chunk.whole {
-                    let trust = trust_ratio(w.sums.0, w.sums.1);
-                    apply(&k, w, neg_lr, trust);
-                    w.done = true;
-                }
+                first_pass::<false>(&k, w, neg_lr)
             }
         });
 
-        // Large decayed tensors: reduce their chunks' norms in order (deterministic), then
-        // pass 2 applies the update with the tensor's trust ratio.
+        // Decayed tensors over several chunks: reduce the chunks' norms in order (the same bits
+        // every run), then pass 2 applies the stored update with the tensor's trust ratio.
         let mut trust = Vec::new();
-        let mut i = 0;
-        while i < work.len() {
-            let tensor = work[i].chunk.tensor;
-            let mut j = i;
-            let (mut sp, mut su) = (0.0, 0.0);
-            while j < work.len() && work[j].chunk.tensor == tensor {
-                sp += work[j].sums.0;
-                su += work[j].sums.1;
-                j += 1;
+        for group in work.chunk_by(|a, b| a.chunk.tensor == b.chunk.tensor) {
+            if group.len() > 1 && group[0].wd != 0.0 {
+                let (sp, su) = group
+                    .iter()
+                    .fold((0.0, 0.0), |(p, u), w| (p + w.sums.0, u + w.sums.1));
+                trust.push((group[0].chunk.tensor, trust_ratio(sp, su)));
             }
-            if !work[i].done {
-                trust.push((tensor, trust_ratio(sp, su)));
-            }
-            i = j;
         }
         if !trust.is_empty() {
-            work.par_iter_mut().filter(|w| !w.done).for_each(|w| {
-                let t = trust[trust.partition_point(|&(ti, _)| ti < w.chunk.tensor)].1;
-                apply(&k, w, neg_lr, t);
-            });
+            work.par_iter_mut()
+                .filter(|w| !w.chunk.whole && w.wd != 0.0)
+                .for_each(|w| {
+                    let i = trust.partition_point(|&(t, _)| t < w.chunk.tensor);
+                    apply(w, neg_lr, trust[i].1);
+                });
         }
     }
 
