@@ -95,6 +95,27 @@ fn affine_planes<T: Elem>(
     y
 }
 
+/// Gradients of BN's affine parameters: dgamma = sum gy * xhat with xhat = (x - mean) * inv,
+/// dbeta = sum gy (per channel, f64).
+fn affine_grads<T: Elem>(
+    gy: &[T],
+    x: &[T],
+    mean: &[f64],
+    inv: &[f64],
+    (n, c, hw): (usize, usize, usize),
+) -> (Vec<f64>, Vec<f64>) {
+    (0..c)
+        .into_par_iter()
+        .with_min_len(min_len(n * hw))
+        .map(|ch| {
+            (
+                channel_dot(gy, x, mean[ch], n, c, hw, ch) * inv[ch],
+                channel_sum(gy, n, c, hw, ch),
+            )
+        })
+        .unzip()
+}
+
 fn dims<T: Elem>(t: &Tensor<T>) -> (usize, usize, usize) {
     let s = t.shape();
     assert!(s.len() >= 2, "batch_norm needs [N, C, ...], got {s:?}");
@@ -146,18 +167,7 @@ pub fn batch_norm_train<T: Elem>(
         &[x, gamma, beta],
         Box::new(move |gy, needs| {
             let (xd, gyd) = (xt.data(), gy.data());
-            // xhat = (x - mean) * inv; dbeta = sum gy; dgamma = sum gy * xhat
-            let dbeta: Vec<f64> = (0..c)
-                .into_par_iter()
-                .with_min_len(min_len(n * hw))
-                .map(|ch| channel_sum(gyd, n, c, hw, ch))
-                .collect();
-            let dot: Vec<f64> = (0..c)
-                .into_par_iter()
-                .with_min_len(min_len(n * hw))
-                .map(|ch| channel_dot(gyd, xd, mean[ch], n, c, hw, ch))
-                .collect();
-            let dgamma: Vec<f64> = (0..c).map(|i| dot[i] * inv[i]).collect();
+            let (dgamma, dbeta) = affine_grads(gyd, xd, &mean, &inv, (n, c, hw));
             // dx = gamma*inv/M * (M*gy - dbeta - xhat*dgamma)
             let dx = needs[0].then(|| {
                 let mut dx = vec![T::zero(); xd.len()];
@@ -235,17 +245,7 @@ pub fn batch_norm_eval<T: Elem>(
                     affine_planes(gyd, c, hw, &vec![0.0; c], &scale, &vec![0.0; c]),
                 )
             });
-            let dbeta: Vec<f64> = (0..c)
-                .into_par_iter()
-                .with_min_len(min_len(n * hw))
-                .map(|ch| channel_sum(gyd, n, c, hw, ch))
-                .collect();
-            let dot: Vec<f64> = (0..c)
-                .into_par_iter()
-                .with_min_len(min_len(n * hw))
-                .map(|ch| channel_dot(gyd, xt.data(), mean[ch], n, c, hw, ch))
-                .collect();
-            let dgamma: Vec<f64> = (0..c).map(|i| dot[i] * inv[i]).collect();
+            let (dgamma, dbeta) = affine_grads(gyd, xt.data(), &mean, &inv, (n, c, hw));
             let to_t = |v: &[f64]| Tensor::new(&[c], v.iter().map(|&x| T::from_f64(x)).collect());
             vec![
                 dx,

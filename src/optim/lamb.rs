@@ -3,7 +3,7 @@
 //! ```text
 //! clip       = max(||g||_global / max_grad_norm, 1)         (only if max_grad_norm is set)
 //! g          = g / clip
-//! exp_avg    = b1 * exp_avg + (1 - b1) * g
+//! exp_avg    = b1 * exp_avg + (1 - b1) * g                  (as timm: lerp(exp_avg, g, 1 - b1))
 //! exp_avg_sq = b2 * exp_avg_sq + (1 - b2) * g^2
 //! update     = (exp_avg / bc1) / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
 //! if wd != 0:  update += wd * p                               (L2 in the update, not decoupled)
@@ -66,7 +66,6 @@ pub struct Lamb {
 /// Per-step f32 scalars of the element update.
 #[derive(Clone, Copy)]
 struct Coef {
-    b1: f32,
     one_minus_b1: f32,
     b2: f32,
     one_minus_b2: f32,
@@ -91,7 +90,8 @@ impl Coef {
         v: &mut f32,
     ) -> f32 {
         let g = if CLIP { g / self.clip } else { g };
-        *m = self.b1 * *m + self.one_minus_b1 * g;
+        // timm: exp_avg.lerp_(grad, 1 - b1); torch's lerp for a weight < 0.5 is m + w (g - m).
+        *m += self.one_minus_b1 * (g - *m);
         *v = self.b2 * *v + self.one_minus_b2 * g * g;
         let u = (*m / self.bc1) / (v.sqrt() / self.sqrt_bc2 + self.eps);
         if WD {
@@ -249,11 +249,11 @@ impl Optimizer for Lamb {
         // Python float math, as timm (`beta1 ** step` is C pow): f64, then used as f32 scalars.
         let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
         let clip = match self.opts.max_grad_norm {
-            Some(max) => (global_grad_norm(&self.layout, grads) / max).max(1.0) as f32,
+            // f32 tensor math in timm: (global_norm / max_grad_norm).clamp_(min=1.0).
+            Some(max) => (global_grad_norm(&self.layout, grads) as f32 / max as f32).max(1.0),
             None => 1.0,
         };
         let k = Coef {
-            b1: b1 as f32,
             one_minus_b1: (1.0 - b1) as f32,
             b2: b2 as f32,
             one_minus_b2: (1.0 - b2) as f32,

@@ -261,8 +261,9 @@ pub(crate) fn torch_clip_coef(layout: &Layout, grads: &[f32], max_norm: Option<f
     match max_norm {
         None => 1.0,
         Some(m) => {
-            let norm = global_grad_norm(layout, grads);
-            (m / (norm + 1e-6)).min(1.0) as f32
+            // f32 tensor math, as torch: the norm is an f32 tensor.
+            let norm = global_grad_norm(layout, grads) as f32;
+            (m as f32 / (norm + 1e-6)).min(1.0)
         }
     }
 }
