@@ -225,3 +225,79 @@ fn fold_writes_timms_deploy_file() {
     ]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn eval_and_predict_on_an_image_folder() {
+    use ghostv3::models::{create, ModelOptions};
+    let root = tmp("imgs");
+    for (c, colour) in [("cats", [200u8, 30, 30]), ("dogs", [30, 30, 200])] {
+        std::fs::create_dir_all(root.join(c)).unwrap();
+        for i in 0..3u8 {
+            let img = image::RgbImage::from_fn(80, 72, |x, y| {
+                image::Rgb([
+                    colour[0].wrapping_add(i * 7 + x as u8),
+                    colour[1].wrapping_add(y as u8),
+                    colour[2],
+                ])
+            });
+            img.save(root.join(c).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let m = create(
+        "ghostnetv3_050",
+        &ModelOptions {
+            num_classes: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let w = tmp("two-class.safetensors");
+    ghostv3::io::save_state(&m.state, &w, Default::default()).unwrap();
+    let (w, r) = (w.to_str().unwrap(), root.to_str().unwrap());
+    let out = stdout(&ghostv3(&[
+        "eval",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        w,
+        "--data",
+        r,
+        "--size",
+        "64",
+    ]));
+    assert!(
+        out.contains("(6 images): top-1") && out.contains("images/s"),
+        "{out}"
+    );
+    let img = root.join("cats/0.png");
+    let out = stdout(&ghostv3(&[
+        "predict",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        w,
+        "--size",
+        "64",
+        img.to_str().unwrap(),
+    ]));
+    assert_eq!(out.lines().filter(|l| l.contains('%')).count(), 2, "{out}");
+    let total: f64 = out
+        .lines()
+        .filter_map(|l| l.trim().split('%').next()?.trim().parse::<f64>().ok())
+        .sum();
+    assert!(
+        (total - 100.0).abs() < 0.1,
+        "probabilities sum to {total}: {out}"
+    );
+    // A model with 10 classes does not evaluate a 2-class folder.
+    let o = ghostv3(&[
+        "eval",
+        "--model",
+        "ghostnetv3_050",
+        "--weights",
+        "/nonexistent",
+        "--data",
+        r,
+    ]);
+    assert!(!o.status.success());
+}

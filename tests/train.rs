@@ -168,3 +168,51 @@ fn shipped_recipes_parse() {
         assert!(cfg.train.epochs > 0);
     }
 }
+
+/// Knowledge distillation is wired: the teacher (loaded from a file, eval mode, no gradient)
+/// changes the loss with alpha, and its weights file is untouched by training.
+#[test]
+fn kd_term_changes_the_loss_and_leaves_the_teacher_alone() {
+    use ghostv3::models::{create, ModelOptions};
+    let dir = run_dir("kd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let teacher = create(
+        "ghostnetv3_050",
+        &ModelOptions {
+            num_classes: 10,
+            seed: 9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tw = dir.join("teacher.safetensors");
+    ghostv3::io::save_state(&teacher.state, &tw, Default::default()).unwrap();
+    let before = std::fs::read(&tw).unwrap();
+    let mut losses = Vec::new();
+    for alpha in ["0.0", "1.0"] {
+        let sets = [
+            "train.epochs=1",
+            "schedule.epochs=1",
+            "kd.teacher=\"ghostnetv3_050\"",
+            &format!("kd.teacher_weights=\"{}\"", tw.display()),
+            &format!("kd.alpha={alpha}"),
+            "kd.temperature=2.0",
+        ];
+        let mut t = Trainer::new(tiny(&sets), &dir.join(format!("run-{alpha}"))).unwrap();
+        t.quiet = true;
+        losses.push(t.run().unwrap().epochs[0].train_loss);
+    }
+    println!(
+        "train loss with alpha 0: {}, alpha 1: {}",
+        losses[0], losses[1]
+    );
+    assert!(
+        (losses[0] - losses[1]).abs() > 1e-3,
+        "KD weight has no effect: {losses:?}"
+    );
+    assert_eq!(
+        std::fs::read(&tw).unwrap(),
+        before,
+        "teacher weights changed"
+    );
+}
