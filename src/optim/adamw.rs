@@ -53,6 +53,32 @@ pub struct AdamW {
     step: u64,
 }
 
+/// Per-step f32 scalars (PyTorch's Python floats, rounded to f32).
+struct Coef {
+    clip: f32,
+    w1: f32,
+    b2: f32,
+    w2: f32,
+    neg_step: f32,
+    sqrt_bc2: f32,
+    eps: f32,
+}
+
+/// One chunk. Slices as arguments and no inlining, so that LLVM knows they do not alias and
+/// vectorizes the loop.
+#[inline(never)]
+fn kernel(k: &Coef, decay: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let g = g * k.clip;
+        *p *= decay;
+        // torch.lerp with a small weight: m + w * (g - m).
+        *m += k.w1 * (g - *m);
+        *v = k.b2 * *v + k.w2 * g * g;
+        let denom = v.sqrt() / k.sqrt_bc2 + k.eps;
+        *p += k.neg_step * (*m / denom);
+    }
+}
+
 impl AdamW {
     pub fn new(layout: Layout, opts: AdamWOptions) -> AdamW {
         opts.validate().expect("invalid AdamW options");
@@ -83,15 +109,17 @@ impl Optimizer for AdamW {
         let t = self.step as f64;
         let (b1, b2) = self.opts.betas;
         let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
-        let coef = torch_clip_coef(&self.layout, grads, self.opts.max_grad_norm);
         // PyTorch's scalars, computed in f64 (Python floats) and applied as f32.
+        let k = Coef {
+            clip: torch_clip_coef(&self.layout, grads, self.opts.max_grad_norm),
+            w1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            w2: (1.0 - b2) as f32,
+            neg_step: (-(lr / bc1)) as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            eps: self.opts.eps as f32,
+        };
         let decay = (1.0 - lr * self.opts.weight_decay) as f32;
-        let w1 = (1.0 - b1) as f32;
-        let (b2f, w2) = (b2 as f32, (1.0 - b2) as f32);
-        let neg_step = (-(lr / bc1)) as f32;
-        let sqrt_bc2 = bc2.sqrt() as f32;
-        let eps = self.opts.eps as f32;
-
         let layout = &self.layout;
         let chunks = layout.chunks();
         chunks
@@ -109,15 +137,7 @@ impl Optimizer for AdamW {
                 } else {
                     1.0
                 };
-                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let g = g * coef;
-                    *p *= decay;
-                    // torch.lerp with a small weight: m + w * (g - m).
-                    *m += w1 * (g - *m);
-                    *v = b2f * *v + w2 * g * g;
-                    let denom = v.sqrt() / sqrt_bc2 + eps;
-                    *p += neg_step * (*m / denom);
-                }
+                kernel(&k, decay, p, g, m, v);
             });
     }
 

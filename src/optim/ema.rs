@@ -94,11 +94,15 @@ fn blend(ema: &mut [f32], x: &[f32], d: f64) {
     let (d, w) = (d as f32, (1.0 - d) as f32);
     ema.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(e, x)| {
-            for (e, &x) in e.iter_mut().zip(x) {
-                *e = d * *e + w * x;
-            }
-        });
+        .for_each(|(e, x)| blend_chunk(e, x, d, w));
+}
+
+/// Not inlined, so that LLVM knows `e` and `x` do not alias and vectorizes the loop.
+#[inline(never)]
+fn blend_chunk(e: &mut [f32], x: &[f32], d: f32, w: f32) {
+    for (e, &x) in e.iter_mut().zip(x) {
+        *e = d * *e + w * x;
+    }
 }
 
 impl Ema {

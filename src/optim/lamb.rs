@@ -119,16 +119,29 @@ struct Work<'a> {
 const LANES: usize = 8;
 const BLOCK: usize = 1024;
 
-/// Moments and update of a decayed chunk, stored in `w.u`; returns (||p||^2, ||update||^2)
+/// Moments and update of a decayed chunk, stored in `u`; returns (||p||^2, ||update||^2)
 /// summed in f32 lanes within 1 Ki blocks and in f64 across blocks, in a fixed order.
-fn moments_and_norms<const CLIP: bool>(k: &Coef, w: &mut Work) -> (f64, f64) {
+///
+/// The kernels take their slices as arguments and are not inlined: LLVM then knows that the
+/// buffers do not alias and vectorizes the loops (with slices read from a struct they stayed
+/// scalar and the step took 1.7x as long).
+#[inline(never)]
+fn moments_and_norms<const CLIP: bool>(
+    k: Coef,
+    wd: f32,
+    p: &[f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    u: &mut [f32],
+) -> (f64, f64) {
     let (mut sp, mut su) = (0f64, 0f64);
-    let blocks =
-        w.p.chunks(BLOCK)
-            .zip(w.g.chunks(BLOCK))
-            .zip(w.m.chunks_mut(BLOCK))
-            .zip(w.v.chunks_mut(BLOCK))
-            .zip(w.u.chunks_mut(BLOCK));
+    let blocks = p
+        .chunks(BLOCK)
+        .zip(g.chunks(BLOCK))
+        .zip(m.chunks_mut(BLOCK))
+        .zip(v.chunks_mut(BLOCK))
+        .zip(u.chunks_mut(BLOCK));
     for ((((p, g), m), v), u) in blocks {
         let (mut ap, mut au) = ([0f32; LANES], [0f32; LANES]);
         let lanes = p
@@ -139,14 +152,15 @@ fn moments_and_norms<const CLIP: bool>(k: &Coef, w: &mut Work) -> (f64, f64) {
             .zip(u.chunks_exact_mut(LANES));
         for ((((p, g), m), v), u) in lanes {
             for i in 0..LANES {
-                u[i] = k.update::<CLIP, true>(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
+                let ui = k.update::<CLIP, true>(wd, p[i], g[i], &mut m[i], &mut v[i]);
+                u[i] = ui;
                 ap[i] += p[i] * p[i];
-                au[i] += u[i] * u[i];
+                au[i] += ui * ui;
             }
         }
         let (mut tp, mut tu) = (0f32, 0f32);
         for i in p.len() / LANES * LANES..p.len() {
-            u[i] = k.update::<CLIP, true>(w.wd, p[i], g[i], &mut m[i], &mut v[i]);
+            u[i] = k.update::<CLIP, true>(wd, p[i], g[i], &mut m[i], &mut v[i]);
             tp += p[i] * p[i];
             tu += u[i] * u[i];
         }
@@ -157,20 +171,24 @@ fn moments_and_norms<const CLIP: bool>(k: &Coef, w: &mut Work) -> (f64, f64) {
 }
 
 /// `p += -lr * (update * trust)`, timm's `update.mul_(trust)` then `p.add_(update, alpha=-lr)`.
-fn apply(w: &mut Work, neg_lr: f32, trust: f32) {
-    for (p, &u) in w.p.iter_mut().zip(w.u.iter()) {
+#[inline(never)]
+fn apply(p: &mut [f32], u: &[f32], neg_lr: f32, trust: f32) {
+    for (p, &u) in p.iter_mut().zip(u) {
         *p += neg_lr * (u * trust);
     }
 }
 
 /// Moments and parameter update in one pass, for tensors without weight decay (no trust ratio).
-fn fused_no_decay<const CLIP: bool>(k: &Coef, w: &mut Work, neg_lr: f32) {
-    let elems =
-        w.p.iter_mut()
-            .zip(w.g.iter())
-            .zip(w.m.iter_mut())
-            .zip(w.v.iter_mut());
-    for (((p, &g), m), v) in elems {
+#[inline(never)]
+fn fused_no_decay<const CLIP: bool>(
+    k: Coef,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    neg_lr: f32,
+) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         *p += neg_lr * k.update::<CLIP, false>(0.0, *p, g, m, v);
     }
 }
@@ -188,12 +206,12 @@ fn trust_ratio(sum_p: f64, sum_u: f64) -> f32 {
 /// Pass 1 over one chunk; finishes it unless it is part of a larger decayed tensor.
 fn first_pass<const CLIP: bool>(k: &Coef, w: &mut Work, neg_lr: f32) {
     if w.wd == 0.0 {
-        fused_no_decay::<CLIP>(k, w, neg_lr);
+        fused_no_decay::<CLIP>(*k, w.p, w.g, w.m, w.v, neg_lr);
     } else {
-        w.sums = moments_and_norms::<CLIP>(k, w);
+        w.sums = moments_and_norms::<CLIP>(*k, w.wd, w.p, w.g, w.m, w.v, w.u);
         if w.chunk.whole {
             // Still in cache: apply right away.
-            apply(w, neg_lr, trust_ratio(w.sums.0, w.sums.1));
+            apply(w.p, w.u, neg_lr, trust_ratio(w.sums.0, w.sums.1));
         }
     }
 }
@@ -323,7 +341,7 @@ impl Optimizer for Lamb {
                 .filter(|w| !w.chunk.whole && w.wd != 0.0)
                 .for_each(|w| {
                     let i = trust.partition_point(|&(t, _)| t < w.chunk.tensor);
-                    apply(w, neg_lr, trust[i].1);
+                    apply(w.p, w.u, neg_lr, trust[i].1);
                 });
         }
     }

@@ -69,6 +69,35 @@ pub struct Sgd {
     step: u64,
 }
 
+/// (clip coefficient, weight decay, momentum, -lr) as f32.
+type Scalars = (f32, f32, f32, f32);
+
+// The kernels take slices as arguments and are not inlined, so that LLVM knows the buffers do
+// not alias and vectorizes the loops.
+
+#[inline(never)]
+fn plain((coef, wd, _, neg_lr): Scalars, p: &mut [f32], g: &[f32]) {
+    for (p, &g) in p.iter_mut().zip(g) {
+        let g = g * coef + wd * *p;
+        *p += neg_lr * g;
+    }
+}
+
+#[inline(never)]
+fn momentum<const NESTEROV: bool>(
+    (coef, wd, mom, neg_lr): Scalars,
+    p: &mut [f32],
+    g: &[f32],
+    buf: &mut [f32],
+) {
+    for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
+        let g = g * coef + wd * *p;
+        *b = mom * *b + g;
+        let d = if NESTEROV { g + mom * *b } else { *b };
+        *p += neg_lr * d;
+    }
+}
+
 impl Sgd {
     pub fn new(layout: Layout, opts: SgdOptions) -> Sgd {
         opts.validate().expect("invalid SGD options");
@@ -108,37 +137,28 @@ impl Optimizer for Sgd {
         let layout = &self.layout;
         let chunks = layout.chunks();
         let wd_of = |t: usize| if layout.entries()[t].decay { wd } else { 0.0 };
-        if self.momentum_buffer.is_empty() {
-            chunks
-                .iter()
-                .zip(split_chunks_mut(chunks, params))
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(|(c, p)| {
-                    let wd = wd_of(c.tensor);
-                    let g = &grads[c.offset..c.offset + c.len];
-                    for (p, &g) in p.iter_mut().zip(g) {
-                        let g = g * coef + wd * *p;
-                        *p += neg_lr * g;
-                    }
-                });
-            return;
-        }
-        // A zero buffer makes the first step `buf = g` exactly, as PyTorch's clone.
+        // A zero buffer makes the first step `buf = g` exactly, as PyTorch's clone; without
+        // momentum the buffer is empty and `buf` below is an empty slice per chunk.
+        let mut buf: &mut [f32] = &mut self.momentum_buffer;
+        let with_buf = !buf.is_empty();
         chunks
             .iter()
             .zip(split_chunks_mut(chunks, params))
-            .zip(split_chunks_mut(chunks, &mut self.momentum_buffer))
+            .map(|(c, p)| {
+                let take = if with_buf { c.len } else { 0 };
+                let (b, rest) = std::mem::take(&mut buf).split_at_mut(take);
+                buf = rest;
+                (c, p, b)
+            })
             .collect::<Vec<_>>()
             .into_par_iter()
-            .for_each(|((c, p), buf)| {
-                let wd = wd_of(c.tensor);
+            .for_each(|(c, p, b)| {
                 let g = &grads[c.offset..c.offset + c.len];
-                for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
-                    let g = g * coef + wd * *p;
-                    *b = mom * *b + g;
-                    let d = if nesterov { g + mom * *b } else { *b };
-                    *p += neg_lr * d;
+                let k = (coef, wd_of(c.tensor), mom, neg_lr);
+                match (with_buf, nesterov) {
+                    (false, _) => plain(k, p, g),
+                    (true, false) => momentum::<false>(k, p, g, b),
+                    (true, true) => momentum::<true>(k, p, g, b),
                 }
             });
     }
