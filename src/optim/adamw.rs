@@ -9,8 +9,8 @@
 //! ```
 
 use super::{
-    check_lr, decode_step, encode_step, match_state, split_chunks_mut, torch_clip_coef,
-    validate_adam, Layout, Optimizer,
+    adam_state, check_lr, load_adam_state, split_chunks_mut, torch_clip_coef, validate_adam,
+    Layout, Optimizer,
 };
 use anyhow::Result;
 use rayon::prelude::*;
@@ -142,24 +142,11 @@ impl Optimizer for AdamW {
     }
 
     fn state(&self) -> Vec<(String, Vec<f32>)> {
-        vec![
-            ("exp_avg".into(), self.exp_avg.clone()),
-            ("exp_avg_sq".into(), self.exp_avg_sq.clone()),
-            ("step".into(), encode_step(self.step)),
-        ]
+        adam_state(&self.exp_avg, &self.exp_avg_sq, self.step)
     }
 
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        let n = self.layout.numel();
-        let b = match_state(
-            "adamw",
-            state,
-            &[("exp_avg", n), ("exp_avg_sq", n), ("step", 2)],
-        )?;
-        let step = decode_step("step", b[2])?;
-        self.exp_avg.copy_from_slice(b[0]);
-        self.exp_avg_sq.copy_from_slice(b[1]);
-        self.step = step;
+        self.step = load_adam_state("adamw", state, &mut self.exp_avg, &mut self.exp_avg_sq)?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@
 //! Scalars are rounded to f32 before use, as PyTorch does with Python floats on f32 tensors.
 
 use super::{
-    check_lr, decode_step, encode_step, global_grad_norm, match_state, split_chunks_mut, sum_sq,
+    adam_state, check_lr, global_grad_norm, load_adam_state, split_chunks_mut, sum_sq,
     validate_adam, Chunk, Layout, Optimizer,
 };
 use anyhow::Result;
@@ -336,24 +336,11 @@ impl Optimizer for Lamb {
     }
 
     fn state(&self) -> Vec<(String, Vec<f32>)> {
-        vec![
-            ("exp_avg".into(), self.exp_avg.clone()),
-            ("exp_avg_sq".into(), self.exp_avg_sq.clone()),
-            ("step".into(), encode_step(self.step)),
-        ]
+        adam_state(&self.exp_avg, &self.exp_avg_sq, self.step)
     }
 
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        let n = self.layout.numel();
-        let b = match_state(
-            "lamb",
-            state,
-            &[("exp_avg", n), ("exp_avg_sq", n), ("step", 2)],
-        )?;
-        let step = decode_step("step", b[2])?;
-        self.exp_avg.copy_from_slice(b[0]);
-        self.exp_avg_sq.copy_from_slice(b[1]);
-        self.step = step;
+        self.step = load_adam_state("lamb", state, &mut self.exp_avg, &mut self.exp_avg_sq)?;
         Ok(())
     }
 

@@ -285,6 +285,40 @@ pub(crate) fn decode_step(name: &str, v: &[f32]) -> Result<u64> {
 
 /// Checks a saved state against the expected buffer names and sizes before anything is loaded,
 /// so a failed load leaves the optimizer untouched. Returns the buffers in `expected` order.
+/// Adam-family state (`exp_avg`, `exp_avg_sq`, `step`) as saved in a checkpoint; shared by
+/// LAMB and AdamW, whose moments are the same.
+pub(crate) fn adam_state(
+    exp_avg: &[f32],
+    exp_avg_sq: &[f32],
+    step: u64,
+) -> Vec<(String, Vec<f32>)> {
+    vec![
+        ("exp_avg".into(), exp_avg.to_vec()),
+        ("exp_avg_sq".into(), exp_avg_sq.to_vec()),
+        ("step".into(), encode_step(step)),
+    ]
+}
+
+/// Restores [`adam_state`] into the moment buffers (checked first: nothing is loaded half-way);
+/// returns the step.
+pub(crate) fn load_adam_state(
+    who: &str,
+    state: &[(String, Vec<f32>)],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+) -> Result<u64> {
+    let n = exp_avg.len();
+    let b = match_state(
+        who,
+        state,
+        &[("exp_avg", n), ("exp_avg_sq", n), ("step", 2)],
+    )?;
+    let step = decode_step("step", b[2])?;
+    exp_avg.copy_from_slice(b[0]);
+    exp_avg_sq.copy_from_slice(b[1]);
+    Ok(step)
+}
+
 pub(crate) fn match_state<'a>(
     who: &str,
     state: &'a [(String, Vec<f32>)],
