@@ -132,11 +132,11 @@ pub const HEAD_CHANNELS: usize = 1280;
 pub struct GhostNet {
     pub cfg: GhostNetConfig,
     pub state: State,
-    stem: (Conv2d, BatchNorm2d),
-    blocks: Vec<GhostBottleneck>,
-    final_conv: (Conv2d, BatchNorm2d),
-    conv_head: Conv2d,
-    classifier: Linear,
+    pub stem: (Conv2d, BatchNorm2d),
+    pub blocks: Vec<GhostBottleneck>,
+    pub final_conv: (Conv2d, BatchNorm2d),
+    pub conv_head: Conv2d,
+    pub classifier: Linear,
 }
 
 impl GhostNet {

@@ -11,7 +11,7 @@ use crate::ops::{self, Conv2dArgs};
 /// Returns the pre-sigmoid gate at half resolution.
 #[derive(Clone, Debug)]
 pub struct Dfc {
-    convs: [(Conv2d, BatchNorm2d); 3],
+    pub convs: [(Conv2d, BatchNorm2d); 3],
 }
 
 impl Dfc {
@@ -69,7 +69,7 @@ pub struct GhostModule {
     pub primary: RepConv,
     pub cheap: RepConv,
     pub dfc: Option<Dfc>,
-    relu: bool,
+    pub relu: bool,
 }
 
 impl GhostModule {
@@ -155,8 +155,8 @@ impl GhostModule {
 /// Squeeze-and-excitation with a hard-sigmoid gate (timm's SqueezeExcite as GhostNet uses it).
 #[derive(Clone, Debug)]
 pub struct SqueezeExcite {
-    reduce: Conv2d,
-    expand: Conv2d,
+    pub reduce: Conv2d,
+    pub expand: Conv2d,
 }
 
 impl SqueezeExcite {
@@ -193,11 +193,11 @@ pub struct BottleneckCfg {
 
 #[derive(Clone, Debug)]
 pub struct GhostBottleneck {
-    ghost1: GhostModule,
-    dw: Option<RepConv>,
-    se: Option<SqueezeExcite>,
-    ghost2: GhostModule,
-    shortcut: Option<[(Conv2d, BatchNorm2d); 2]>,
+    pub ghost1: GhostModule,
+    pub dw: Option<RepConv>,
+    pub se: Option<SqueezeExcite>,
+    pub ghost2: GhostModule,
+    pub shortcut: Option<[(Conv2d, BatchNorm2d); 2]>,
 }
 
 impl GhostBottleneck {
