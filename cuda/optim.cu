@@ -1,0 +1,147 @@
+// LAMB (timm.optim.Lamb semantics, src/optim/lamb.rs) and the EMA of the weights in a fused
+// pass over the flat parameter, gradient, moment and EMA buffers. The buffers are cut into the
+// CPU optimizer's chunks (<= 16 Ki elements, never across tensors); one block per chunk.
+//   launch 1  lamb_gnorm_partial: sum g^2 per chunk (global clip);
+//   launch 2  lamb_moments: clip, moments, update; tensors without weight decay (no trust ratio)
+//             and decayed tensors that fit in one chunk finish here (p and EMA written), the
+//             others store their chunk's sums of p^2 and update^2;
+//   launch 3  lamb_apply: decayed tensors over several chunks: trust ratio from their chunks'
+//             sums, the update recomputed from the stored moments (same bits), p and EMA.
+// Elementwise arithmetic uses explicit round-to-nearest intrinsics (no fused multiply-add) so
+// that it rounds exactly as the CPU code does.
+
+struct LambCoef {
+  float one_minus_b1, b2, one_minus_b2, bc1, sqrt_bc2, eps, neg_lr, ema_d, ema_w;
+  float max_grad_norm;  // <= 0: no clipping
+  int do_ema;
+};
+
+__device__ __forceinline__ float lamb_update(const LambCoef& k, float clip, float wd, float p,
+                                             float g, float& m, float& v) {
+  g = __fdiv_rn(g, clip);
+  m = __fadd_rn(m, __fmul_rn(k.one_minus_b1, __fsub_rn(g, m)));
+  v = __fadd_rn(__fmul_rn(k.b2, v), __fmul_rn(__fmul_rn(k.one_minus_b2, g), g));
+  float u = __fdiv_rn(__fdiv_rn(m, k.bc1), __fadd_rn(__fdiv_rn(__fsqrt_rn(v), k.sqrt_bc2), k.eps));
+  if (wd != 0.0f) u = __fadd_rn(u, __fmul_rn(wd, p));
+  return u;
+}
+
+// The same update from already-updated moments (launch 3).
+__device__ __forceinline__ float lamb_update_from(const LambCoef& k, float wd, float p, float m,
+                                                  float v) {
+  float u = __fdiv_rn(__fdiv_rn(m, k.bc1), __fadd_rn(__fdiv_rn(__fsqrt_rn(v), k.sqrt_bc2), k.eps));
+  return __fadd_rn(u, __fmul_rn(wd, p));
+}
+
+__device__ __forceinline__ void lamb_write(const LambCoef& k, float* p, float* ema, long long j,
+                                           float u, float trust) {
+  const float pn = __fadd_rn(p[j], __fmul_rn(k.neg_lr, __fmul_rn(u, trust)));
+  p[j] = pn;
+  if (k.do_ema) ema[j] = __fadd_rn(__fmul_rn(k.ema_d, ema[j]), __fmul_rn(k.ema_w, pn));
+}
+
+__device__ __forceinline__ float trust_ratio(double sp, double su) {
+  const float w = (float)sqrt(sp), u = (float)sqrt(su);
+  return (w > 0.0f && u > 0.0f) ? w / u : 1.0f;
+}
+
+extern "C" __global__ void lamb_gnorm_partial(const float* __restrict__ g,
+                                              const long long* __restrict__ chunk_off,
+                                              const int* __restrict__ chunk_len,
+                                              double* __restrict__ gpart) {
+  const int ch = blockIdx.x;
+  const float* gc = g + chunk_off[ch];
+  double s = 0.0;
+  for (int i = threadIdx.x; i < chunk_len[ch]; i += blockDim.x) s += (double)gc[i] * (double)gc[i];
+  s = block_sum_d(s);
+  if (threadIdx.x == 0) gpart[ch] = s;
+}
+
+// The clip divisor max(||g|| / max_grad_norm, 1), summed by every block in the same order.
+__device__ float lamb_clip(const LambCoef& k, const double* gpart, int nchunks) {
+  if (k.max_grad_norm <= 0.0f) return 1.0f;
+  double s = 0.0;
+  for (int i = threadIdx.x; i < nchunks; i += blockDim.x) s += gpart[i];
+  s = block_sum_d(s);
+  return fmaxf((float)sqrt(s) / k.max_grad_norm, 1.0f);
+}
+
+// chunk_tensor[ch]: tensor index; tensor_wd[t]: weight decay (0 for no-decay tensors);
+// chunk_whole[ch]: the chunk is its tensor. pu[2*ch + {0,1}]: sums of p^2 and update^2.
+extern "C" __global__ void lamb_moments(float* __restrict__ p, const float* __restrict__ g,
+                                        float* __restrict__ m, float* __restrict__ v,
+                                        float* __restrict__ ema, const long long* __restrict__ chunk_off,
+                                        const int* __restrict__ chunk_len,
+                                        const int* __restrict__ chunk_tensor,
+                                        const int* __restrict__ chunk_whole,
+                                        const float* __restrict__ tensor_wd,
+                                        const double* __restrict__ gpart, int nchunks, LambCoef k,
+                                        double* __restrict__ pu) {
+  const int ch = blockIdx.x;
+  const float clip = lamb_clip(k, gpart, nchunks);
+  const long long off = chunk_off[ch];
+  const int len = chunk_len[ch];
+  const float wd = tensor_wd[chunk_tensor[ch]];
+  if (wd == 0.0f) {
+    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+      const long long j = off + i;
+      float mj = m[j], vj = v[j];
+      const float u = lamb_update(k, clip, 0.0f, p[j], g[j], mj, vj);
+      m[j] = mj;
+      v[j] = vj;
+      lamb_write(k, p, ema, j, u, 1.0f);
+    }
+    return;
+  }
+  double sp = 0.0, su = 0.0;
+  for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    const long long j = off + i;
+    float mj = m[j], vj = v[j];
+    const float pj = p[j];
+    const float u = lamb_update(k, clip, wd, pj, g[j], mj, vj);
+    m[j] = mj;
+    v[j] = vj;
+    sp += (double)pj * (double)pj;
+    su += (double)u * (double)u;
+  }
+  sp = block_sum_d(sp);
+  su = block_sum_d(su);
+  if (chunk_whole[ch]) {
+    const float trust = trust_ratio(sp, su);
+    for (int i = threadIdx.x; i < len; i += blockDim.x) {
+      const long long j = off + i;
+      lamb_write(k, p, ema, j, lamb_update_from(k, wd, p[j], m[j], v[j]), trust);
+    }
+  } else if (threadIdx.x == 0) {
+    pu[2 * ch] = sp;
+    pu[2 * ch + 1] = su;
+  }
+}
+
+// tensor_chunk0[t], tensor_nchunks[t]: the chunks of tensor t.
+extern "C" __global__ void lamb_apply(float* __restrict__ p, const float* __restrict__ m,
+                                      const float* __restrict__ v, float* __restrict__ ema,
+                                      const long long* __restrict__ chunk_off,
+                                      const int* __restrict__ chunk_len,
+                                      const int* __restrict__ chunk_tensor,
+                                      const int* __restrict__ chunk_whole,
+                                      const float* __restrict__ tensor_wd,
+                                      const int* __restrict__ tensor_chunk0,
+                                      const int* __restrict__ tensor_nchunks, LambCoef k,
+                                      const double* __restrict__ pu) {
+  const int ch = blockIdx.x;
+  const int t = chunk_tensor[ch];
+  const float wd = tensor_wd[t];
+  if (wd == 0.0f || chunk_whole[ch]) return;
+  double sp = 0.0, su = 0.0;
+  for (int c = tensor_chunk0[t]; c < tensor_chunk0[t] + tensor_nchunks[t]; ++c) {
+    sp += pu[2 * c];
+    su += pu[2 * c + 1];
+  }
+  const float trust = trust_ratio(sp, su);
+  const long long off = chunk_off[ch];
+  for (int i = threadIdx.x; i < chunk_len[ch]; i += blockDim.x) {
+    const long long j = off + i;
+    lamb_write(k, p, ema, j, lamb_update_from(k, wd, p[j], m[j], v[j]), trust);
+  }
+}
