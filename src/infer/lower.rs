@@ -1,0 +1,214 @@
+//! Lowering models into the inference IR: every BatchNorm is folded into the conv before it
+//! (stem, DFC, shortcut, final 1x1 as well as the re-parameterized convs), activations are fused.
+//!
+//! Lowering reads only a model's pub layer structs and its `State` (flat params and buffers), so a
+//! model registry can wrap `GhostNet` without touching this file.
+
+use super::graph::{Act, ConvSpec, Graph, Op, ValueId};
+use crate::models::ghostnet::GhostNet;
+use crate::nn::ghost::{GhostBottleneck, GhostModule};
+use crate::nn::{BatchNorm2d, Conv2d, Linear, RepConv, State};
+use anyhow::{bail, Result};
+
+/// A conv (optionally followed by a BN, folded into it) as an IR conv with a fused activation.
+pub fn conv_bn(state: &State, conv: &Conv2d, bn: Option<&BatchNorm2d>, act: Act) -> ConvSpec {
+    let shape = state.params.entry(conv.weight).shape.clone();
+    let (cout, cig, kh, kw) = (shape[0], shape[1], shape[2], shape[3]);
+    let a = conv.args;
+    assert_eq!(a.stride.0, a.stride.1, "non-square strides are not lowered");
+    let mut weight: Vec<f64> = state
+        .params
+        .slice(conv.weight)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let mut bias: Vec<f64> = match conv.bias {
+        Some(b) => state.params.slice(b).iter().map(|&v| v as f64).collect(),
+        None => vec![0.0; cout],
+    };
+    if let Some(bn) = bn {
+        // BN(conv(x) + b) = t * conv(x) + (t * b + s)
+        let (t, s) = bn.affine(state);
+        let per = cig * kh * kw;
+        for o in 0..cout {
+            weight[o * per..(o + 1) * per]
+                .iter_mut()
+                .for_each(|w| *w *= t[o]);
+            bias[o] = t[o] * bias[o] + s[o];
+        }
+    }
+    ConvSpec {
+        cin: cig * a.groups,
+        cout,
+        kh,
+        kw,
+        stride: a.stride.0,
+        pad: a.padding,
+        groups: a.groups,
+        weight: weight.into_iter().map(|v| v as f32).collect(),
+        bias: bias.into_iter().map(|v| v as f32).collect(),
+        act,
+    }
+}
+
+pub fn linear(state: &State, l: &Linear, act: Act) -> Op {
+    let shape = &state.params.entry(l.weight).shape;
+    Op::Linear {
+        cin: shape[1],
+        cout: shape[0],
+        weight: state.params.slice(l.weight).to_vec(),
+        bias: state.params.slice(l.bias).to_vec(),
+        act,
+    }
+}
+
+fn rep_conv(state: &State, rc: &RepConv, act: Act) -> Result<ConvSpec> {
+    match rc {
+        RepConv::Deploy(conv) => Ok(conv_bn(state, conv, None, act)),
+        RepConv::Plain(cb) => Ok(conv_bn(state, &cb.conv, Some(&cb.bn), act)),
+        RepConv::Train { .. } => bail!("lowering needs the folded (deploy) form"),
+    }
+}
+
+fn ghost_module(
+    g: &mut Graph,
+    state: &State,
+    m: &GhostModule,
+    name: &str,
+    x: ValueId,
+) -> Result<ValueId> {
+    let act = if m.relu { Act::Relu } else { Act::None };
+    let x1 = g.push(
+        format!("{name}.primary"),
+        Op::Conv(rep_conv(state, &m.primary, act)?),
+        &[x],
+    );
+    let x2 = g.push(
+        format!("{name}.cheap"),
+        Op::Conv(rep_conv(state, &m.cheap, act)?),
+        &[x1],
+    );
+    let out = g.push(format!("{name}.concat"), Op::Concat, &[x1, x2]);
+    let Some(dfc) = &m.dfc else { return Ok(out) };
+    let mut a = g.push(format!("{name}.dfc.pool"), Op::AvgPool2x2, &[x]);
+    for (i, (conv, bn)) in dfc.convs.iter().enumerate() {
+        // The gate's sigmoid runs at half resolution, before the upsample (same values).
+        let act = if i == 2 { Act::Sigmoid } else { Act::None };
+        a = g.push(
+            format!("{name}.dfc.conv{i}"),
+            Op::Conv(conv_bn(state, conv, Some(bn), act)),
+            &[a],
+        );
+    }
+    Ok(g.push(format!("{name}.dfc.gate"), Op::UpsampleMul, &[out, a]))
+}
+
+fn bottleneck(
+    g: &mut Graph,
+    state: &State,
+    b: &GhostBottleneck,
+    name: &str,
+    x: ValueId,
+) -> Result<ValueId> {
+    let mut h = ghost_module(g, state, &b.ghost1, &format!("{name}.ghost1"), x)?;
+    if let Some(dw) = &b.dw {
+        h = g.push(
+            format!("{name}.conv_dw"),
+            Op::Conv(rep_conv(state, dw, Act::None)?),
+            &[h],
+        );
+    }
+    if let Some(se) = &b.se {
+        let p = g.push(format!("{name}.se.pool"), Op::GlobalAvgPool, &[h]);
+        let r = g.push(
+            format!("{name}.se.reduce"),
+            Op::Conv(conv_bn(state, &se.reduce, None, Act::Relu)),
+            &[p],
+        );
+        let e = g.push(
+            format!("{name}.se.expand"),
+            Op::Conv(conv_bn(state, &se.expand, None, Act::HardSigmoid)),
+            &[r],
+        );
+        h = g.push(format!("{name}.se.scale"), Op::ChannelMul, &[h, e]);
+    }
+    h = ghost_module(g, state, &b.ghost2, &format!("{name}.ghost2"), h)?;
+    let sc = match &b.shortcut {
+        None => x,
+        Some(layers) => {
+            let mut s = x;
+            for (i, (conv, bn)) in layers.iter().enumerate() {
+                s = g.push(
+                    format!("{name}.shortcut.{i}"),
+                    Op::Conv(conv_bn(state, conv, Some(bn), Act::None)),
+                    &[s],
+                );
+            }
+            s
+        }
+    };
+    Ok(g.push(format!("{name}.add"), Op::Add(Act::None), &[h, sc]))
+}
+
+/// GhostNet (V3) in either form: the train form is folded first (`reparam::fold`).
+pub fn ghostnet(net: &GhostNet, name: &str) -> Result<Graph> {
+    if net
+        .rep_convs()
+        .iter()
+        .any(|r| matches!(r, RepConv::Train { .. }))
+    {
+        let folded = crate::reparam::fold(net)?;
+        return ghostnet_deploy(&folded, &folded.state, name);
+    }
+    ghostnet_deploy(net, &net.state, name)
+}
+
+/// GhostNet in deploy form, from its layers and a state holding their values.
+pub fn ghostnet_deploy(net: &GhostNet, state: &State, name: &str) -> Result<Graph> {
+    let mut g = Graph::new(name, 3);
+    let mut h = g.push(
+        "conv_stem",
+        Op::Conv(conv_bn(state, &net.stem.0, Some(&net.stem.1), Act::Relu)),
+        &[g.input()],
+    );
+    let names = net.cfg.blocks();
+    if names.len() != net.blocks.len() {
+        bail!(
+            "config lists {} blocks, the model has {}",
+            names.len(),
+            net.blocks.len()
+        );
+    }
+    for ((bname, _), b) in names.iter().zip(&net.blocks) {
+        h = bottleneck(&mut g, state, b, bname, h)?;
+    }
+    h = g.push(
+        "blocks.9.0",
+        Op::Conv(conv_bn(
+            state,
+            &net.final_conv.0,
+            Some(&net.final_conv.1),
+            Act::Relu,
+        )),
+        &[h],
+    );
+    h = g.push("global_pool", Op::GlobalAvgPool, &[h]);
+    let head = conv_bn(state, &net.conv_head, None, Act::Relu);
+    h = g.push(
+        "conv_head",
+        Op::Linear {
+            cin: head.cin,
+            cout: head.cout,
+            weight: head.weight,
+            bias: head.bias,
+            act: Act::Relu,
+        },
+        &[h],
+    );
+    g.push(
+        "classifier",
+        linear(state, &net.classifier, Act::None),
+        &[h],
+    );
+    Ok(g)
+}

@@ -1,0 +1,228 @@
+//! The fast inference path (`ghostv3::infer`) against the tape engine.
+//!
+//! * Whole networks: the engine's output for a GhostNetV3 in train form (folded, lowered, packed)
+//!   equals `GhostNet::predict` (eval mode, train form, every branch explicit) within 1e-4 of the
+//!   largest logit, at every width, batch 1 and 8, 224 and an odd size. Weights and BN statistics
+//!   are random and non-trivial, so every folded BN matters.
+//! * Single layers on every ISA this CPU has (the portable fallback always included): depth-wise
+//!   3x3/5x5/1x5/5x1 at stride 1 and 2, dense and pointwise convs, odd sizes, channel counts that
+//!   are not multiples of the vector width, every activation; against `ops::conv2d`.
+
+mod common;
+
+use common::rel_err;
+use ghostv3::infer::graph::{ConvSpec, Graph, Op};
+use ghostv3::infer::{self, Act, Engine, Isa};
+use ghostv3::models::ghostnet::{GhostNet, GhostNetConfig};
+use ghostv3::nn::{Id, State};
+use ghostv3::ops::{self, Conv2dArgs};
+use ghostv3::{Tape, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+/// BN weight U[0.5,1.5) (branch BNs divided by 3, as the branches share the load), bias
+/// 0.2 N(0,1), running mean 0.1 N(0,1), running var U[0.5,1.5).
+fn randomize_bn(state: &mut State, rng: &mut StdRng) {
+    for i in 0..state.params.len() {
+        let name = state.params.entry(Id(i)).name.clone();
+        let is_bn = |suffix: &str| {
+            name.ends_with(suffix)
+                && state
+                    .buffers
+                    .find(&name.replace(suffix, ".running_mean"))
+                    .is_some()
+        };
+        if is_bn(".weight") {
+            let g = if name.contains("_rpr_") { 3.0 } else { 1.0 };
+            state
+                .params
+                .slice_mut(Id(i))
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(0.5..1.5) / g);
+        } else if is_bn(".bias") {
+            state
+                .params
+                .slice_mut(Id(i))
+                .iter_mut()
+                .for_each(|v| *v = 0.2 * Distribution::<f32>::sample(&StandardNormal, rng));
+        }
+    }
+    for i in 0..state.buffers.len() {
+        let mean = state.buffers.entry(Id(i)).name.ends_with("running_mean");
+        state.buffers.slice_mut(Id(i)).iter_mut().for_each(|v| {
+            *v = if mean {
+                0.1 * Distribution::<f32>::sample(&StandardNormal, rng)
+            } else {
+                rng.random_range(0.5..1.5)
+            }
+        });
+    }
+}
+
+fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| StandardNormal.sample(rng)).collect()
+}
+
+fn train_form(width: f64, seed: u64) -> GhostNet {
+    let mut net = GhostNet::new(GhostNetConfig::new(width, 100), seed).unwrap();
+    randomize_bn(&mut net.state, &mut StdRng::seed_from_u64(seed + 100));
+    net
+}
+
+/// Engine output vs the tape's train-form eval logits for each (batch, size).
+fn check_width(width: f64, cases: &[(usize, usize)]) {
+    let mut net = train_form(width, (width * 10.0) as u64);
+    let engine = infer::ghostnet_engine(&net, "ghostnet").unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    for &(n, size) in cases {
+        let x = random(&mut rng, n * 3 * size * size);
+        let want = net.predict(&Tensor::new(&[n, 3, size, size], x.clone()));
+        let got = engine.run(&x, n, size, size).unwrap();
+        let rel = rel_err(&got, want.data());
+        println!(
+            "width {width} batch {n} {size}x{size} ({}): fast path vs train-form predict, max abs err / max abs = {rel:.2e}",
+            engine.isa.name()
+        );
+        assert!(want.max_abs() > 1e-2, "degenerate logits");
+        assert!(
+            rel <= 1e-4,
+            "width {width} batch {n} size {size}: {rel:.2e}"
+        );
+    }
+}
+
+// Train-form predict costs ~2.4x the deploy form; the cases spread the big ones over the widths.
+#[test]
+fn fast_path_matches_tape_050() {
+    check_width(0.5, &[(8, 224), (1, 97)]);
+}
+
+#[test]
+fn fast_path_matches_tape_100() {
+    check_width(1.0, &[(1, 224), (8, 97), (8, 224)]);
+}
+
+#[test]
+fn fast_path_matches_tape_130() {
+    check_width(1.3, &[(1, 97), (8, 97), (1, 224)]);
+}
+
+#[test]
+fn fast_path_matches_tape_160() {
+    check_width(1.6, &[(1, 224), (8, 224), (2, 97)]);
+}
+
+/// The portable and AVX2 paths give the same network outputs (forced ISA; batch 1 splits layers
+/// across threads, batch 3 splits the batch).
+#[test]
+fn every_isa_runs_the_network() {
+    let mut net = train_form(0.5, 3);
+    let graph = infer::ghostnet_graph(&net, "ghostnet").unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    for n in [1, 3] {
+        let size = 71;
+        let x = random(&mut rng, n * 3 * size * size);
+        let want = net.predict(&Tensor::new(&[n, 3, size, size], x.clone()));
+        for isa in Isa::available() {
+            let e = Engine::with_isa(graph.clone(), isa);
+            let rel = rel_err(&e.run(&x, n, size, size).unwrap(), want.data());
+            println!("{} batch {n}: {rel:.2e}", isa.name());
+            assert!(rel <= 1e-4, "{}: {rel:.2e}", isa.name());
+        }
+    }
+}
+
+/// One conv through the engine (graph of a single node) vs `ops::conv2d` on the tape.
+#[allow(clippy::too_many_arguments)]
+fn conv_case(
+    rng: &mut StdRng,
+    isa: Isa,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    (kh, kw): (usize, usize),
+    stride: usize,
+    groups: usize,
+    (h, w): (usize, usize),
+    act: Act,
+) {
+    let pad = (kh / 2, kw / 2);
+    let weight = random(rng, cout * (cin / groups) * kh * kw);
+    let bias = random(rng, cout);
+    let mut g = Graph::new("one", cin);
+    g.push(
+        "conv",
+        Op::Conv(ConvSpec {
+            cin,
+            cout,
+            kh,
+            kw,
+            stride,
+            pad,
+            groups,
+            weight: weight.clone(),
+            bias: bias.clone(),
+            act,
+        }),
+        &[0],
+    );
+    let x = random(rng, n * cin * h * w);
+    let got = Engine::with_isa(g, isa).run(&x, n, h, w).unwrap();
+    let mut tape = Tape::inference();
+    let xv = tape.constant(Tensor::new(&[n, cin, h, w], x));
+    let wv = tape.constant(Tensor::new(&[cout, cin / groups, kh, kw], weight));
+    let bv = tape.constant(Tensor::new(&[cout], bias));
+    let args = Conv2dArgs {
+        stride: (stride, stride),
+        padding: pad,
+        groups,
+    };
+    let y = ops::conv2d(&mut tape, xv, wv, Some(bv), args);
+    let want: Vec<f32> = tape.value(y).data().iter().map(|&v| act.apply(v)).collect();
+    let rel = rel_err(&got, &want);
+    assert!(
+        rel < 1e-5,
+        "{} n={n} {cin}->{cout} k={kh}x{kw} s={stride} g={groups} {h}x{w} {act:?}: {rel:.2e}",
+        isa.name()
+    );
+}
+
+#[test]
+fn single_convs_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let isas = Isa::available();
+    println!("ISAs here: {:?}", isas);
+    assert!(isas.contains(&Isa::Portable));
+    for &isa in &isas {
+        for (k, s) in [
+            ((3, 3), 1),
+            ((3, 3), 2),
+            ((5, 5), 1),
+            ((5, 5), 2),
+            ((1, 5), 1),
+            ((5, 1), 1),
+        ] {
+            for c in [4, 12, 20, 36] {
+                for (h, w) in [(9, 13), (3, 3), (2, 7), (16, 16)] {
+                    conv_case(&mut rng, isa, 2, c, c, k, s, c, (h, w), Act::Relu);
+                }
+            }
+        }
+        // Dense (the stem) and pointwise, tails on both sides of a vector, every activation.
+        conv_case(&mut rng, isa, 2, 3, 20, (3, 3), 2, 1, (15, 12), Act::Relu);
+        conv_case(&mut rng, isa, 1, 3, 8, (3, 3), 1, 1, (5, 5), Act::None);
+        for (cin, cout) in [(16, 8), (24, 36), (7, 33), (40, 100)] {
+            for act in [
+                Act::None,
+                Act::Relu,
+                Act::Relu6,
+                Act::Sigmoid,
+                Act::HardSigmoid,
+            ] {
+                conv_case(&mut rng, isa, 2, cin, cout, (1, 1), 1, 1, (7, 5), act);
+            }
+        }
+        conv_case(&mut rng, isa, 3, 24, 40, (1, 1), 1, 1, (31, 29), Act::Relu);
+    }
+}
