@@ -40,7 +40,7 @@ fn labels(n: usize, seed: u64) -> Vec<usize> {
     (0..n).map(|_| rng.random_range(0..CLASSES)).collect()
 }
 
-fn model(deploy: bool) -> ghostv3::models::ghostnet::GhostNet {
+fn model(deploy: bool) -> ghostv3::models::Model {
     let opts = ModelOptions {
         num_classes: CLASSES,
         deploy,

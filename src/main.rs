@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ghostv3::io::{load_state, read_tensors, save_state, write_tensors, TensorData};
-use ghostv3::models::{self, ghostnet::GhostNet, ModelOptions};
+use ghostv3::models::{self, Model, ModelOptions};
 use ghostv3::nn::{Mode, RepOptions};
 use ghostv3::{ops, reparam, Tape, Tensor};
 use rand::{Rng, SeedableRng};
@@ -97,13 +97,15 @@ struct PredictArgs {
 /// Options that shape a model beyond its name.
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model name (timm): ghostnetv3_050, ghostnetv3_100, ghostnetv3_130, ghostnetv3_160.
+    /// Model name (timm; torchvision for ShuffleNetV2), see `ghostv3 models`: ghostnetv3_100,
+    /// ghostnet_100, ghostnetv2_100, mobilenetv2_100, shufflenet_v2_x1_0, resnet50, ...
     #[arg(long)]
     model: String,
     /// Number of classes (default: 1000, or what the weights file holds).
     #[arg(long)]
     classes: Option<usize>,
-    /// N, the repeated kxk branches of every re-parameterized conv (1..=5, the paper's Table 2).
+    /// N, the repeated kxk branches of every re-parameterized conv (1..=5, the paper's Table 2;
+    /// 0 = no re-parameterization, for models other than GhostNetV3).
     #[arg(long)]
     branches: Option<usize>,
     /// Train form without the 1x1 depth-wise scale branch.
@@ -207,7 +209,9 @@ fn main() {
         Cmd::Eval(a) => eval(a),
         Cmd::Predict(a) => predict(a),
         Cmd::Models => {
-            models::names().iter().for_each(|n| println!("{n}"));
+            for m in models::REGISTRY {
+                println!("{:<20} {:?} ({} names)", m.name, m.arch, m.names_from);
+            }
             Ok(())
         }
     };
@@ -230,11 +234,11 @@ fn thousands(n: u64) -> String {
 }
 
 /// Parameters (trainable, BN affine included, buffers excluded) and MACs at `size`.
-fn count(m: &mut GhostNet, size: usize) -> (u64, u64) {
+fn count(m: &mut Model, size: usize) -> (u64, u64) {
     let mut tape = Tape::inference();
     let x = tape.constant(Tensor::zeros(&[1, 3, size, size]));
     m.forward(&mut tape, x, Mode::Eval, None);
-    (m.state.params.numel() as u64, tape.macs())
+    (m.state().params.numel() as u64, tape.macs())
 }
 
 fn info(a: InfoArgs) -> Result<()> {
@@ -253,30 +257,22 @@ fn info(a: InfoArgs) -> Result<()> {
     for &deploy in forms {
         let mut m = models::create(&a.model.model, &ModelOptions { deploy, ..base })?;
         let (params, macs) = count(&mut m, a.size);
-        let form = if deploy {
-            "deploy form".to_string()
-        } else {
-            let r = base.rep;
-            format!(
-                "train form (N={}, scale={}, identity={})",
-                r.branches, r.scale, r.identity
-            )
-        };
+        let form = m.form();
         println!(
             "  {form:<44} {:>12} params  {:>7.1}M MACs  ({} tensors + {} BN buffers)",
             thousands(params),
             macs as f64 / 1e6,
-            m.state.params.len(),
-            m.state.buffers.len()
+            m.state().params.len(),
+            m.state().buffers.len()
         );
     }
     Ok(())
 }
 
-fn load_model(args: &ModelArgs, weights: &Path, deploy: bool) -> Result<GhostNet> {
+fn load_model(args: &ModelArgs, weights: &Path, deploy: bool) -> Result<Model> {
     let opts = args.options(Some(weights), deploy)?;
     let mut m = models::create(&args.model, &opts)?;
-    load_state(&mut m.state, weights)?;
+    load_state(m.state_mut(), weights)?;
     Ok(m)
 }
 
@@ -305,8 +301,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
             Some(TensorData::I64(_, v)) => v
                 .iter()
                 .map(|&l| {
-                    if l < 0 || l as usize >= m.cfg.num_classes {
-                        bail!("label {l} out of range for {} classes", m.cfg.num_classes)
+                    if l < 0 || l as usize >= m.num_classes() {
+                        bail!("label {l} out of range for {} classes", m.num_classes())
                     }
                     Ok(l as usize)
                 })
@@ -326,21 +322,21 @@ fn forward(a: ForwardArgs) -> Result<()> {
         let yv = tape.value(y).clone();
         let lv = tape.value(loss).data()[0];
         let grads = tape.backward(loss);
-        let flat = leaves.flat_grads(&m.state, &grads);
+        let flat = leaves.flat_grads(m.state(), &grads);
         out.insert(
             "train_logits".into(),
             TensorData::F32(yv.shape().to_vec(), yv.to_vec()),
         );
         out.insert("train_loss".into(), TensorData::F32(vec![1], vec![lv]));
-        for e in m.state.params.entries() {
+        for e in m.state().params.entries() {
             let g = flat[e.offset..e.offset + e.numel()].to_vec();
             out.insert(
                 format!("grad.{}", e.name),
                 TensorData::F32(e.shape.clone(), g),
             );
         }
-        for (i, e) in m.state.buffers.entries().iter().enumerate() {
-            let v = m.state.buffers.slice(ghostv3::nn::Id(i)).to_vec();
+        for (i, e) in m.state().buffers.entries().iter().enumerate() {
+            let v = m.state().buffers.slice(ghostv3::nn::Id(i)).to_vec();
             out.insert(
                 format!("after_step.{}", e.name),
                 TensorData::F32(e.shape.clone(), v),
@@ -355,7 +351,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
 
 fn fold(a: FoldArgs) -> Result<()> {
     let mut train = load_model(&a.model, &a.weights, false)?;
-    if train.cfg.deploy {
+    if train.is_deploy() {
         bail!("{} is already in deploy form", a.weights.display());
     }
     let mut deploy = reparam::fold(&train).context("folding failed")?;
@@ -374,13 +370,13 @@ fn fold(a: FoldArgs) -> Result<()> {
         ("ghostv3.model".to_string(), a.model.model.clone()),
         ("ghostv3.form".to_string(), "deploy".to_string()),
     ]);
-    save_state(&deploy.state, &a.out, meta)?;
+    save_state(deploy.state(), &a.out, meta)?;
     println!(
         "folded {} tensors ({} params) into {} tensors ({} params); eval outputs agree to {rel:.2e} (max rel) on a random input",
-        train.state.params.len() + train.state.buffers.len(),
-        thousands(train.state.params.numel() as u64),
-        deploy.state.params.len() + deploy.state.buffers.len(),
-        thousands(deploy.state.params.numel() as u64),
+        train.state().params.len() + train.state().buffers.len(),
+        thousands(train.state().params.numel() as u64),
+        deploy.state().params.len() + deploy.state().buffers.len(),
+        thousands(deploy.state().params.numel() as u64),
     );
     if rel > 1e-4 {
         bail!("folded model disagrees with the train form (rel {rel:.2e}); not trusting it");
@@ -423,12 +419,12 @@ fn eval(a: EvalArgs) -> Result<()> {
     use ghostv3::data::{ImageFolder, Loader, TransformConfig};
     let mut m = load_model(&a.model, &a.weights, false)?;
     let ds = std::sync::Arc::new(ImageFolder::open(&a.data)?);
-    if ds.num_classes() != m.cfg.num_classes {
+    if ds.num_classes() != m.num_classes() {
         bail!(
             "{} has {} classes, the weights have {}",
             a.data.display(),
             ds.num_classes(),
-            m.cfg.num_classes
+            m.num_classes()
         );
     }
     let tf = TransformConfig {
@@ -442,7 +438,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     println!(
         "{} ({} form) on {} ({} images): top-1 {:.2}%, top-5 {:.2}%, loss {loss:.4}, {:.1} images/s",
         a.model.model,
-        if m.cfg.deploy { "deploy" } else { "train" },
+        if m.is_deploy() { "deploy" } else { "train" },
         a.data.display(),
         ds.len(),
         100.0 * top1,

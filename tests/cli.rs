@@ -252,7 +252,7 @@ fn eval_and_predict_on_an_image_folder() {
     )
     .unwrap();
     let w = tmp("two-class.safetensors");
-    ghostv3::io::save_state(&m.state, &w, Default::default()).unwrap();
+    ghostv3::io::save_state(m.state(), &w, Default::default()).unwrap();
     let (w, r) = (w.to_str().unwrap(), root.to_str().unwrap());
     let out = stdout(&ghostv3(&[
         "eval",

@@ -52,7 +52,7 @@ fn train_form_eval_logits_match_timm() {
         ..Default::default()
     };
     let mut m = models::create(&f.model, &opts).unwrap();
-    load_state(&mut m.state, &dir.join("train.safetensors")).unwrap();
+    load_state(m.state_mut(), &dir.join("train.safetensors")).unwrap();
     let y = m.predict(&input(&f));
     let err = rel_err(y.data(), f32s(&f.refs, "logits").1);
     let err64 = rel_err(y.data(), f32s(&f.refs, "logits_f64").1);
@@ -69,11 +69,11 @@ fn folded_model_matches_timm_deploy_form() {
         ..Default::default()
     };
     let mut train = models::create(&f.model, &opts).unwrap();
-    load_state(&mut train.state, &dir.join("train.safetensors")).unwrap();
+    load_state(train.state_mut(), &dir.join("train.safetensors")).unwrap();
     let mut folded = reparam::fold(&train).unwrap();
 
     // Our folded tensors have exactly timm's deploy names and shapes, and the same values.
-    let ours = ghostv3::io::weights::state_tensors(&folded.state);
+    let ours = ghostv3::io::weights::state_tensors(folded.state());
     let theirs = read_tensors(&dir.join("deploy.safetensors")).unwrap();
     let our_names: Vec<&String> = ours
         .keys()
@@ -116,7 +116,7 @@ fn folded_model_matches_timm_deploy_form() {
         ..opts
     };
     let mut d2 = models::create(&f.model, &dopts).unwrap();
-    load_state(&mut d2.state, &dir.join("deploy.safetensors")).unwrap();
+    load_state(d2.state_mut(), &dir.join("deploy.safetensors")).unwrap();
     let err2 = rel_err(d2.predict(&x).data(), f32s(&f.refs, "logits_deploy").1);
     println!("timm deploy weights in our deploy model: rel err {err2:.3e}");
     assert!(err2 <= 1e-4);
@@ -131,7 +131,7 @@ fn train_step_loss_gradients_and_running_stats_match_timm() {
         ..Default::default()
     };
     let mut m = models::create(&f.model, &opts).unwrap();
-    load_state(&mut m.state, &dir.join("train.safetensors")).unwrap();
+    load_state(m.state_mut(), &dir.join("train.safetensors")).unwrap();
     let labels: Vec<usize> = match &f.refs["labels"] {
         TensorData::I64(_, v) => v.iter().map(|&l| l as usize).collect(),
         other => panic!("labels: {other:?}"),
@@ -149,8 +149,8 @@ fn train_step_loss_gradients_and_running_stats_match_timm() {
     assert!(tl_err <= 1e-4, "train logits rel err {tl_err}");
 
     let grads = tape.backward(loss);
-    let flat = leaves.flat_grads(&m.state, &grads);
-    let entries = m.state.params.entries().to_vec();
+    let flat = leaves.flat_grads(m.state(), &grads);
+    let entries = m.state().params.entries().to_vec();
     let big = entries
         .iter()
         .map(|e| {
@@ -191,9 +191,9 @@ fn train_step_loss_gradients_and_running_stats_match_timm() {
     );
 
     let mut worst_bn = 0.0f64;
-    for (i, e) in m.state.buffers.entries().iter().enumerate() {
+    for (i, e) in m.state().buffers.entries().iter().enumerate() {
         let (_, r) = f32s(&f.refs, &format!("after_step.{}", e.name));
-        let v = m.state.buffers.slice(ghostv3::nn::Id(i));
+        let v = m.state().buffers.slice(ghostv3::nn::Id(i));
         let d = v
             .iter()
             .zip(r)
@@ -207,6 +207,6 @@ fn train_step_loss_gradients_and_running_stats_match_timm() {
     }
     println!(
         "{} BN running stats after the step: max abs err {worst_bn:.3e}",
-        m.state.buffers.len()
+        m.state().buffers.len()
     );
 }

@@ -41,8 +41,8 @@ fn two_epochs_equal_one_plus_resume_one() {
     let summary = t.run().unwrap();
     assert_eq!(summary.epochs.len(), 2);
     let straight = (
-        t.model.state.params.flat().to_vec(),
-        t.model.state.buffers.flat().to_vec(),
+        t.model.state().params.flat().to_vec(),
+        t.model.state().buffers.flat().to_vec(),
     );
 
     let mut t1 = Trainer::new(tiny(&[]), &b).unwrap();
@@ -54,8 +54,8 @@ fn two_epochs_equal_one_plus_resume_one() {
     assert_eq!(t2.epoch, 1);
     t2.run().unwrap();
     let resumed = (
-        t2.model.state.params.flat().to_vec(),
-        t2.model.state.buffers.flat().to_vec(),
+        t2.model.state().params.flat().to_vec(),
+        t2.model.state().buffers.flat().to_vec(),
     );
     assert!(straight.0 == resumed.0, "parameters differ after resume");
     assert!(straight.1 == resumed.1, "BN buffers differ after resume");
@@ -186,7 +186,7 @@ fn kd_term_changes_the_loss_and_leaves_the_teacher_alone() {
     )
     .unwrap();
     let tw = dir.join("teacher.safetensors");
-    ghostv3::io::save_state(&teacher.state, &tw, Default::default()).unwrap();
+    ghostv3::io::save_state(teacher.state(), &tw, Default::default()).unwrap();
     let before = std::fs::read(&tw).unwrap();
     let mut losses = Vec::new();
     for alpha in ["0.0", "1.0"] {

@@ -5,7 +5,7 @@ mod common;
 
 use ghostv3::io::weights::state_tensors;
 use ghostv3::io::{load_state, read_tensors, save_state, write_tensors, TensorData};
-use ghostv3::models::{self, ghostnet::GhostNet, ModelOptions};
+use ghostv3::models::{self, Model, ModelOptions};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
@@ -17,7 +17,7 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-fn model(seed: u64) -> GhostNet {
+fn model(seed: u64) -> Model {
     models::create(
         "ghostnetv3_050",
         &ModelOptions {
@@ -29,11 +29,11 @@ fn model(seed: u64) -> GhostNet {
     .unwrap()
 }
 
-fn snapshot(m: &GhostNet) -> (Vec<f32>, Vec<f32>, Vec<(String, i64)>) {
+fn snapshot(m: &Model) -> (Vec<f32>, Vec<f32>, Vec<(String, i64)>) {
     (
-        m.state.params.flat().to_vec(),
-        m.state.buffers.flat().to_vec(),
-        m.state.counters.clone(),
+        m.state().params.flat().to_vec(),
+        m.state().buffers.flat().to_vec(),
+        m.state().counters.clone(),
     )
 }
 
@@ -41,13 +41,13 @@ fn snapshot(m: &GhostNet) -> (Vec<f32>, Vec<f32>, Vec<(String, i64)>) {
 /// checks that nothing was loaded.
 fn load_error(tag: &str, edit: impl FnOnce(&mut BTreeMap<String, TensorData>)) -> String {
     let src = model(1);
-    let mut t = state_tensors(&src.state);
+    let mut t = state_tensors(src.state());
     edit(&mut t);
     let path = tmpdir(tag).join("w.safetensors");
     write_tensors(&path, &t, None).unwrap();
     let mut dst = model(2);
     let before = snapshot(&dst);
-    let err = load_state(&mut dst.state, &path).expect_err("load must fail");
+    let err = load_state(dst.state_mut(), &path).expect_err("load must fail");
     assert!(before == snapshot(&dst), "a failed load changed the model");
     format!("{err:#}")
 }
@@ -55,12 +55,12 @@ fn load_error(tag: &str, edit: impl FnOnce(&mut BTreeMap<String, TensorData>)) -
 #[test]
 fn save_then_load_round_trips_exactly() {
     let mut a = model(1);
-    a.state.counters[0].1 = 42;
+    a.state_mut().counters[0].1 = 42;
     let path = tmpdir("rt").join("w.safetensors");
-    save_state(&a.state, &path, HashMap::new()).unwrap();
+    save_state(a.state(), &path, HashMap::new()).unwrap();
     let mut b = model(2);
     assert!(snapshot(&a) != snapshot(&b));
-    load_state(&mut b.state, &path).unwrap();
+    load_state(b.state_mut(), &path).unwrap();
     assert!(snapshot(&a) == snapshot(&b));
     // No temp file is left beside the target.
     let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
@@ -130,11 +130,11 @@ fn not_a_safetensors_file_or_missing_file_is_a_clear_error() {
     let p = dir.join("junk.safetensors");
     std::fs::write(&p, b"this is not a safetensors file").unwrap();
     let mut m = model(0);
-    let e = format!("{:#}", load_state(&mut m.state, &p).unwrap_err());
+    let e = format!("{:#}", load_state(m.state_mut(), &p).unwrap_err());
     assert!(e.contains("not a valid safetensors"), "{e}");
     let e = format!(
         "{:#}",
-        load_state(&mut m.state, &dir.join("nope.safetensors")).unwrap_err()
+        load_state(m.state_mut(), &dir.join("nope.safetensors")).unwrap_err()
     );
     assert!(e.contains("nope.safetensors"), "{e}");
 }
@@ -145,7 +145,7 @@ fn not_a_safetensors_file_or_missing_file_is_a_clear_error() {
 fn official_checkpoint_spelling_loads() {
     let src = model(3);
     let mut raw: Vec<(String, Vec<usize>, Vec<u8>, Dtype)> = Vec::new();
-    for (k, t) in state_tensors(&src.state) {
+    for (k, t) in state_tensors(src.state()) {
         let official = k.replace(".bn1.", ".bn.");
         let official = if official.contains(".ghost") || official.contains(".dw_rpr_") {
             official
@@ -193,7 +193,7 @@ fn official_checkpoint_spelling_loads() {
     let path = tmpdir("official").join("official.safetensors");
     std::fs::write(&path, bytes).unwrap();
     let mut dst = model(4);
-    load_state(&mut dst.state, &path).unwrap();
+    load_state(dst.state_mut(), &path).unwrap();
     assert!(snapshot(&src) == snapshot(&dst));
 }
 
@@ -204,7 +204,7 @@ fn train_form_names_are_timms() {
         return;
     };
     let theirs = read_tensors(&dir.join("train.safetensors")).unwrap();
-    let ours = state_tensors(&model(0).state);
+    let ours = state_tensors(model(0).state());
     let ours: BTreeMap<_, _> = ours
         .iter()
         .filter(|(k, _)| !k.ends_with("num_batches_tracked"))

@@ -1,9 +1,14 @@
-//! GhostNetV3 (timm `ghostnetv3_050/100/130/160`), in its re-parameterized training form or its
-//! folded deploy form. Layer names and order follow timm exactly (spec sections 2 and 7).
+//! GhostNet V1/V2/V3 by config (timm `ghostnet_100`, `ghostnetv2_100`, `ghostnetv3_050`, ...).
+//! GhostNetV3 comes in its re-parameterized training form or its folded deploy form (convs with
+//! bias); V1/V2 in timm's plain form (conv + BN), or with the same re-parameterized branches for
+//! training (`rep.branches > 0`), folded back into the plain form. Layer names and order follow
+//! timm exactly (spec sections 2 and 7).
 
 use crate::autograd::{Tape, Var};
 use crate::nn::ghost::{BottleneckCfg, GhostBottleneck};
-use crate::nn::{BatchNorm2d, Builder, Conv2d, Ctx, Linear, Mode, ParamLeaves, RepOptions, State};
+use crate::nn::{
+    BatchNorm2d, Builder, Conv2d, Ctx, Linear, Mode, ParamLeaves, RepForm, RepOptions, State,
+};
 use crate::ops::{self, Conv2dArgs};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
@@ -47,8 +52,19 @@ const STAGES: [&[BlockArgs]; 9] = [
     ],
 ];
 
+/// Which GhostNet: V1 (plain Ghost modules), V2 (+ DFC attention), V3 (V2 + re-parameterization,
+/// deploy form with conv biases).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GhostVersion {
+    V1,
+    V2,
+    #[default]
+    V3,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GhostNetConfig {
+    pub version: GhostVersion,
     pub width: f64,
     pub num_classes: usize,
     pub rep: RepOptions,
@@ -61,6 +77,7 @@ pub struct GhostNetConfig {
 impl GhostNetConfig {
     pub fn new(width: f64, num_classes: usize) -> Self {
         GhostNetConfig {
+            version: GhostVersion::V3,
             width,
             num_classes,
             rep: RepOptions::default(),
@@ -76,9 +93,15 @@ impl GhostNetConfig {
         if self.num_classes == 0 {
             bail!("num_classes must be at least 1");
         }
-        if !(1..=5).contains(&self.rep.branches) {
+        // V1/V2 without branches (N = 0) is timm's plain network; V3 always has them.
+        let lo = if self.version == GhostVersion::V3 {
+            1
+        } else {
+            0
+        };
+        if !(lo..=5).contains(&self.rep.branches) {
             bail!(
-                "rep branches N = {} out of range 1..=5 (the paper's Table 2)",
+                "rep branches N = {} out of range {lo}..=5 (the paper's Table 2)",
                 self.rep.branches
             );
         }
@@ -108,7 +131,7 @@ impl GhostNetConfig {
                         k,
                         stride,
                         se_rd,
-                        dfc: layer > 1,
+                        dfc: layer > 1 && self.version != GhostVersion::V1,
                     },
                 ));
                 inp = oc;
@@ -124,6 +147,16 @@ impl GhostNetConfig {
 
     pub fn final_channels(&self) -> usize {
         make_divisible(960.0 * self.width, 4)
+    }
+
+    /// The form of every re-parameterizable conv.
+    pub fn rep_form(&self) -> RepForm {
+        match (self.version, self.deploy) {
+            (GhostVersion::V3, true) => RepForm::Deploy,
+            (_, true) => RepForm::Plain,
+            (_, false) if self.rep.branches == 0 => RepForm::Plain,
+            (_, false) => RepForm::Train(self.rep),
+        }
     }
 }
 
@@ -161,7 +194,7 @@ impl GhostNet {
         let blocks_cfg = cfg.blocks();
         let blocks = blocks_cfg
             .iter()
-            .map(|(name, c)| GhostBottleneck::new(b, name, *c, cfg.rep, cfg.deploy))
+            .map(|(name, c)| GhostBottleneck::new(b, name, *c, cfg.rep_form()))
             .collect();
         let last = blocks_cfg.last().expect("blocks").1.out;
         let fc = cfg.final_channels();

@@ -1,9 +1,10 @@
 //! Ghost module (with DFC attention), squeeze-and-excitation and the Ghost bottleneck, as in
-//! timm's `ghostnet.py` (V3 = V2 topology with re-parameterized convs). Spec sections 3-5.
+//! timm's `ghostnet.py`: V1 (no DFC), V2 (DFC on ghost1 past the first two blocks) and V3 (= V2
+//! topology with re-parameterized convs). Spec sections 3-5.
 
 use super::layers::{BatchNorm2d, Conv2d, Ctx};
 use super::params::Builder;
-use super::rep_conv::{RepConv, RepOptions, RepSpec};
+use super::rep_conv::{RepConv, RepForm, RepSpec};
 use crate::autograd::Var;
 use crate::ops::{self, Conv2dArgs};
 
@@ -82,8 +83,7 @@ impl GhostModule {
         oup: usize,
         relu: bool,
         dfc: bool,
-        rep: RepOptions,
-        deploy: bool,
+        form: RepForm,
     ) -> Self {
         let init = oup.div_ceil(2);
         assert_eq!(
@@ -91,11 +91,12 @@ impl GhostModule {
             oup,
             "{prefix}: Ghost modules here need an even output width, got {oup}"
         );
-        let primary = RepConv::new(
+        let primary = RepConv::build(
             b,
             &RepSpec {
                 train_prefix: &format!("{prefix}.primary"),
                 deploy_name: &format!("{prefix}.primary_conv.0"),
+                bn_name: &format!("{prefix}.primary_conv.1"),
                 cin: inp,
                 cout: init,
                 k: 1,
@@ -103,22 +104,21 @@ impl GhostModule {
                 groups: 1,
             },
             // The primary conv is 1x1: no scale branch; and never an identity (inp != init).
-            rep,
-            deploy,
+            form,
         );
-        let cheap = RepConv::new(
+        let cheap = RepConv::build(
             b,
             &RepSpec {
                 train_prefix: &format!("{prefix}.cheap"),
                 deploy_name: &format!("{prefix}.cheap_operation.0"),
+                bn_name: &format!("{prefix}.cheap_operation.1"),
                 cin: init,
                 cout: init,
                 k: 3,
                 stride: 1,
                 groups: init,
             },
-            rep,
-            deploy,
+            form,
         );
         let dfc = dfc.then(|| Dfc::new(b, prefix, inp, oup));
         GhostModule {
@@ -201,13 +201,7 @@ pub struct GhostBottleneck {
 }
 
 impl GhostBottleneck {
-    pub fn new(
-        b: &mut Builder,
-        prefix: &str,
-        c: BottleneckCfg,
-        rep: RepOptions,
-        deploy: bool,
-    ) -> Self {
+    pub fn new(b: &mut Builder, prefix: &str, c: BottleneckCfg, form: RepForm) -> Self {
         let ghost1 = GhostModule::new(
             b,
             &format!("{prefix}.ghost1"),
@@ -215,23 +209,22 @@ impl GhostBottleneck {
             c.mid,
             true,
             c.dfc,
-            rep,
-            deploy,
+            form,
         );
         let dw = (c.stride > 1).then(|| {
-            RepConv::new(
+            RepConv::build(
                 b,
                 &RepSpec {
                     train_prefix: &format!("{prefix}.dw"),
                     deploy_name: &format!("{prefix}.conv_dw"),
+                    bn_name: &format!("{prefix}.bn_dw"),
                     cin: c.mid,
                     cout: c.mid,
                     k: c.k,
                     stride: c.stride,
                     groups: c.mid,
                 },
-                rep,
-                deploy,
+                form,
             )
         });
         let se = c
@@ -244,8 +237,7 @@ impl GhostBottleneck {
             c.out,
             false,
             false,
-            rep,
-            deploy,
+            form,
         );
         let shortcut = (c.inp != c.out || c.stride != 1).then(|| {
             let p = format!("{prefix}.shortcut");

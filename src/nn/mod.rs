@@ -8,4 +8,4 @@ pub mod rep_conv;
 
 pub use layers::{BatchNorm2d, Conv2d, ConvBn, Ctx, Linear, Mode, ParamLeaves};
 pub use params::{Builder, FlatStore, Id, State};
-pub use rep_conv::{RepConv, RepOptions};
+pub use rep_conv::{RepConv, RepForm, RepOptions};

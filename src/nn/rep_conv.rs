@@ -4,6 +4,9 @@
 //! k > 1) and an optional BN-only identity branch (only when C_in == C_out and stride 1), summed.
 //! Deploy form: one kxk conv with bias. `fold` turns the first into the second exactly (eval-mode
 //! BN), so the two give the same outputs up to float rounding.
+//! Plain form: one kxk conv (no bias) + BN under the model's own names (timm/torchvision), for the
+//! models that ship that way (MobileNetV2, ResNet, ShuffleNetV2, GhostNetV1/V2); a fold writes the
+//! folded kernel into the conv and the bias into an identity BN.
 
 use super::layers::{BatchNorm2d, Conv2d, ConvBn, Ctx};
 use super::params::{Builder, State};
@@ -47,8 +50,11 @@ pub struct RepSpec<'a> {
     /// Train-form prefix, e.g. `blocks.3.0.ghost1.cheap` -> `..._rpr_conv.{i}`, `..._rpr_scale`,
     /// `..._rpr_skip`.
     pub train_prefix: &'a str,
-    /// Deploy-form conv name, e.g. `blocks.3.0.ghost1.cheap_operation.0`.
+    /// Deploy-form conv name, e.g. `blocks.3.0.ghost1.cheap_operation.0` (also the conv of the
+    /// plain form).
     pub deploy_name: &'a str,
+    /// The BN of the plain form, e.g. `blocks.3.0.ghost1.cheap_operation.1` (unused otherwise).
+    pub bn_name: &'a str,
     pub cin: usize,
     pub cout: usize,
     pub k: usize,
@@ -66,26 +72,57 @@ pub enum RepConv {
         groups: usize,
     },
     Deploy(Conv2d),
+    /// conv (no bias) + BN, the form of networks trained without re-parameterization.
+    Plain(ConvBn),
+}
+
+/// Which form a RepConv is built in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepForm {
+    /// Branches to train (re-parameterized).
+    Train(RepOptions),
+    /// One conv with bias (GhostNetV3's deploy form).
+    Deploy,
+    /// conv + BN under the plain network's names.
+    Plain,
 }
 
 impl RepConv {
     pub fn new(b: &mut Builder, s: &RepSpec, opts: RepOptions, deploy: bool) -> Self {
+        let form = if deploy {
+            RepForm::Deploy
+        } else {
+            RepForm::Train(opts)
+        };
+        Self::build(b, s, form)
+    }
+
+    pub fn build(b: &mut Builder, s: &RepSpec, form: RepForm) -> Self {
         let args = Conv2dArgs {
             stride: (s.stride, s.stride),
             padding: ((s.k - 1) / 2, (s.k - 1) / 2),
             groups: s.groups,
         };
-        if deploy {
-            return RepConv::Deploy(Conv2d::new(
-                b,
-                s.deploy_name,
-                s.cin,
-                s.cout,
-                (s.k, s.k),
-                args,
-                true,
-            ));
-        }
+        let opts = match form {
+            RepForm::Train(o) => o,
+            RepForm::Plain => {
+                return RepConv::Plain(ConvBn {
+                    conv: Conv2d::new(b, s.deploy_name, s.cin, s.cout, (s.k, s.k), args, false),
+                    bn: BatchNorm2d::new(b, s.bn_name, s.cout),
+                })
+            }
+            RepForm::Deploy => {
+                return RepConv::Deploy(Conv2d::new(
+                    b,
+                    s.deploy_name,
+                    s.cin,
+                    s.cout,
+                    (s.k, s.k),
+                    args,
+                    true,
+                ))
+            }
+        };
         assert!(
             opts.branches >= 1,
             "a RepConv needs at least one kxk branch"
@@ -126,6 +163,7 @@ impl RepConv {
     pub fn forward(&self, ctx: &mut Ctx, x: Var) -> Var {
         match self {
             RepConv::Deploy(conv) => conv.forward(ctx, x),
+            RepConv::Plain(cb) => cb.forward(ctx, x),
             RepConv::Train {
                 kxk, scale, skip, ..
             } => {
@@ -244,6 +282,7 @@ mod tests {
                     let spec = RepSpec {
                         train_prefix: "x",
                         deploy_name: "y",
+                        bn_name: "z",
                         cin: c,
                         cout: c,
                         k,

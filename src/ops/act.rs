@@ -1,4 +1,4 @@
-//! Activations: relu, sigmoid, hard_sigmoid (relu6(x + 3) / 6, the SE gate).
+//! Activations: relu, relu6, sigmoid, hard_sigmoid (relu6(x + 3) / 6, the SE gate).
 
 use crate::autograd::{Tape, Var};
 use crate::tensor::{Elem, Tensor};
@@ -63,6 +63,25 @@ pub fn hard_sigmoid<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
         move |xv, _| {
             if xv > -three && xv < three {
                 T::one() / six
+            } else {
+                T::zero()
+            }
+        },
+    )
+}
+
+/// relu6 = min(max(x, 0), 6) (MobileNetV2). PyTorch's hardtanh backward: gradient 1 strictly
+/// inside (0, 6), 0 elsewhere (also at the kinks).
+pub fn relu6<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    let six = T::from_f64(6.0);
+    unary(
+        "relu6",
+        tape,
+        x,
+        move |v| v.max(T::zero()).min(six),
+        move |xv, _| {
+            if xv > T::zero() && xv < six {
+                T::one()
             } else {
                 T::zero()
             }

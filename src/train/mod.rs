@@ -14,7 +14,7 @@ use crate::autograd::Tape;
 use crate::data::{self, Batch, Cifar10, Dataset, ImageFolder, Loader, Mixup, Subset, Synthetic};
 use crate::io::weights::state_tensors;
 use crate::io::{load_state, load_state_from, read_tensors, write_tensors, TensorData};
-use crate::models::{self, ghostnet::GhostNet, ModelOptions};
+use crate::models::{self, Model, ModelOptions};
 use crate::nn::{Mode, RepOptions};
 use crate::optim::{Ema, Layout, Optimizer};
 use crate::{ops, reparam, Tensor};
@@ -56,11 +56,11 @@ pub struct Summary {
 pub struct Trainer {
     pub cfg: TrainConfig,
     pub run_dir: PathBuf,
-    pub model: GhostNet,
-    ema_model: Option<GhostNet>,
+    pub model: Model,
+    ema_model: Option<Model>,
     optimizer: Box<dyn Optimizer>,
     ema: Option<Ema>,
-    teacher: Option<GhostNet>,
+    teacher: Option<Model>,
     train_loader: Loader,
     val_loader: Loader,
     class_names: Vec<String>,
@@ -171,7 +171,7 @@ impl Trainer {
                 model_t.insert(k, v);
             }
         }
-        load_state_from(&mut t.model.state, &model_t, &path.display().to_string())?;
+        load_state_from(t.model.state_mut(), &model_t, &path.display().to_string())?;
         t.optimizer.load_state(&optim_t)?;
         if let Some(ema) = t.ema.as_mut() {
             ema.load_state(&ema_t)?;
@@ -203,15 +203,15 @@ impl Trainer {
         };
         let mut model = models::create(&m.name, &opts)?;
         if let Some(init) = &m.init {
-            load_state(&mut model.state, init)?;
+            load_state(model.state_mut(), init)?;
         }
-        let layout = Layout::from_store(&model.state.params);
+        let layout = Layout::from_store(&model.state().params);
         let optimizer = cfg.optimizer.build(&layout)?;
         let ema = match &cfg.ema {
             Some(e) => Some(Ema::new(
                 e.clone(),
-                model.state.params.flat(),
-                model.state.buffers.flat(),
+                model.state().params.flat(),
+                model.state().buffers.flat(),
             )?),
             None => None,
         };
@@ -231,7 +231,7 @@ impl Trainer {
                     topts.num_classes
                 );
                 let mut t = models::create(&kd.teacher, &topts)?;
-                load_state(&mut t.state, &kd.teacher_weights)?;
+                load_state(t.state_mut(), &kd.teacher_weights)?;
                 Some(t)
             }
         };
@@ -290,7 +290,7 @@ impl Trainer {
         self.say(&format!(
             "training {} (train form, {} params) for {} epochs on {} images, {} classes; run dir {}",
             self.cfg.model.name,
-            self.model.state.params.numel(),
+            self.model.state().params.numel(),
             self.cfg.train.epochs,
             self.train_loader.dataset().len(),
             self.class_names.len(),
@@ -317,8 +317,14 @@ impl Trainer {
         let (top1, top5, val_loss) = evaluate(&mut self.model, &self.val_loader)?;
         let (ema_top1, ema_top5) = match (&self.ema, self.ema_model.as_mut()) {
             (Some(ema), Some(em)) => {
-                em.state.params.flat_mut().copy_from_slice(ema.params());
-                em.state.buffers.flat_mut().copy_from_slice(ema.buffers());
+                em.state_mut()
+                    .params
+                    .flat_mut()
+                    .copy_from_slice(ema.params());
+                em.state_mut()
+                    .buffers
+                    .flat_mut()
+                    .copy_from_slice(ema.buffers());
                 let (a, b, _) = evaluate(em, &self.val_loader)?;
                 (Some(a), Some(b))
             }
@@ -364,9 +370,9 @@ impl Trainer {
         if best_now > self.best_top1 {
             self.best_top1 = best_now;
             let state = if from_ema {
-                &self.ema_model.as_ref().expect("ema model").state
+                self.ema_model.as_ref().expect("ema model").state()
             } else {
-                &self.model.state
+                self.model.state()
             };
             let meta = self.weights_meta(if from_ema { "ema" } else { "model" }, m.epoch);
             crate::io::save_state(state, &self.run_dir.join("best.safetensors"), meta)?;
@@ -391,7 +397,7 @@ impl Trainer {
             b.set_prefix(format!("{}/{}", epoch + 1, self.cfg.train.epochs));
             b
         };
-        let num_classes = self.model.cfg.num_classes;
+        let num_classes = self.model.num_classes();
         let mixup = self.mixup(num_classes);
         let (mut loss_sum, mut images, mut skipped, mut lr) = (0.0, 0usize, 0usize, 0.0);
         let t0 = Instant::now();
@@ -493,14 +499,14 @@ impl Trainer {
             return Ok(value);
         }
         let grads = tape.backward(loss);
-        let flat = leaves.flat_grads(&self.model.state, &grads);
+        let flat = leaves.flat_grads(self.model.state(), &grads);
         drop(tape); // releases the tape's views of the parameters, so the update is in place
         self.optimizer
-            .step(self.model.state.params.flat_mut(), &flat, lr);
+            .step(self.model.state_mut().params.flat_mut(), &flat, lr);
         if let Some(ema) = self.ema.as_mut() {
             ema.update(
-                self.model.state.params.flat(),
-                self.model.state.buffers.flat(),
+                self.model.state().params.flat(),
+                self.model.state().buffers.flat(),
             );
         }
         Ok(value)
@@ -522,7 +528,7 @@ impl Trainer {
 
     /// Model, optimizer and EMA state in one atomically written file.
     fn save_checkpoint(&self) -> Result<()> {
-        let mut t = state_tensors(&self.model.state);
+        let mut t = state_tensors(self.model.state());
         for (k, v) in self.optimizer.state() {
             t.insert(format!("optim.{k}"), TensorData::F32(vec![v.len()], v));
         }
@@ -536,7 +542,7 @@ impl Trainer {
         meta.insert("ghostv3.trainer".to_string(), info.to_string());
         write_tensors(&self.run_dir.join(CHECKPOINT), &t, Some(meta))?;
         crate::io::save_state(
-            &self.model.state,
+            self.model.state(),
             &self.run_dir.join("last.safetensors"),
             self.weights_meta("model", self.epoch),
         )
@@ -546,11 +552,12 @@ impl Trainer {
     fn finish(&mut self) -> Result<()> {
         let best = self.run_dir.join("best.safetensors");
         let mut m = models::create(&self.cfg.model.name, &models::detect_options(&best)?)?;
-        load_state(&mut m.state, &best)?;
-        let d = reparam::fold(&m)?;
+        load_state(m.state_mut(), &best)?;
+        // A model trained without branches (rep_branches = 0) is already in its plain form.
+        let d = if m.is_deploy() { m } else { reparam::fold(&m)? };
         let mut meta = self.weights_meta("best", self.epoch);
         meta.insert("ghostv3.form".to_string(), "deploy".to_string());
-        crate::io::save_state(&d.state, &self.run_dir.join("deploy.safetensors"), meta)?;
+        crate::io::save_state(d.state(), &self.run_dir.join("deploy.safetensors"), meta)?;
         self.say(&format!(
             "best val top-1 {:.2}%; deploy weights (folded) in {}",
             100.0 * self.best_top1,
@@ -561,7 +568,7 @@ impl Trainer {
 }
 
 /// Top-1, top-5 (top-k with k = min(5, classes)) and mean CE of a model on a loader, eval mode.
-pub fn evaluate(model: &mut GhostNet, loader: &Loader) -> Result<(f64, f64, f64)> {
+pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<(f64, f64, f64)> {
     let (mut n, mut c1, mut c5, mut loss) = (0usize, 0usize, 0usize, 0.0f64);
     for batch in loader.epoch(0) {
         let batch = batch?;
