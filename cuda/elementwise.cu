@@ -116,6 +116,12 @@ extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __r
   GS_LOOP(i, n) y[i] += b[i % K];
 }
 
+// y[n, c, p] += b[c] over [N, C, P] (conv bias).
+extern "C" __global__ void add_channel_bias(float* __restrict__ y, const float* __restrict__ b,
+                                            int C, long long P, long long n) {
+  GS_LOOP(i, n) y[i] += b[(i / P) % C];
+}
+
 // EMA of a flat buffer: e = d * e + w * x, rounded as the CPU does (no fused multiply-add).
 extern "C" __global__ void ema_blend(float* __restrict__ e, const float* __restrict__ x, float d,
                                      float w, long long n) {

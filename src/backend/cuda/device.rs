@@ -1,0 +1,276 @@
+//! The CUDA device: guarded context and stream, kernel modules compiled on first use, cuBLAS,
+//! and the caching pools.
+
+use super::nvrtc::{self, Nvrtc, Target};
+use super::pool::{DevBuf, Pool, PoolStats};
+use super::sources;
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub type DBuf = DevBuf<f32>;
+
+/// Whether the CUDA driver library can be loaded (checked before any cudarc call: cudarc
+/// panics when a library is missing).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether cuBLAS can be loaded.
+pub fn cublas_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
+/// Why there is no usable GPU, in one line, or None when there is one. Cheap: no context.
+pub fn unavailable_reason() -> Option<String> {
+    if !driver_present() {
+        return Some("no CUDA driver found (libcuda.so could not be loaded)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("no CUDA device (the driver reports 0 GPUs)".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("no CUDA device (driver: {e})")),
+    }
+}
+
+/// One GPU with its stream, cuBLAS handle, kernels and pools.
+pub struct Gpu {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    nvrtc: Nvrtc,
+    target: Target,
+    name: String,
+    cc: (i32, i32),
+    sms: u32,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    pub(crate) f32s: Pool<f32>,
+    pub(crate) f64s: Pool<f64>,
+    pub(crate) i32s: Pool<i32>,
+    pub(crate) i64s: Pool<i64>,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`. Every missing piece (driver, device, NVRTC, cuBLAS, an NVRTC that
+    /// cannot target the device) is an error saying so; nothing here panics.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        if let Some(why) = unavailable_reason() {
+            bail!("{why}");
+        }
+        let nvrtc = Nvrtc::open_default()?;
+        if !cublas_present() {
+            bail!("cuBLAS not found (libcublas.so could not be loaded; put its folder on LD_LIBRARY_PATH)");
+        }
+        let ctx = CudaContext::new(ordinal)
+            .with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+        // One stream: cudarc's per-buffer event tracking (for multi-stream use) is not needed.
+        // SAFETY: every buffer of this context is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let cc = ctx.compute_capability()?;
+        let name = ctx.name()?;
+        let sms = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as u32;
+        let ccn = (cc.0 * 10 + cc.1) as u32;
+        let target = nvrtc::pick_target(ccn, &nvrtc.supported_archs()?).ok_or_else(|| {
+            anyhow!(
+                "NVRTC {}.{} ({}) cannot compile for sm_{ccn} ({name}); install an NVRTC that supports it (CUDA 12 for Volta)",
+                nvrtc.version().0,
+                nvrtc.version().1,
+                nvrtc.path()
+            )
+        })?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
+        Ok(Gpu {
+            f32s: Pool::new(stream.clone()),
+            f64s: Pool::new(stream.clone()),
+            i32s: Pool::new(stream.clone()),
+            i64s: Pool::new(stream.clone()),
+            ctx,
+            stream,
+            blas,
+            nvrtc,
+            target,
+            name,
+            cc,
+            sms,
+            modules: Mutex::new(HashMap::new()),
+            funcs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    pub fn multiprocessors(&self) -> u32 {
+        self.sms
+    }
+
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    pub fn nvrtc(&self) -> &Nvrtc {
+        &self.nvrtc
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Compiles (or loads from the disk cache) and loads every module now; returns, per module,
+    /// whether it came from the cache.
+    pub fn load_all(&self) -> Result<Vec<(&'static str, bool)>> {
+        sources::MODULES
+            .iter()
+            .map(|(m, _)| self.module(m).map(|(_, hit)| (*m, hit)))
+            .collect()
+    }
+
+    fn module(&self, module: &'static str) -> Result<(Arc<CudaModule>, bool)> {
+        if let Some(m) = self.modules.lock().expect("modules lock").get(module) {
+            return Ok((m.clone(), true));
+        }
+        let src = sources::program(module).ok_or_else(|| anyhow!("no kernel module {module}"))?;
+        let (image, hit) = nvrtc::compile_cached(
+            &self.nvrtc,
+            module,
+            &src,
+            self.target,
+            &sources::options(self.target),
+        )?;
+        let ptx = match self.target {
+            Target::Cubin(_) => Ptx::from_binary(image),
+            // PTX text without its trailing NUL.
+            Target::Ptx(_) => Ptx::from_src(
+                String::from_utf8_lossy(&image)
+                    .trim_end_matches('\0')
+                    .to_string(),
+            ),
+        };
+        let m = self
+            .ctx
+            .load_module(ptx)
+            .with_context(|| format!("loading kernel module {module}"))?;
+        self.modules
+            .lock()
+            .expect("modules lock")
+            .insert(module, m.clone());
+        Ok((m, hit))
+    }
+
+    /// A kernel by module and name (function names are unique across modules).
+    pub(crate) fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.funcs.lock().expect("funcs lock").get(name) {
+            return Ok(f.clone());
+        }
+        let (m, _) = self.module(module)?;
+        let f = m
+            .load_function(name)
+            .with_context(|| format!("kernel {name} in module {module}"))?;
+        self.funcs
+            .lock()
+            .expect("funcs lock")
+            .insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Grid for a grid-stride loop over `n` elements, 256 threads a block.
+    pub(crate) fn grid(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, self.sms as usize * 64);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Splits per channel for the (C, S) reductions: about 4 blocks per multiprocessor in all,
+    /// each split at least 1024 elements.
+    pub(crate) fn splits(&self, channels: usize, per_channel: usize) -> usize {
+        let want = (self.sms as usize * 4).div_ceil(channels.max(1));
+        want.clamp(1, per_channel.div_ceil(1024).clamp(1, 256))
+    }
+
+    pub fn alloc(&self, n: usize) -> Result<DBuf> {
+        self.f32s.alloc(n)
+    }
+
+    pub fn zeros(&self, n: usize) -> Result<DBuf> {
+        let mut b = self.f32s.alloc(n)?;
+        self.stream.memset_zeros(b.slice_mut())?;
+        Ok(b)
+    }
+
+    pub fn upload(&self, x: &[f32]) -> Result<DBuf> {
+        let mut b = self.f32s.alloc(x.len())?;
+        if !x.is_empty() {
+            self.stream
+                .memcpy_htod(x, &mut b.slice_mut().slice_mut(0..x.len()))?;
+        }
+        Ok(b)
+    }
+
+    pub(crate) fn upload_i32(&self, x: &[i32]) -> Result<DevBuf<i32>> {
+        let mut b = self.i32s.alloc(x.len())?;
+        if !x.is_empty() {
+            self.stream
+                .memcpy_htod(x, &mut b.slice_mut().slice_mut(0..x.len()))?;
+        }
+        Ok(b)
+    }
+
+    pub(crate) fn upload_i64(&self, x: &[i64]) -> Result<DevBuf<i64>> {
+        let mut b = self.i64s.alloc(x.len())?;
+        if !x.is_empty() {
+            self.stream
+                .memcpy_htod(x, &mut b.slice_mut().slice_mut(0..x.len()))?;
+        }
+        Ok(b)
+    }
+
+    pub(crate) fn alloc_f64(&self, n: usize) -> Result<DevBuf<f64>> {
+        self.f64s.alloc(n)
+    }
+
+    /// Copies to the host (synchronizes the stream).
+    pub fn download(&self, b: &DBuf) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; b.len()];
+        if !v.is_empty() {
+            self.stream
+                .memcpy_dtoh(&b.slice().slice(0..b.len()), &mut v)?;
+        }
+        Ok(v)
+    }
+
+    pub(crate) fn download_f64(&self, b: &DevBuf<f64>) -> Result<Vec<f64>> {
+        let mut v = vec![0f64; b.len()];
+        if !v.is_empty() {
+            self.stream
+                .memcpy_dtoh(&b.slice().slice(0..b.len()), &mut v)?;
+        }
+        Ok(v)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Allocation counters of the f32 pool.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.f32s.stats()
+    }
+}

@@ -1,0 +1,86 @@
+//! Kernel arguments and the launch call. Buffers are passed as raw device pointers: every
+//! kernel runs on the one stream of its `Gpu`, so stream order alone keeps a buffer alive and
+//! unchanged until the kernels that read it have run (also after it went back to the pool).
+
+use super::device::Gpu;
+use super::pool::DevBuf;
+use anyhow::{anyhow, Result};
+use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// LAMB's per-step scalars, laid out as `struct LambCoef` in cuda/optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LambCoef {
+    pub one_minus_b1: f32,
+    pub b2: f32,
+    pub one_minus_b2: f32,
+    pub bc1: f32,
+    pub sqrt_bc2: f32,
+    pub eps: f32,
+    pub neg_lr: f32,
+    pub ema_d: f32,
+    pub ema_w: f32,
+    pub max_grad_norm: f32,
+    pub do_ema: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for LambCoef {}
+
+/// One kernel argument.
+pub enum Arg {
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    /// A device pointer (0 for a kernel's optional null argument).
+    Ptr(u64),
+    Lamb(LambCoef),
+}
+
+/// The device pointer of a buffer.
+pub fn ptr<T: DeviceRepr>(gpu: &Gpu, b: &DevBuf<T>) -> Arg {
+    let (p, _sync) = b.slice().device_ptr(&gpu.stream);
+    Arg::Ptr(p)
+}
+
+/// The device pointer of an optional buffer, null when absent.
+pub fn opt_ptr<T: DeviceRepr>(gpu: &Gpu, b: Option<&DevBuf<T>>) -> Arg {
+    b.map_or(Arg::Ptr(0), |b| ptr(gpu, b))
+}
+
+pub fn i32a(v: usize) -> Arg {
+    Arg::I32(i32::try_from(v).expect("size fits a 32-bit kernel argument"))
+}
+
+pub fn i64a(v: usize) -> Arg {
+    Arg::I64(v as i64)
+}
+
+impl Gpu {
+    /// Launches `module::name` with `args` (in the kernel's parameter order).
+    pub(crate) fn launch(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self.func(module, name)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::F64(v) => b.arg(v),
+                Arg::Ptr(v) => b.arg(v),
+                Arg::Lamb(v) => b.arg(v),
+            };
+        }
+        // SAFETY: argument lists mirror the kernels' signatures in cuda/*.cu, and every launcher
+        // checks that its buffers hold the elements the kernel indexes.
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launch of {name}: {e}"))?;
+        Ok(())
+    }
+}

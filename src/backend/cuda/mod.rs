@@ -1,0 +1,83 @@
+//! The CUDA backend: hand-written kernels (`cuda/*.cu`) compiled at run time with NVRTC for the
+//! device's own architecture and cached on disk, launched on one stream with device memory from
+//! a caching pool, and cuBLAS for the GEMMs (1x1 convs, im2col convs, linear).
+//!
+//! Everything is loaded dynamically (cudarc's `dynamic-loading`): the crate builds and runs
+//! without any CUDA library, and [`Gpu::new`] says in one line what is missing (driver, device,
+//! NVRTC, cuBLAS) instead of panicking. The launchers in [`ops`] take the same arguments as the
+//! CPU kernels so that tests compare the two one to one (tests/cuda_ops.rs).
+
+mod device;
+pub mod launch;
+pub mod nvrtc;
+pub mod ops;
+pub mod pool;
+pub mod sources;
+
+pub use device::{cublas_present, driver_present, unavailable_reason, DBuf, Gpu};
+pub use ops::{BnGrads, BnSaved, ConvGradsGpu, LambGpu, RepDwGeom, RepDwGrads, RepDwSaved};
+pub use pool::{DevBuf, PoolStats};
+
+/// What `ghostv3 info --device cuda` reports: the GPU through NVML, and whether the kernels
+/// compile and load. Never panics; each missing piece is a line of text.
+pub fn report() -> String {
+    let mut out = String::new();
+    match nvml_summary() {
+        Ok(s) => out += &s,
+        Err(e) => out += &format!("NVML: {e}\n"),
+    }
+    match Gpu::new(0) {
+        Err(e) => out += &format!("CUDA: {e:#}\n"),
+        Ok(gpu) => {
+            let (ma, mi) = gpu.compute_capability();
+            let (va, vb) = gpu.nvrtc().version();
+            out += &format!(
+                "CUDA device 0: {} (sm_{ma}{mi}, {} SMs); NVRTC {va}.{vb} ({}), target {}\n",
+                gpu.name(),
+                gpu.multiprocessors(),
+                gpu.nvrtc().path(),
+                gpu.target().arch_flag()
+            );
+            let t = std::time::Instant::now();
+            match gpu.load_all() {
+                Ok(mods) => {
+                    let cached = mods.iter().filter(|(_, hit)| *hit).count();
+                    out += &format!(
+                        "kernels: {} modules compile and load ({cached} from the disk cache, {:.1} s)\n",
+                        mods.len(),
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                Err(e) => out += &format!("kernels: FAILED: {e:#}\n"),
+            }
+        }
+    }
+    out
+}
+
+/// GPU name, memory and utilization through NVML (nvml-wrapper loads libnvidia-ml at run time
+/// and returns an error when it is missing).
+fn nvml_summary() -> anyhow::Result<String> {
+    let nvml =
+        nvml_wrapper::Nvml::init().map_err(|e| anyhow::anyhow!("no NVIDIA driver found ({e})"))?;
+    let n = nvml.device_count()?;
+    let mut s = format!(
+        "NVIDIA driver {}, {n} GPU(s)\n",
+        nvml.sys_driver_version().unwrap_or_else(|_| "?".into())
+    );
+    for i in 0..n {
+        let d = nvml.device_by_index(i)?;
+        let mem = d.memory_info()?;
+        let util = d
+            .utilization_rates()
+            .map(|u| format!("{}% GPU, {}% memory", u.gpu, u.memory))
+            .unwrap_or_else(|e| format!("utilization unavailable ({e})"));
+        s += &format!(
+            "GPU {i}: {}, {:.1} GiB total, {:.1} GiB used, {util}\n",
+            d.name()?,
+            mem.total as f64 / (1u64 << 30) as f64,
+            mem.used as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(s)
+}

@@ -1,0 +1,40 @@
+//! The kernel sources (`cuda/*.cu`, compiled into the binary) and the NVRTC options they are
+//! built with. The engine and the CI compile test use exactly these.
+
+use super::nvrtc::Target;
+
+/// Helpers prepended to every module.
+pub const COMMON: &str = include_str!("../../../cuda/common.cuh");
+
+/// (module name, source). One NVRTC program per module, so a compile error names its file.
+pub const MODULES: &[(&str, &str)] = &[
+    ("elementwise", include_str!("../../../cuda/elementwise.cu")),
+    ("batch_norm", include_str!("../../../cuda/batch_norm.cu")),
+    ("conv", include_str!("../../../cuda/conv.cu")),
+    ("pool", include_str!("../../../cuda/pool.cu")),
+    ("loss", include_str!("../../../cuda/loss.cu")),
+    ("rep_conv", include_str!("../../../cuda/rep_conv.cu")),
+    ("dfc", include_str!("../../../cuda/dfc.cu")),
+    ("optim", include_str!("../../../cuda/optim.cu")),
+];
+
+/// The full program text of a module: the common helpers, then the module (its line numbers
+/// restart at 1 so NVRTC's messages point into the .cu file).
+pub fn program(module: &str) -> Option<String> {
+    let (_, src) = MODULES.iter().find(|(m, _)| *m == module)?;
+    Some(format!("{COMMON}\n#line 1 \"{module}.cu\"\n{src}"))
+}
+
+/// NVRTC options besides the architecture. IEEE division and square root (NVRTC's defaults,
+/// spelled out) keep results close to the CPU backend; no fast math.
+pub fn options(_target: Target) -> Vec<String> {
+    [
+        "--std=c++17",
+        "-lineinfo",
+        "--prec-div=true",
+        "--prec-sqrt=true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
