@@ -226,3 +226,56 @@ fn single_convs_on_every_isa() {
         conv_case(&mut rng, isa, 3, 24, 40, (1, 1), 1, 1, (31, 29), Act::Relu);
     }
 }
+
+/// The ONNX export, run in ONNX Runtime (python), gives the engine's outputs. Runs when
+/// `python3 -c 'import onnxruntime'` works (CI installs it).
+#[test]
+fn onnx_export_matches_onnxruntime() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import onnxruntime, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        println!("skipped: onnxruntime not installed (pip install onnxruntime numpy)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ghostv3-onnx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ort_tool.py");
+    for (width, n, size) in [(0.5, 2, 97), (1.0, 1, 224)] {
+        let net = train_form(width, 7);
+        let engine = infer::ghostnet_engine(&net, "ghostnet").unwrap();
+        let model = dir.join("m.onnx");
+        std::fs::write(
+            &model,
+            infer::onnx::export(&engine.graph, size, size).unwrap(),
+        )
+        .unwrap();
+        let x = random(&mut StdRng::seed_from_u64(9), n * 3 * size * size);
+        let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (inp, outp) = (dir.join("x.f32"), dir.join("y.f32"));
+        std::fs::write(&inp, xb).unwrap();
+        let o = std::process::Command::new("python3")
+            .arg(tool)
+            .arg("run")
+            .args([&model, &inp, &outp])
+            .args([n, 3, size, size].map(|v| v.to_string()))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "onnxruntime failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let yb = std::fs::read(&outp).unwrap();
+        let ort: Vec<f32> = yb
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let ours = engine.run(&x, n, size, size).unwrap();
+        let rel = rel_err(&ours, &ort);
+        println!("width {width} batch {n} {size}x{size}: engine vs ONNX Runtime on the export, {rel:.2e}");
+        assert!(rel <= 1e-4, "ONNX export disagrees: {rel:.2e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -5,10 +5,12 @@
 //! via `simd`), plans activation memory once per input shape and runs the graph. `onnx` writes
 //! the same graph as an ONNX model.
 
+pub mod bench;
 pub mod exec;
 pub mod graph;
 pub mod kernels;
 pub mod lower;
+pub mod onnx;
 pub mod simd;
 
 pub use exec::{Engine, Profile};
