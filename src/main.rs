@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use ghostv3::io::{load_state, read_tensors, save_state, write_tensors, TensorData};
 use ghostv3::models::{self, Model, ModelOptions};
 use ghostv3::nn::{Mode, RepOptions};
-use ghostv3::{ops, reparam, Tape, Tensor};
+use ghostv3::{infer, ops, reparam, Tape, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -35,6 +35,10 @@ enum Cmd {
     Eval(EvalArgs),
     /// Top-5 classes with probabilities for image files.
     Predict(PredictArgs),
+    /// Latency of the fast CPU inference path (deploy form; random weights unless given).
+    Bench(BenchArgs),
+    /// Exports the folded model to ONNX.
+    Export(ExportArgs),
     /// Lists the models the engine can build.
     Models,
 }
@@ -92,6 +96,58 @@ struct PredictArgs {
     /// Image files (JPEG or PNG).
     #[arg(required = true)]
     images: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Weights (train or deploy form); random weights when not given.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Input resolution (square).
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Start from the re-parameterized train form (folded at load) instead of the deploy form.
+    #[arg(long)]
+    train_form: bool,
+    /// Also print a per-layer time breakdown.
+    #[arg(long)]
+    profile: bool,
+    /// Time the tape-based `predict` (the engine core's path) instead, as a baseline.
+    #[arg(long)]
+    tape: bool,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Timed runs (at least; runs continue until --min-secs have passed).
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    #[arg(long, default_value_t = 3.0)]
+    min_secs: f64,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output format (only onnx).
+    #[arg(long, default_value = "onnx")]
+    format: String,
+    /// Weights (train or deploy form; folded before export). Random weights when not given.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Input resolution written into the model's input shape (the batch is symbolic).
+    #[arg(long, default_value_t = 224)]
+    size: usize,
 }
 
 /// Options that shape a model beyond its name.
@@ -208,6 +264,8 @@ fn main() {
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => eval(a),
         Cmd::Predict(a) => predict(a),
+        Cmd::Bench(a) => bench(a),
+        Cmd::Export(a) => export(a),
         Cmd::Models => {
             for m in models::REGISTRY {
                 println!("{:<20} {:?} ({} names)", m.name, m.arch, m.names_from);
@@ -433,7 +491,11 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     let loader = Loader::new(ds.clone(), tf, a.batch, false, false, a.workers, 0)?;
     let t0 = std::time::Instant::now();
-    let (top1, top5, loss) = ghostv3::train::evaluate(&mut m, &loader)?;
+    let fast = fast_engine(&m)?;
+    let (top1, top5, loss) = match &fast {
+        Some(e) => ghostv3::train::evaluate_with(&loader, |x| e.predict(x))?,
+        None => ghostv3::train::evaluate(&mut m, &loader)?,
+    };
     let secs = t0.elapsed().as_secs_f64();
     println!(
         "{} ({} form) on {} ({} images): top-1 {:.2}%, top-5 {:.2}%, loss {loss:.4}, {:.1} images/s",
@@ -465,11 +527,16 @@ fn predict(a: PredictArgs) -> Result<()> {
         crop_pct: a.crop_pct,
         ..TransformConfig::eval(a.size)
     })?;
+    let fast = fast_engine(&m)?;
     for path in &a.images {
         let img = ghostv3::data::dataset::decode_rgb(path)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let x = tf.apply(&img, &mut rng)?;
-        let logits = m.predict(&Tensor::new(&[1, 3, a.size, a.size], x));
+        let x = Tensor::new(&[1, 3, a.size, a.size], x);
+        let logits = match &fast {
+            Some(e) => e.predict(&x)?,
+            None => m.predict(&x),
+        };
         let z = logits.data();
         let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let e: Vec<f64> = z.iter().map(|&v| ((v - mx) as f64).exp()).collect();
@@ -486,5 +553,108 @@ fn predict(a: PredictArgs) -> Result<()> {
             println!("  {:6.2}%  {name}", 100.0 * e[c] / s);
         }
     }
+    Ok(())
+}
+
+/// The fast-path engine of a model (weights loaded when given, else random in the chosen form).
+fn infer_engine(
+    args: &ModelArgs,
+    weights: Option<&Path>,
+    train_form: bool,
+) -> Result<infer::Engine> {
+    let m = match weights {
+        Some(w) => load_model(args, w, false)?,
+        None => models::create(&args.model, &args.options(None, !train_form)?)?,
+    };
+    let net = m
+        .ghostnet()
+        .context("the fast inference path lowers GhostNetV3 models only")?;
+    infer::ghostnet_engine(net, &args.model)
+}
+
+/// The fast inference path for folded (deploy-form) GhostNetV3 weights; None for other models
+/// and for train-form weights (those keep the engine core's path).
+fn fast_engine(m: &Model) -> Result<Option<infer::Engine>> {
+    match m.ghostnet() {
+        Some(net) if m.is_deploy() => Ok(Some(infer::ghostnet_engine(net, m.name())?)),
+        _ => Ok(None),
+    }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    use ghostv3::infer::bench::{
+        bench_engine, peak_rss_bytes, profile_engine, time_runs, BenchConfig,
+    };
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let cfg = BenchConfig {
+        batch: a.batch,
+        size: a.size,
+        warmup: a.warmup,
+        min_runs: a.runs,
+        min_time: std::time::Duration::from_secs_f64(a.min_secs),
+    };
+    pool.install(|| {
+        let form = if a.train_form { "train form, folded at load" } else { "deploy form" };
+        let (report, what) = if a.tape {
+            let mut m = match &a.weights {
+                Some(w) => load_model(&a.model, w, false)?,
+                None => models::create(&a.model.model, &a.model.options(None, !a.train_form)?)?,
+            };
+            let x = Tensor::new(
+                &[a.batch, 3, a.size, a.size],
+                ghostv3::infer::bench::random_input(a.batch, a.size, 0),
+            );
+            let r = time_runs(&cfg, || {
+                m.predict(&x);
+                Ok(())
+            })?;
+            (r, "tape predict".to_string())
+        } else {
+            let e = infer_engine(&a.model, a.weights.as_deref(), a.train_form)?;
+            let r = bench_engine(&e, &cfg)?;
+            if a.profile {
+                print!("{}", profile_engine(&e, a.batch, a.size, 20)?);
+            }
+            println!(
+                "memory: packed weights {:.1} MB, activation arenas {:.1} MB",
+                e.weight_bytes() as f64 / 1e6,
+                e.peak_arena_bytes() as f64 / 1e6
+            );
+            (r, format!("fast path ({})", e.isa.name()))
+        };
+        println!(
+            "{} {form}, {what}, batch {}, {}x{}, {threads} threads: median {:.3} ms, p90 {:.3} ms, {:.1} images/s ({} runs); peak RSS {:.1} MB",
+            a.model.model,
+            a.batch,
+            a.size,
+            a.size,
+            report.median_ms,
+            report.p90_ms,
+            report.images_per_s,
+            report.times_ms.len(),
+            peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+        Ok(())
+    })
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    if a.format != "onnx" {
+        bail!("unknown --format {} (supported: onnx)", a.format);
+    }
+    let e = infer_engine(&a.model, a.weights.as_deref(), false)?;
+    let bytes = infer::onnx::export(&e.graph, a.size, a.size)?;
+    ghostv3::io::atomic::write_atomic(&a.out, &bytes)?;
+    println!(
+        "wrote {} ({} nodes, {:.1} MB)",
+        a.out.display(),
+        e.graph.nodes.len(),
+        bytes.len() as f64 / 1e6
+    );
     Ok(())
 }

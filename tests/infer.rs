@@ -279,3 +279,141 @@ fn onnx_export_matches_onnxruntime() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn ghostv3_cli(args: &[&str]) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ghostv3"))
+        .args(args)
+        .output()
+        .expect("run ghostv3");
+    assert!(
+        o.status.success(),
+        "ghostv3 {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `bench` (fast path with profile, tape baseline), `export`, and `predict`/`eval` on folded
+/// weights (fast path) agreeing with the train-form weights (tape path).
+#[test]
+fn cli_bench_export_predict() {
+    let dir = std::env::temp_dir().join(format!("ghostv3-infer-cli-{}", std::process::id()));
+    for c in ["a", "b", "c"] {
+        std::fs::create_dir_all(dir.join("imgs").join(c)).unwrap();
+    }
+    let quick = [
+        "--size",
+        "64",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--min-secs",
+        "0",
+    ];
+    let m = ["--model", "ghostnetv3_050"];
+    let out = ghostv3_cli(&[&["bench", "--profile", "--batch", "2"][..], &m, &quick].concat());
+    for key in [
+        "median",
+        "p90",
+        "images/s",
+        "peak RSS",
+        "per-layer profile",
+        "dwconv",
+    ] {
+        assert!(out.contains(key), "bench output lacks {key}: {out}");
+    }
+    let out = ghostv3_cli(&[&["bench", "--tape"][..], &m, &quick].concat());
+    assert!(
+        out.contains("tape predict") && out.contains("median"),
+        "{out}"
+    );
+
+    let onnx = dir.join("m.onnx");
+    ghostv3_cli(
+        &[
+            &["export", "--out", onnx.to_str().unwrap(), "--size", "64"][..],
+            &m,
+        ]
+        .concat(),
+    );
+    let bytes = std::fs::read(&onnx).unwrap();
+    assert_eq!(
+        &bytes[..2],
+        &[0x08, 0x07],
+        "ModelProto starting with ir_version 7"
+    );
+
+    // Train-form weights (random BN), folded by the CLI.
+    let net = train_form(0.5, 11);
+    let mut net3 = GhostNet::new(GhostNetConfig::new(0.5, 3), 11).unwrap();
+    for i in 0..net3.state.params.len() {
+        let e = net3.state.params.entry(Id(i)).clone();
+        if let Some(src) = net.state.params.find(&e.name) {
+            if net.state.params.entry(src).shape == e.shape {
+                let v = net.state.params.slice(src).to_vec();
+                net3.state.params.slice_mut(Id(i)).copy_from_slice(&v);
+            }
+        }
+    }
+    net3.state.buffers = net.state.buffers.clone();
+    let (tw, dw) = (
+        dir.join("train.safetensors"),
+        dir.join("deploy.safetensors"),
+    );
+    ghostv3::io::save_state(&net3.state, &tw, Default::default()).unwrap();
+    let (tws, dws) = (tw.to_str().unwrap(), dw.to_str().unwrap());
+    ghostv3_cli(&[&["fold", "--weights", tws, "--out", dws][..], &m].concat());
+    for (c, i) in [("a", 0u8), ("b", 1), ("c", 2)] {
+        let img = image::RgbImage::from_fn(70, 66, |x, y| {
+            image::Rgb([(x as u8).wrapping_mul(3 + i), y as u8, 90 + 40 * i])
+        });
+        img.save(dir.join(format!("imgs/{c}/{i}.png"))).unwrap();
+    }
+    let img = dir.join("imgs/a/0.png");
+    let top = |w: &str| -> Vec<(f64, String)> {
+        let out = ghostv3_cli(
+            &[
+                &["predict", "--weights", w, "--size", "64"][..],
+                &m,
+                &[img.to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        out.lines()
+            .filter_map(|l| {
+                let (p, name) = l.trim().split_once('%')?;
+                Some((p.trim().parse().ok()?, name.trim().to_string()))
+            })
+            .collect()
+    };
+    let (slow, fast) = (top(tws), top(dws));
+    assert_eq!(slow.len(), 3, "{slow:?}");
+    for ((ps, ns), (pf, nf)) in slow.iter().zip(&fast) {
+        assert!((ps - pf).abs() <= 0.011, "tape {slow:?} vs fast {fast:?}");
+        if (ps - pf).abs() < 1e-9 {
+            assert_eq!(ns, nf);
+        }
+    }
+    let data = dir.join("imgs");
+    let out = ghostv3_cli(
+        &[
+            &[
+                "eval",
+                "--weights",
+                dws,
+                "--size",
+                "64",
+                "--data",
+                data.to_str().unwrap(),
+            ][..],
+            &m,
+        ]
+        .concat(),
+    );
+    assert!(
+        out.contains("(deploy form)") && out.contains("(3 images): top-1"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -325,6 +325,17 @@ impl Engine {
         self.run_inner(x, n, h, w, None)
     }
 
+    /// `run` on a tensor [n, C, h, w]; the output is [n, out_len] (logits for a classifier).
+    pub fn predict(&self, x: &crate::Tensor<f32>) -> Result<crate::Tensor<f32>> {
+        let s = x.shape();
+        if s.len() != 4 {
+            bail!("input must be [N, C, H, W], got {s:?}");
+        }
+        let y = self.run(x.data(), s[0], s[2], s[3])?;
+        let per = y.len() / s[0].max(1);
+        Ok(crate::Tensor::new(&[s[0], per], y))
+    }
+
     /// Like `run`, adding each node's time to `profile` (indexed like `graph.nodes`).
     pub fn run_profiled(
         &self,

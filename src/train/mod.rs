@@ -569,13 +569,21 @@ impl Trainer {
 
 /// Top-1, top-5 (top-k with k = min(5, classes)) and mean CE of a model on a loader, eval mode.
 pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<(f64, f64, f64)> {
+    evaluate_with(loader, |x| Ok(model.predict(x)))
+}
+
+/// `evaluate` with any function from an image batch to logits (e.g. the fast inference path).
+pub fn evaluate_with(
+    loader: &Loader,
+    mut predict: impl FnMut(&Tensor<f32>) -> Result<Tensor<f32>>,
+) -> Result<(f64, f64, f64)> {
     let (mut n, mut c1, mut c5, mut loss) = (0usize, 0usize, 0usize, 0.0f64);
     for batch in loader.epoch(0) {
         let batch = batch?;
         if batch.is_empty() {
             continue;
         }
-        let logits = model.predict(&batch.images);
+        let logits = predict(&batch.images)?;
         let (b, k) = (logits.shape()[0], logits.shape()[1]);
         for i in 0..b {
             let row = &logits.data()[i * k..(i + 1) * k];
