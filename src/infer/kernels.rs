@@ -95,6 +95,39 @@ fn taps(i0: isize, k: usize, n: usize) -> (usize, usize) {
     (lo, hi.max(lo))
 }
 
+/// One output pixel of a depth-wise conv near a border (taps checked). A function, not a
+/// closure: closures do not inherit `#[target_feature]`, and intrinsics that are not inlined
+/// cost ~10x.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_px<V: Vf>(
+    g: &ConvGeom,
+    kh: usize,
+    kw: usize,
+    xc: *const f32,
+    wc: *const f32,
+    b: V,
+    yc: *mut f32,
+    iy0: isize,
+    ky_lo: usize,
+    ky_hi: usize,
+    ox: usize,
+    n: usize,
+) {
+    let _ = kh;
+    let ix0 = (ox * g.stride) as isize - g.pw as isize;
+    let (kx_lo, kx_hi) = taps(ix0, kw, g.w);
+    let mut acc = b;
+    for ky in ky_lo..ky_hi {
+        let xrow = xc.offset((iy0 + ky as isize) * (g.w * g.ldx) as isize);
+        for kx in kx_lo..kx_hi {
+            let xv = V::load(xrow.offset((ix0 + kx as isize) * g.ldx as isize));
+            acc = V::fma(V::load(wc.add((ky * kw + kx) * g.cp)), xv, acc);
+        }
+    }
+    store_act(acc, g.act, yc.add(ox * g.ldy), n);
+}
+
 /// Depth-wise conv, output rows [r0, r1) (row = image * ho + oy). Weights `wt` [kh*kw][cp],
 /// bias [cp]. `kh`, `kw` are passed separately so the callers' constants unroll the taps.
 #[inline(always)]
@@ -132,21 +165,8 @@ unsafe fn dw_rows_k<V: Vf>(
             let wc = wt.add(c0);
             let xc = xi.add(c0);
             let yc = yr.add(c0);
-            let edge = |ox: usize| {
-                let ix0 = (ox * s) as isize - g.pw as isize;
-                let (kx_lo, kx_hi) = taps(ix0, kw, g.w);
-                let mut acc = b;
-                for ky in ky_lo..ky_hi {
-                    let xrow = xc.offset((iy0 + ky as isize) * (g.w * g.ldx) as isize);
-                    for kx in kx_lo..kx_hi {
-                        let xv = V::load(xrow.offset((ix0 + kx as isize) * g.ldx as isize));
-                        acc = V::fma(V::load(wc.add((ky * kw + kx) * cp)), xv, acc);
-                    }
-                }
-                store_act(acc, g.act, yc.add(ox * g.ldy), n);
-            };
             for ox in 0..ox_lo {
-                edge(ox);
+                dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
             }
             if full_rows {
                 // Interior: every tap valid; two output pixels at a time share the weight loads.
@@ -168,15 +188,15 @@ unsafe fn dw_rows_k<V: Vf>(
                     ox += 2;
                 }
                 if ox < ox_hi {
-                    edge(ox);
+                    dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
                 }
             } else {
                 for ox in ox_lo..ox_hi {
-                    edge(ox);
+                    dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
                 }
             }
             for ox in ox_hi.max(ox_lo)..g.wo {
-                edge(ox);
+                dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
             }
             c0 += l;
         }
