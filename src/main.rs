@@ -219,6 +219,15 @@ struct InfoArgs {
     /// Only the deploy (folded) form.
     #[arg(long)]
     deploy: bool,
+    /// `cuda` also reports the GPU (NVML) and whether the CUDA kernels compile and load.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Args)]
@@ -323,6 +332,13 @@ fn info(a: InfoArgs) -> Result<()> {
             m.state().params.len(),
             m.state().buffers.len()
         );
+    }
+    if a.device == Device::Cuda {
+        let (report, ok) = ghostv3::backend::cuda::report();
+        print!("{report}");
+        if !ok {
+            bail!("CUDA is not usable here (see above)");
+        }
     }
     Ok(())
 }

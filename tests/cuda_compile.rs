@@ -74,6 +74,19 @@ fn every_launched_kernel_exists() {
 }
 
 #[test]
+fn every_kernel_signature_parses() {
+    for (module, src) in sources::MODULES {
+        for k in kernels_of(src) {
+            let p = sources::kernel_params(src, &k);
+            assert!(
+                p.as_ref().is_some_and(|p| !p.is_empty()),
+                "{module}::{k}: parameters {p:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn target_follows_the_installed_nvrtc() {
     // CUDA 13's list has no Volta; CUDA 12's does.
     let cuda13 = [75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];

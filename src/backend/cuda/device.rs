@@ -3,7 +3,7 @@
 
 use super::nvrtc::{self, Nvrtc, Target};
 use super::pool::{DevBuf, Pool, PoolStats};
-use super::sources;
+use super::sources::{self, ParamKind};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
@@ -49,7 +49,8 @@ pub struct Gpu {
     cc: (i32, i32),
     sms: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Loaded kernels with their parameter kinds (checked at every launch).
+    funcs: Mutex<HashMap<&'static str, (CudaFunction, Vec<ParamKind>)>>,
     pub(crate) f32s: Pool<f32>,
     pub(crate) f64s: Pool<f64>,
     pub(crate) i32s: Pool<i32>,
@@ -171,11 +172,24 @@ impl Gpu {
         Ok((m, hit))
     }
 
-    /// A kernel by module and name (function names are unique across modules).
-    pub(crate) fn func(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+    /// A kernel by module and name (function names are unique across modules) and the kinds
+    /// of its parameters from its declaration.
+    pub(crate) fn func(
+        &self,
+        module: &'static str,
+        name: &'static str,
+    ) -> Result<(CudaFunction, Vec<ParamKind>)> {
         if let Some(f) = self.funcs.lock().expect("funcs lock").get(name) {
             return Ok(f.clone());
         }
+        let src = sources::MODULES
+            .iter()
+            .find(|(m, _)| *m == module)
+            .ok_or_else(|| anyhow!("no kernel module {module}"))?
+            .1;
+        let params = sources::kernel_params(src, name).ok_or_else(|| {
+            anyhow!("kernel {name}: not in cuda/{module}.cu or unknown parameter types")
+        })?;
         let (m, _) = self.module(module)?;
         let f = m
             .load_function(name)
@@ -183,8 +197,8 @@ impl Gpu {
         self.funcs
             .lock()
             .expect("funcs lock")
-            .insert(name, f.clone());
-        Ok(f)
+            .insert(name, (f.clone(), params.clone()));
+        Ok((f, params))
     }
 
     /// Grid for a grid-stride loop over `n` elements, 256 threads a block.
@@ -255,7 +269,8 @@ impl Gpu {
         Ok(v)
     }
 
-    pub(crate) fn download_f64(&self, b: &DevBuf<f64>) -> Result<Vec<f64>> {
+    /// Copies an f64 buffer (statistics) to the host.
+    pub fn download_f64(&self, b: &DevBuf<f64>) -> Result<Vec<f64>> {
         let mut v = vec![0f64; b.len()];
         if !v.is_empty() {
             self.stream
@@ -267,6 +282,15 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize()?;
         Ok(())
+    }
+
+    /// Fills every buffer the pools hand out with NaN bytes from now on (tests: an output
+    /// element a kernel does not write shows up as NaN).
+    pub fn set_poison(&self, on: bool) {
+        self.f32s.set_poison(on);
+        self.f64s.set_poison(on);
+        self.i32s.set_poison(on);
+        self.i64s.set_poison(on);
     }
 
     /// Allocation counters of the f32 pool.

@@ -4,6 +4,7 @@
 
 use super::device::Gpu;
 use super::pool::DevBuf;
+use super::sources::{self, ParamKind};
 use anyhow::{anyhow, Result};
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -57,6 +58,39 @@ pub fn i64a(v: usize) -> Arg {
     Arg::I64(v as i64)
 }
 
+impl Arg {
+    pub fn kind(&self) -> ParamKind {
+        match self {
+            Arg::I32(_) => ParamKind::I32,
+            Arg::I64(_) => ParamKind::I64,
+            Arg::F32(_) => ParamKind::F32,
+            Arg::F64(_) => ParamKind::F64,
+            Arg::Ptr(_) => ParamKind::Ptr,
+            Arg::Lamb(_) => ParamKind::Lamb,
+        }
+    }
+}
+
+/// Checks an argument list against the kernel's declaration in its source: a wrong count or
+/// type would otherwise be read as garbage by the kernel, silently.
+pub fn check_args(module: &str, name: &str, args: &[Arg]) -> Result<()> {
+    let src = sources::MODULES
+        .iter()
+        .find(|(m, _)| *m == module)
+        .ok_or_else(|| anyhow!("no kernel module {module}"))?
+        .1;
+    let want = sources::kernel_params(src, name).ok_or_else(|| {
+        anyhow!("no kernel {name} with known parameter types in cuda/{module}.cu")
+    })?;
+    let got: Vec<ParamKind> = args.iter().map(Arg::kind).collect();
+    if want != got {
+        return Err(anyhow!(
+            "launch of {module}::{name}: kernel takes {want:?}, launcher passes {got:?}"
+        ));
+    }
+    Ok(())
+}
+
 impl Gpu {
     /// Launches `module::name` with `args` (in the kernel's parameter order).
     pub(crate) fn launch(
@@ -66,7 +100,11 @@ impl Gpu {
         cfg: LaunchConfig,
         args: &[Arg],
     ) -> Result<()> {
-        let f = self.func(module, name)?;
+        let (f, want) = self.func(module, name)?;
+        if want.len() != args.len() || want.iter().zip(args).any(|(w, a)| *w != a.kind()) {
+            // The slow path only to build the message.
+            check_args(module, name, args)?;
+        }
         let mut b = self.stream.launch_builder(&f);
         for a in args {
             match a {

@@ -19,8 +19,9 @@ pub use ops::{BnGrads, BnSaved, ConvGradsGpu, LambGpu, RepDwGeom, RepDwGrads, Re
 pub use pool::{DevBuf, PoolStats};
 
 /// What `ghostv3 info --device cuda` reports: the GPU through NVML, and whether the kernels
-/// compile and load. Never panics; each missing piece is a line of text.
-pub fn report() -> String {
+/// compile and load; and whether all of it works. Never panics; each missing piece is a line.
+pub fn report() -> (String, bool) {
+    let mut ok = false;
     let mut out = String::new();
     match nvml_summary() {
         Ok(s) => out += &s,
@@ -47,12 +48,13 @@ pub fn report() -> String {
                         mods.len(),
                         t.elapsed().as_secs_f64()
                     );
+                    ok = true;
                 }
                 Err(e) => out += &format!("kernels: FAILED: {e:#}\n"),
             }
         }
     }
-    out
+    (out, ok)
 }
 
 /// GPU name, memory and utilization through NVML (nvml-wrapper loads libnvidia-ml at run time

@@ -3,7 +3,7 @@
 //! calling cuMemAlloc after its first step.
 
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -32,6 +32,9 @@ pub struct PoolStats {
 struct Inner<T> {
     free: HashMap<usize, Vec<CudaSlice<T>>>,
     stats: PoolStats,
+    /// Fill every handed-out buffer with 0xFF bytes (NaN as f32 and f64), so that a test sees
+    /// any output element a kernel failed to write.
+    poison: bool,
 }
 
 /// The pool of one element type on one stream.
@@ -47,6 +50,7 @@ impl<T: DeviceRepr> Pool<T> {
             inner: Arc::new(Mutex::new(Inner {
                 free: HashMap::new(),
                 stats: PoolStats::default(),
+                poison: false,
             })),
         }
     }
@@ -54,15 +58,15 @@ impl<T: DeviceRepr> Pool<T> {
     /// A buffer of `len` elements with unspecified contents.
     pub fn alloc(&self, len: usize) -> Result<DevBuf<T>> {
         let cap = bin(len);
-        let reused = {
+        let (reused, poison) = {
             let mut g = self.inner.lock().expect("pool lock");
             let s = g.free.get_mut(&cap).and_then(|v| v.pop());
             if s.is_some() {
                 g.stats.reuses += 1;
             }
-            s
+            (s, g.poison)
         };
-        let slice = match reused {
+        let mut slice = match reused {
             Some(s) => s,
             None => {
                 // SAFETY: contents are unspecified until a kernel or copy writes them; every
@@ -74,11 +78,24 @@ impl<T: DeviceRepr> Pool<T> {
                 s
             }
         };
+        if poison {
+            let bytes = cap * std::mem::size_of::<T>();
+            let (p, _sync) = slice.device_ptr_mut(&self.stream);
+            // SAFETY: p is a live allocation of `bytes` bytes, written on this pool's stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, self.stream.cu_stream())
+            }?;
+        }
         Ok(DevBuf {
             slice: Some(slice),
             len,
             pool: self.inner.clone(),
         })
+    }
+
+    /// Turns poisoning of new buffers on or off (tests).
+    pub fn set_poison(&self, on: bool) {
+        self.inner.lock().expect("pool lock").poison = on;
     }
 
     pub fn stats(&self) -> PoolStats {

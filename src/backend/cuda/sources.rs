@@ -38,3 +38,48 @@ pub fn options(_target: Target) -> Vec<String> {
     .map(|s| s.to_string())
     .collect()
 }
+
+/// The kind of a kernel parameter, as launchers pass it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    I32,
+    I64,
+    F32,
+    F64,
+    Ptr,
+    Lamb,
+}
+
+/// The parameter kinds of kernel `name` in module source `src`, parsed from its
+/// `__global__ void name(...)` declaration (macros such as REP_ARGS expanded). None when the
+/// kernel is not there or a parameter type is unknown.
+pub fn kernel_params(src: &str, name: &str) -> Option<Vec<ParamKind>> {
+    let start =
+        src.find(&format!("__global__ void {name}("))? + "__global__ void ".len() + name.len() + 1;
+    let body = &src[start..];
+    let list = &body[..body.find(')')?];
+    let list = list.replace(
+        "REP_ARGS",
+        "int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int s, int ph, int pw, int NB, int has_scale, int has_id",
+    );
+    list.split(',')
+        .map(|p| {
+            let p = p.trim();
+            if p.contains('*') {
+                Some(ParamKind::Ptr)
+            } else if p.starts_with("long long") {
+                Some(ParamKind::I64)
+            } else if p.starts_with("int ") {
+                Some(ParamKind::I32)
+            } else if p.starts_with("float ") {
+                Some(ParamKind::F32)
+            } else if p.starts_with("double ") {
+                Some(ParamKind::F64)
+            } else if p.starts_with("LambCoef ") {
+                Some(ParamKind::Lamb)
+            } else {
+                None
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,994 @@
+//! Every CUDA launcher against the CPU backend (the reference) on fresh random inputs (never
+//! zeros) at several shapes including odd sizes: forward values and every gradient. Output
+//! buffers are poisoned with NaN first, so an element a kernel does not write fails the check.
+//! Without a GPU each test prints `skipped: no CUDA device (...)` and passes.
+//!
+//! Tolerance: max |gpu - cpu| <= TOL * max(1, max |cpu|); both are f32 with different summation
+//! orders (the GPU reduces statistics in f64).
+
+use ghostv3::backend::cpu::conv::ConvGeom;
+use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, LambGpu, RepDwGeom};
+use ghostv3::ops::{self, Conv2dArgs};
+use ghostv3::optim::{Ema, EmaConfig, Lamb, LambOptions, Layout, Optimizer};
+use ghostv3::{Tape, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::{Mutex, OnceLock};
+
+const TOL: f64 = 2e-4;
+
+/// One GPU for all tests, used by one test at a time.
+fn gpu() -> Option<std::sync::MutexGuard<'static, Gpu>> {
+    static G: OnceLock<Option<Mutex<Gpu>>> = OnceLock::new();
+    let g = G.get_or_init(|| {
+        if unavailable_reason().is_some() {
+            return None;
+        }
+        // A GPU is present: failing to set it up (NVRTC, cuBLAS, a kernel) is a test failure.
+        let gpu = Gpu::new(0).unwrap_or_else(|e| panic!("CUDA device present but unusable: {e:#}"));
+        gpu.set_poison(true);
+        Some(Mutex::new(gpu))
+    });
+    match g {
+        Some(m) => Some(m.lock().unwrap_or_else(|e| e.into_inner())),
+        None => {
+            println!(
+                "skipped: no CUDA device ({})",
+                unavailable_reason().unwrap_or_default()
+            );
+            None
+        }
+    }
+}
+
+fn rand_vec(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+fn rand_t(rng: &mut StdRng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    Tensor::new(shape, rand_vec(rng, shape.iter().product(), lo, hi))
+}
+
+fn up(g: &Gpu, t: &Tensor) -> DBuf {
+    g.upload(t.data()).unwrap()
+}
+
+fn down(g: &Gpu, b: &DBuf) -> Vec<f32> {
+    g.download(b).unwrap()
+}
+
+/// Asserts the GPU values match the CPU ones; prints the error.
+fn close(case: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
+    assert_eq!(gpu.len(), cpu.len(), "{case}: length");
+    let scale = cpu.iter().fold(1.0f64, |m, &v| m.max((v as f64).abs()));
+    let mut err = 0.0f64;
+    for (i, (&a, &b)) in gpu.iter().zip(cpu).enumerate() {
+        let e = (a as f64 - b as f64).abs();
+        assert!(
+            e.is_finite(),
+            "{case}: element {i} is {a} (cpu {b}): unwritten or non-finite"
+        );
+        err = err.max(e);
+    }
+    println!("{case}: max err {err:.2e} (scale {scale:.2e})");
+    assert!(
+        err <= tol * scale,
+        "{case}: max err {err:e} > {tol:e} x {scale:e}"
+    );
+}
+
+/// CPU forward + backward of a one-input op with a random output gradient.
+fn cpu_unary(
+    x: &Tensor,
+    gy_seed: u64,
+    f: impl Fn(&mut Tape, Var) -> Var,
+) -> (Tensor, Tensor, Tensor) {
+    let mut tape = Tape::new();
+    let xv = tape.leaf(x.clone(), true);
+    let y = f(&mut tape, xv);
+    let yt = tape.value(y).clone();
+    let mut rng = StdRng::seed_from_u64(gy_seed);
+    let gy = rand_t(&mut rng, yt.shape(), -1.0, 1.0);
+    let grads = tape.backward_with(y, gy.clone());
+    (yt, gy, grads.get(xv).unwrap().clone())
+}
+
+const SHAPES: [[usize; 4]; 4] = [[2, 3, 7, 9], [3, 16, 15, 15], [4, 8, 28, 28], [1, 5, 1, 13]];
+
+#[test]
+fn activations_and_elementwise() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(1);
+    for s in SHAPES {
+        let x = rand_t(&mut rng, &s, -5.0, 5.0);
+        let xb = up(&g, &x);
+        let (y, gy, dx) = cpu_unary(&x, 2, |t, v| ops::relu(t, v));
+        let gyb = up(&g, &gy);
+        close(
+            &format!("relu {s:?}"),
+            &down(&g, &g.relu(&xb).unwrap()),
+            y.data(),
+            TOL,
+        );
+        close(
+            &format!("relu grad {s:?}"),
+            &down(&g, &g.relu_backward(&xb, &gyb).unwrap()),
+            dx.data(),
+            TOL,
+        );
+        let (y, gy, dx) = cpu_unary(&x, 3, |t, v| ops::sigmoid(t, v));
+        let (yb, gyb) = (g.sigmoid(&xb).unwrap(), up(&g, &gy));
+        close(&format!("sigmoid {s:?}"), &down(&g, &yb), y.data(), TOL);
+        close(
+            &format!("sigmoid grad {s:?}"),
+            &down(&g, &g.sigmoid_backward(&yb, &gyb).unwrap()),
+            dx.data(),
+            TOL,
+        );
+        let (y, gy, dx) = cpu_unary(&x, 4, |t, v| ops::hard_sigmoid(t, v));
+        let gyb = up(&g, &gy);
+        close(
+            &format!("hard_sigmoid {s:?}"),
+            &down(&g, &g.hard_sigmoid(&xb).unwrap()),
+            y.data(),
+            TOL,
+        );
+        close(
+            &format!("hard_sigmoid grad {s:?}"),
+            &down(&g, &g.hard_sigmoid_backward(&xb, &gyb).unwrap()),
+            dx.data(),
+            TOL,
+        );
+        let (y, _, _) = cpu_unary(&x, 5, |t, v| ops::scale(t, v, 0.37));
+        close(
+            &format!("scale {s:?}"),
+            &down(&g, &g.scale(&xb, 0.37).unwrap()),
+            y.data(),
+            TOL,
+        );
+        let b = rand_t(&mut rng, &s, -2.0, 2.0);
+        let bb = up(&g, &b);
+        close(
+            &format!("add {s:?}"),
+            &down(&g, &g.add(&xb, &bb).unwrap()),
+            x.add(&b).data(),
+            TOL,
+        );
+        let prod: Vec<f32> = x.data().iter().zip(b.data()).map(|(p, q)| p * q).collect();
+        close(
+            &format!("mul {s:?}"),
+            &down(&g, &g.mul(&xb, &bb).unwrap()),
+            &prod,
+            TOL,
+        );
+        let mut acc = up(&g, &x);
+        g.add_assign(&mut acc, &bb).unwrap();
+        close(
+            &format!("add_assign {s:?}"),
+            &down(&g, &acc),
+            x.add(&b).data(),
+            TOL,
+        );
+
+        // mul_channel: both gradients.
+        let sc = rand_t(&mut rng, &[s[0], s[1], 1, 1], 0.1, 2.0);
+        let mut tape = Tape::new();
+        let (xv, sv) = (tape.leaf(x.clone(), true), tape.leaf(sc.clone(), true));
+        let y = ops::mul_channel(&mut tape, xv, sv);
+        let yt = tape.value(y).clone();
+        let gy = rand_t(&mut rng, &s, -1.0, 1.0);
+        let gr = tape.backward_with(y, gy.clone());
+        let (scb, gyb) = (up(&g, &sc), up(&g, &gy));
+        let hw = s[2] * s[3];
+        close(
+            &format!("mul_channel {s:?}"),
+            &down(&g, &g.mul_channel(&xb, &scb, hw).unwrap()),
+            yt.data(),
+            TOL,
+        );
+        close(
+            &format!("mul_channel dx {s:?}"),
+            &down(&g, &g.mul_channel(&gyb, &scb, hw).unwrap()),
+            gr.get(xv).unwrap().data(),
+            TOL,
+        );
+        close(
+            &format!("mul_channel ds {s:?}"),
+            &down(&g, &g.mul_channel_backward_scale(&gyb, &xb, hw).unwrap()),
+            gr.get(sv).unwrap().data(),
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn batch_norm_train_and_eval() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(10);
+    let eps = 1e-5;
+    for s in SHAPES {
+        let (n, c, hw) = (s[0], s[1], s[2] * s[3]);
+        // A large mean next to the spread: one-pass statistics must still be exact enough.
+        let x = rand_t(&mut rng, &s, 3.0, 5.0);
+        let gamma = rand_t(&mut rng, &[c], 0.5, 1.5);
+        let beta = rand_t(&mut rng, &[c], -0.5, 0.5);
+        let gy = rand_t(&mut rng, &s, -1.0, 1.0);
+        let mut tape = Tape::new();
+        let (xv, gv, bv) = (
+            tape.leaf(x.clone(), true),
+            tape.leaf(gamma.clone(), true),
+            tape.leaf(beta.clone(), true),
+        );
+        let (y, stats) = ops::batch_norm_train(&mut tape, xv, gv, bv, eps);
+        let yt = tape.value(y).clone();
+        let gr = tape.backward_with(y, gy.clone());
+        let (xb, gb, bb, gyb) = (up(&g, &x), up(&g, &gamma), up(&g, &beta), up(&g, &gy));
+        let (yb, saved) = g.batch_norm_train(&xb, &gb, &bb, (n, c, hw), eps).unwrap();
+        close(&format!("bn train {s:?}"), &down(&g, &yb), yt.data(), TOL);
+        let st = g.batch_stats(&saved).unwrap();
+        let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        close(
+            &format!("bn mean {s:?}"),
+            &to32(&st.mean),
+            &to32(&stats.mean),
+            1e-6,
+        );
+        close(
+            &format!("bn var {s:?}"),
+            &to32(&st.var),
+            &to32(&stats.var),
+            1e-5,
+        );
+        let bg = g
+            .batch_norm_backward(&gyb, &xb, &gb, &saved, (n, c, hw), true)
+            .unwrap();
+        close(
+            &format!("bn train dx {s:?}"),
+            &down(&g, &bg.dx),
+            gr.get(xv).unwrap().data(),
+            1e-3,
+        );
+        close(
+            &format!("bn train dgamma {s:?}"),
+            &down(&g, &bg.dgamma),
+            gr.get(gv).unwrap().data(),
+            TOL,
+        );
+        close(
+            &format!("bn train dbeta {s:?}"),
+            &down(&g, &bg.dbeta),
+            gr.get(bv).unwrap().data(),
+            TOL,
+        );
+
+        // Running stats: PyTorch's momentum update with the unbiased variance.
+        let rm0 = rand_vec(&mut rng, c, -0.5, 0.5);
+        let rv0 = rand_vec(&mut rng, c, 0.5, 1.5);
+        let (mut rmb, mut rvb) = (g.upload(&rm0).unwrap(), g.upload(&rv0).unwrap());
+        g.batch_norm_update_running(&mut rmb, &mut rvb, &saved, 0.1)
+            .unwrap();
+        let unb = stats.unbiased_var();
+        let rm: Vec<f32> = (0..c)
+            .map(|i| (0.9 * rm0[i] as f64 + 0.1 * stats.mean[i]) as f32)
+            .collect();
+        let rv: Vec<f32> = (0..c)
+            .map(|i| (0.9 * rv0[i] as f64 + 0.1 * unb[i]) as f32)
+            .collect();
+        close(
+            &format!("bn running mean {s:?}"),
+            &down(&g, &rmb),
+            &rm,
+            1e-6,
+        );
+        close(&format!("bn running var {s:?}"), &down(&g, &rvb), &rv, 1e-5);
+
+        // Eval mode.
+        let mut tape = Tape::new();
+        let (xv, gv, bv) = (
+            tape.leaf(x.clone(), true),
+            tape.leaf(gamma.clone(), true),
+            tape.leaf(beta.clone(), true),
+        );
+        let y = ops::batch_norm_eval(&mut tape, xv, gv, bv, &rm0, &rv0, eps);
+        let yt = tape.value(y).clone();
+        let gr = tape.backward_with(y, gy.clone());
+        let (yb, saved) = g
+            .batch_norm_eval(
+                &xb,
+                &gb,
+                &bb,
+                &g.upload(&rm0).unwrap(),
+                &g.upload(&rv0).unwrap(),
+                (n, c, hw),
+                eps,
+            )
+            .unwrap();
+        close(&format!("bn eval {s:?}"), &down(&g, &yb), yt.data(), TOL);
+        let bg = g
+            .batch_norm_backward(&gyb, &xb, &gb, &saved, (n, c, hw), false)
+            .unwrap();
+        close(
+            &format!("bn eval dx {s:?}"),
+            &down(&g, &bg.dx),
+            gr.get(xv).unwrap().data(),
+            TOL,
+        );
+        close(
+            &format!("bn eval dgamma {s:?}"),
+            &down(&g, &bg.dgamma),
+            gr.get(gv).unwrap().data(),
+            TOL,
+        );
+        close(
+            &format!("bn eval dbeta {s:?}"),
+            &down(&g, &bg.dbeta),
+            gr.get(bv).unwrap().data(),
+            TOL,
+        );
+    }
+}
+
+/// One conv case on both backends: forward and all three gradients.
+fn conv_case(
+    g: &Gpu,
+    rng: &mut StdRng,
+    x_shape: [usize; 4],
+    cout: usize,
+    k: (usize, usize),
+    stride: usize,
+    groups: usize,
+    bias: bool,
+) {
+    let args = Conv2dArgs {
+        stride: (stride, stride),
+        padding: (k.0 / 2, k.1 / 2),
+        groups,
+    };
+    let w_shape = [cout, x_shape[1] / groups, k.0, k.1];
+    let geom = ConvGeom::new(&x_shape, &w_shape, args.stride, args.padding, groups).unwrap();
+    let x = rand_t(rng, &x_shape, -1.0, 1.0);
+    let w = rand_t(rng, &w_shape, -0.5, 0.5);
+    let b = rand_t(rng, &[cout], -0.5, 0.5);
+    let gy = rand_t(rng, &geom.out_shape(), -1.0, 1.0);
+    let mut tape = Tape::new();
+    let (xv, wv) = (tape.leaf(x.clone(), true), tape.leaf(w.clone(), true));
+    let bv = bias.then(|| tape.leaf(b.clone(), true));
+    let y = ops::conv2d(&mut tape, xv, wv, bv, args);
+    let yt = tape.value(y).clone();
+    let gr = tape.backward_with(y, gy.clone());
+    let (xb, wb, bb, gyb) = (up(g, &x), up(g, &w), up(g, &b), up(g, &gy));
+    let case = format!("conv x{x_shape:?} w{w_shape:?} s{stride} g{groups} bias={bias}");
+    let yb = g
+        .conv2d_forward(&geom, &xb, &wb, bias.then_some(&bb))
+        .unwrap();
+    close(&case, &down(g, &yb), yt.data(), TOL);
+    let cg = g
+        .conv2d_backward(&geom, &xb, &wb, &gyb, (true, true, bias))
+        .unwrap();
+    close(
+        &format!("{case} dx"),
+        &down(g, cg.dx.as_ref().unwrap()),
+        gr.get(xv).unwrap().data(),
+        TOL,
+    );
+    close(
+        &format!("{case} dw"),
+        &down(g, cg.dw.as_ref().unwrap()),
+        gr.get(wv).unwrap().data(),
+        1e-3,
+    );
+    if let Some(bv) = bv {
+        close(
+            &format!("{case} db"),
+            &down(g, cg.db.as_ref().unwrap()),
+            gr.get(bv).unwrap().data(),
+            1e-3,
+        );
+    }
+}
+
+#[test]
+fn depthwise_convs() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(20);
+    for (k, stride) in [
+        ((3, 3), 1),
+        ((3, 3), 2),
+        ((5, 5), 1),
+        ((5, 5), 2),
+        ((1, 5), 1),
+        ((5, 1), 1),
+        ((1, 5), 2),
+        ((5, 1), 2),
+    ] {
+        for s in [[2, 6, 9, 11], [3, 16, 14, 14], [2, 5, 4, 3]] {
+            conv_case(&g, &mut rng, s, s[1], k, stride, s[1], false);
+        }
+    }
+    conv_case(&g, &mut rng, [2, 7, 10, 10], 7, (3, 3), 1, 7, true);
+}
+
+#[test]
+fn dense_and_pointwise_convs() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(30);
+    // The stem (3x3 stride 2 from RGB), other dense kernels, and 1x1 convs.
+    conv_case(&g, &mut rng, [2, 3, 33, 31], 16, (3, 3), 2, 1, false);
+    conv_case(&g, &mut rng, [3, 4, 9, 7], 5, (5, 5), 1, 1, true);
+    conv_case(&g, &mut rng, [3, 24, 13, 11], 40, (1, 1), 1, 1, false);
+    conv_case(&g, &mut rng, [5, 17, 7, 7], 9, (1, 1), 1, 1, true);
+    conv_case(&g, &mut rng, [2, 8, 9, 9], 12, (1, 1), 2, 1, false);
+}
+
+#[test]
+fn linear_pool_upsample_concat() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(40);
+    for (n, f, o) in [(3, 17, 10), (8, 64, 33)] {
+        let x = rand_t(&mut rng, &[n, f], -1.0, 1.0);
+        let w = rand_t(&mut rng, &[o, f], -0.5, 0.5);
+        let b = rand_t(&mut rng, &[o], -0.5, 0.5);
+        let gy = rand_t(&mut rng, &[n, o], -1.0, 1.0);
+        let mut tape = Tape::new();
+        let (xv, wv, bv) = (
+            tape.leaf(x.clone(), true),
+            tape.leaf(w.clone(), true),
+            tape.leaf(b.clone(), true),
+        );
+        let y = ops::linear(&mut tape, xv, wv, Some(bv));
+        let yt = tape.value(y).clone();
+        let gr = tape.backward_with(y, gy.clone());
+        let (xb, wb, bb, gyb) = (up(&g, &x), up(&g, &w), up(&g, &b), up(&g, &gy));
+        close(
+            "linear",
+            &down(
+                &g,
+                &g.linear_forward(&xb, &wb, Some(&bb), (n, f, o)).unwrap(),
+            ),
+            yt.data(),
+            TOL,
+        );
+        let (dx, dw, db) = g.linear_backward(&xb, &wb, &gyb, (n, f, o)).unwrap();
+        close("linear dx", &down(&g, &dx), gr.get(xv).unwrap().data(), TOL);
+        close("linear dw", &down(&g, &dw), gr.get(wv).unwrap().data(), TOL);
+        close("linear db", &down(&g, &db), gr.get(bv).unwrap().data(), TOL);
+    }
+    for s in SHAPES {
+        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let x = rand_t(&mut rng, &s, -1.0, 1.0);
+        let xb = up(&g, &x);
+        if h >= 2 && w >= 2 {
+            let (y, gy, dx) = cpu_unary(&x, 41, |t, v| ops::avg_pool2x2(t, v));
+            close(
+                &format!("avg_pool {s:?}"),
+                &down(&g, &g.avg_pool2x2(&xb, (n, c, h, w)).unwrap()),
+                y.data(),
+                TOL,
+            );
+            close(
+                &format!("avg_pool grad {s:?}"),
+                &down(
+                    &g,
+                    &g.avg_pool2x2_backward(&up(&g, &gy), (n, c, h, w)).unwrap(),
+                ),
+                dx.data(),
+                TOL,
+            );
+        }
+        let (y, gy, dx) = cpu_unary(&x, 42, |t, v| ops::global_avg_pool(t, v));
+        close(
+            &format!("gap {s:?}"),
+            &down(&g, &g.global_avg_pool(&xb, n * c, h * w).unwrap()),
+            y.data(),
+            TOL,
+        );
+        close(
+            &format!("gap grad {s:?}"),
+            &down(
+                &g,
+                &g.global_avg_pool_backward(&up(&g, &gy), n * c, h * w)
+                    .unwrap(),
+            ),
+            dx.data(),
+            TOL,
+        );
+        for (oh, ow) in [(2 * h, 2 * w), (h + 3, 2 * w + 1), ((h / 2).max(1), w)] {
+            let (y, gy, dx) = cpu_unary(&x, 43, |t, v| ops::upsample_nearest(t, v, oh, ow));
+            close(
+                &format!("upsample {s:?}->{oh}x{ow}"),
+                &down(
+                    &g,
+                    &g.upsample_nearest(&xb, (n, c, h, w), (oh, ow)).unwrap(),
+                ),
+                y.data(),
+                TOL,
+            );
+            close(
+                &format!("upsample grad {s:?}->{oh}x{ow}"),
+                &down(
+                    &g,
+                    &g.upsample_nearest_backward(&up(&g, &gy), (n, c, h, w), (oh, ow))
+                        .unwrap(),
+                ),
+                dx.data(),
+                TOL,
+            );
+        }
+        let cb = c + 2;
+        let b = rand_t(&mut rng, &[n, cb, h, w], -1.0, 1.0);
+        let mut tape = Tape::new();
+        let (av, bv) = (tape.leaf(x.clone(), true), tape.leaf(b.clone(), true));
+        let y = ops::concat_channels(&mut tape, av, bv);
+        let yt = tape.value(y).clone();
+        let gy = rand_t(&mut rng, yt.shape(), -1.0, 1.0);
+        let gr = tape.backward_with(y, gy.clone());
+        let dims = (n, c, cb, h * w);
+        close(
+            &format!("concat {s:?}"),
+            &down(&g, &g.concat_channels(&xb, &up(&g, &b), dims).unwrap()),
+            yt.data(),
+            0.0,
+        );
+        let (ga, gb) = g.concat_channels_backward(&up(&g, &gy), dims).unwrap();
+        close(
+            &format!("concat ga {s:?}"),
+            &down(&g, &ga),
+            gr.get(av).unwrap().data(),
+            0.0,
+        );
+        close(
+            &format!("concat gb {s:?}"),
+            &down(&g, &gb),
+            gr.get(bv).unwrap().data(),
+            0.0,
+        );
+    }
+}
+
+#[test]
+fn losses() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(50);
+    for (n, c) in [(5, 10), (33, 1000), (1, 3)] {
+        let z = rand_t(&mut rng, &[n, c], -4.0, 4.0);
+        let zb = up(&g, &z);
+        let labels: Vec<usize> = (0..n).map(|_| rng.random_range(0..c)).collect();
+        for smoothing in [0.0, 0.1] {
+            let mut tape = Tape::new();
+            let zv = tape.leaf(z.clone(), true);
+            let l = ops::cross_entropy(&mut tape, zv, &labels, smoothing);
+            let lt = tape.value(l).clone();
+            let gr = tape.backward(l);
+            let (lb, gb) = g
+                .cross_entropy(&zb, &labels, smoothing, (n, c), 1.0)
+                .unwrap();
+            close(
+                &format!("xent {n}x{c} e={smoothing}"),
+                &down(&g, &lb),
+                lt.data(),
+                1e-5,
+            );
+            close(
+                &format!("xent grad {n}x{c} e={smoothing}"),
+                &down(&g, &gb),
+                gr.get(zv).unwrap().data(),
+                1e-5,
+            );
+        }
+        // Soft targets (rows sum to 1, as Mixup makes them).
+        let mut q = rand_vec(&mut rng, n * c, 0.01, 1.0);
+        for r in q.chunks_mut(c) {
+            let s: f32 = r.iter().sum();
+            r.iter_mut().for_each(|v| *v /= s);
+        }
+        let q = Tensor::new(&[n, c], q);
+        let mut tape = Tape::new();
+        let zv = tape.leaf(z.clone(), true);
+        let l = ops::cross_entropy_soft(&mut tape, zv, &q);
+        let lt = tape.value(l).clone();
+        let gr = tape.backward(l);
+        let (lb, gb) = g.cross_entropy_soft(&zb, &up(&g, &q), (n, c), 1.0).unwrap();
+        close(
+            &format!("xent soft {n}x{c}"),
+            &down(&g, &lb),
+            lt.data(),
+            1e-5,
+        );
+        close(
+            &format!("xent soft grad {n}x{c}"),
+            &down(&g, &gb),
+            gr.get(zv).unwrap().data(),
+            1e-5,
+        );
+        // KD at two temperatures.
+        let zt = rand_t(&mut rng, &[n, c], -4.0, 4.0);
+        for t in [1.0, 3.0] {
+            let mut tape = Tape::new();
+            let zv = tape.leaf(z.clone(), true);
+            let l = ops::kd_loss(&mut tape, zv, &zt, t);
+            let lt = tape.value(l).clone();
+            let gr = tape.backward(l);
+            let (lb, gb) = g.kd_loss(&zb, &up(&g, &zt), (n, c), t, 1.0).unwrap();
+            close(
+                &format!("kd {n}x{c} t={t}"),
+                &down(&g, &lb),
+                lt.data(),
+                1e-5,
+            );
+            close(
+                &format!("kd grad {n}x{c} t={t}"),
+                &down(&g, &gb),
+                gr.get(zv).unwrap().data(),
+                1e-5,
+            );
+        }
+    }
+}
+
+/// The fused re-parameterized depth-wise conv against the explicit branches on the CPU
+/// (each branch a depth-wise conv + train-mode BN, summed): output, every branch's batch
+/// statistics, dx, every branch weight and every BN parameter gradient.
+#[test]
+fn fused_rep_conv_matches_explicit_branches() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(60);
+    let eps = 1e-5;
+    for (k, stride, branches, scale, identity, s) in [
+        (3, 1, 3, true, true, [4, 12, 14, 14]),
+        (3, 2, 3, true, false, [3, 10, 15, 13]),
+        (5, 2, 3, true, false, [2, 8, 14, 14]),
+        (5, 1, 1, false, true, [2, 6, 9, 7]),
+        (3, 1, 5, false, false, [2, 4, 7, 8]),
+        (5, 1, 6, true, true, [2, 3, 6, 6]),
+    ] {
+        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let geom = RepDwGeom {
+            n,
+            c,
+            h,
+            w,
+            kh: k,
+            kw: k,
+            stride,
+            branches,
+            scale,
+            identity,
+        };
+        let nbt = geom.nbt();
+        let x = rand_t(&mut rng, &s, -1.0, 2.0);
+        let wk = rand_t(&mut rng, &[branches, c, 1, k * k], -0.5, 0.5);
+        let ws = rand_t(&mut rng, &[c, 1, 1, 1], -1.0, 1.0);
+        let gamma = rand_t(&mut rng, &[nbt, c], 0.5, 1.5);
+        let beta = rand_t(&mut rng, &[nbt, c], -0.5, 0.5);
+        let (ho, wo) = geom.out_hw();
+        let gy = rand_t(&mut rng, &[n, c, ho, wo], -1.0, 1.0);
+
+        // CPU: explicit branches.
+        let mut tape = Tape::new();
+        let xv = tape.leaf(x.clone(), true);
+        let pad = (k - 1) / 2;
+        let mut wvs = Vec::new();
+        let mut gbs = Vec::new();
+        let mut stats = Vec::new();
+        let mut acc: Option<Var> = None;
+        let slice = |t: &Tensor, i: usize, len: usize, shape: &[usize]| {
+            Tensor::new(shape, t.data()[i * len..(i + 1) * len].to_vec())
+        };
+        for b in 0..nbt {
+            let z = if b < branches {
+                let wv = tape.leaf(slice(&wk, b, c * k * k, &[c, 1, k, k]), true);
+                wvs.push(wv);
+                let a = Conv2dArgs {
+                    stride: (stride, stride),
+                    padding: (pad, pad),
+                    groups: c,
+                };
+                ops::conv2d(&mut tape, xv, wv, None, a)
+            } else if scale && b == branches {
+                let wv = tape.leaf(ws.clone(), true);
+                wvs.push(wv);
+                let a = Conv2dArgs {
+                    stride: (stride, stride),
+                    padding: (0, 0),
+                    groups: c,
+                };
+                ops::conv2d(&mut tape, xv, wv, None, a)
+            } else {
+                xv
+            };
+            let gv = tape.leaf(slice(&gamma, b, c, &[c]), true);
+            let bv = tape.leaf(slice(&beta, b, c, &[c]), true);
+            gbs.push((gv, bv));
+            let (y, st) = ops::batch_norm_train(&mut tape, z, gv, bv, eps);
+            stats.push(st);
+            acc = Some(match acc {
+                None => y,
+                Some(a) => ops::add(&mut tape, a, y),
+            });
+        }
+        let y = acc.unwrap();
+        let yt = tape.value(y).clone();
+        let gr = tape.backward_with(y, gy.clone());
+
+        let case = format!("rep_dw k{k} s{stride} N{branches} scale={scale} id={identity} {s:?}");
+        let (xb, wkb, wsb, gb, bb, gyb) = (
+            up(&g, &x),
+            up(&g, &wk),
+            up(&g, &ws),
+            up(&g, &gamma),
+            up(&g, &beta),
+            up(&g, &gy),
+        );
+        let wsr = scale.then_some(&wsb);
+        let (yb, saved) = g
+            .rep_dw_forward(&geom, &xb, &wkb, wsr, &gb, &bb, eps)
+            .unwrap();
+        close(&case, &down(&g, &yb), yt.data(), 5e-4);
+        let mean: Vec<f32> = stats
+            .iter()
+            .flat_map(|s| s.mean.iter().map(|&v| v as f32))
+            .collect();
+        let var: Vec<f32> = stats
+            .iter()
+            .flat_map(|s| s.var.iter().map(|&v| v as f32))
+            .collect();
+        let gm: Vec<f32> = g
+            .download_f64(&saved.mean)
+            .unwrap()
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let gv: Vec<f32> = g
+            .download_f64(&saved.var)
+            .unwrap()
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        close(&format!("{case} means"), &gm, &mean, 1e-5);
+        close(&format!("{case} vars"), &gv, &var, 1e-5);
+        let rg = g
+            .rep_dw_backward(&geom, &xb, &wkb, wsr, &gb, &saved, &gyb, eps)
+            .unwrap();
+        close(
+            &format!("{case} dx"),
+            &down(&g, &rg.dx),
+            gr.get(xv).unwrap().data(),
+            1e-3,
+        );
+        let dwk: Vec<f32> = wvs[..branches]
+            .iter()
+            .flat_map(|&v| gr.get(v).unwrap().to_vec())
+            .collect();
+        close(&format!("{case} dW kxk"), &down(&g, &rg.dwk), &dwk, 1e-3);
+        if scale {
+            close(
+                &format!("{case} dW scale"),
+                &down(&g, rg.dws.as_ref().unwrap()),
+                gr.get(wvs[branches]).unwrap().data(),
+                1e-3,
+            );
+        }
+        let dgamma: Vec<f32> = gbs
+            .iter()
+            .flat_map(|&(gv, _)| gr.get(gv).unwrap().to_vec())
+            .collect();
+        let dbeta: Vec<f32> = gbs
+            .iter()
+            .flat_map(|&(_, bv)| gr.get(bv).unwrap().to_vec())
+            .collect();
+        close(
+            &format!("{case} dgamma"),
+            &down(&g, &rg.dgamma),
+            &dgamma,
+            1e-3,
+        );
+        close(&format!("{case} dbeta"), &down(&g, &rg.dbeta), &dbeta, 1e-3);
+    }
+}
+
+/// The DFC gate (last BN apply + sigmoid + upsample + product in one pass) against the
+/// unfused ops, forward and backward through the BN.
+#[test]
+fn dfc_gate_matches_unfused_ops() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(70);
+    let eps = 1e-5;
+    for s in [[2, 8, 14, 14], [3, 6, 15, 9], [2, 4, 7, 7]] {
+        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let (gh, gw) = (h / 2, w / 2);
+        let out = rand_t(&mut rng, &s, -1.0, 1.0);
+        let gpre = rand_t(&mut rng, &[n, c, gh, gw], -2.0, 2.0);
+        let gamma = rand_t(&mut rng, &[c], 0.5, 1.5);
+        let beta = rand_t(&mut rng, &[c], -0.5, 0.5);
+        let gy = rand_t(&mut rng, &s, -1.0, 1.0);
+        let mut tape = Tape::new();
+        let (ov, gv) = (tape.leaf(out.clone(), true), tape.leaf(gpre.clone(), true));
+        let (gav, bev) = (
+            tape.leaf(gamma.clone(), true),
+            tape.leaf(beta.clone(), true),
+        );
+        let (a, _) = ops::batch_norm_train(&mut tape, gv, gav, bev, eps);
+        let sg = ops::sigmoid(&mut tape, a);
+        let upv = ops::upsample_nearest(&mut tape, sg, h, w);
+        let y = ops::mul(&mut tape, ov, upv);
+        let yt = tape.value(y).clone();
+        let gr = tape.backward_with(y, gy.clone());
+        let (ob, gpb, gab, beb, gyb) = (
+            up(&g, &out),
+            up(&g, &gpre),
+            up(&g, &gamma),
+            up(&g, &beta),
+            up(&g, &gy),
+        );
+        let bn = g
+            .batch_norm_stats(&gpb, &gab, &beb, (n, c, gh * gw), eps)
+            .unwrap();
+        let yb = g.dfc_gate(&ob, &gpb, &bn, (n, c, h, w), (gh, gw)).unwrap();
+        close(&format!("dfc gate {s:?}"), &down(&g, &yb), yt.data(), TOL);
+        let (d_out, d_a) = g
+            .dfc_gate_backward(&gyb, &ob, &gpb, &bn, (n, c, h, w), (gh, gw))
+            .unwrap();
+        close(
+            &format!("dfc gate d_out {s:?}"),
+            &down(&g, &d_out),
+            gr.get(ov).unwrap().data(),
+            TOL,
+        );
+        let bg = g
+            .batch_norm_backward(&d_a, &gpb, &gab, &bn, (n, c, gh * gw), true)
+            .unwrap();
+        close(
+            &format!("dfc gate d_g {s:?}"),
+            &down(&g, &bg.dx),
+            gr.get(gv).unwrap().data(),
+            1e-3,
+        );
+        close(
+            &format!("dfc gate dgamma {s:?}"),
+            &down(&g, &bg.dgamma),
+            gr.get(gav).unwrap().data(),
+            1e-3,
+        );
+        close(
+            &format!("dfc gate dbeta {s:?}"),
+            &down(&g, &bg.dbeta),
+            gr.get(bev).unwrap().data(),
+            1e-3,
+        );
+    }
+}
+
+/// Fused LAMB + EMA against `optim::Lamb` and `optim::Ema` for a few steps, with tensors over
+/// several 16 Ki chunks, no-decay tensors and clipping both on and off.
+#[test]
+fn fused_lamb_and_ema_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(80);
+    let layout = Layout::from_shapes(&[
+        ("conv.weight", vec![64, 32, 3, 3]),
+        ("bn.weight", vec![64]),
+        ("bn.bias", vec![64]),
+        ("fc.weight", vec![100, 331]),
+        ("fc.bias", vec![100]),
+        ("dw.weight", vec![7, 1, 5, 5]),
+    ]);
+    for max_grad_norm in [Some(1.0), None] {
+        let opts = LambOptions {
+            weight_decay: 0.05,
+            max_grad_norm,
+            ..Default::default()
+        };
+        let n = layout.numel();
+        let p0 = rand_vec(&mut rng, n, -0.5, 0.5);
+        let mut cpu = Lamb::new(layout.clone(), opts.clone());
+        let cfg = EmaConfig {
+            decay: 0.9,
+            ..Default::default()
+        };
+        let mut ema = Ema::new(cfg, &p0, &[]).unwrap();
+        let mut p_cpu = p0.clone();
+        let mut lamb = LambGpu::new(&g, &layout, opts.clone()).unwrap();
+        let mut p_gpu = g.upload(&p0).unwrap();
+        let mut e_gpu = g.upload(&p0).unwrap();
+        for step in 0..3 {
+            let grads = rand_vec(&mut rng, n, -0.1, 0.1);
+            let lr = 5e-3 * (step + 1) as f64;
+            let d = ema.decay();
+            cpu.step(&mut p_cpu, &grads, lr);
+            ema.update(&p_cpu, &[]);
+            let gb = g.upload(&grads).unwrap();
+            lamb.step(&g, &mut p_gpu, &gb, lr, Some((&mut e_gpu, d)))
+                .unwrap();
+            let case = format!("lamb clip={max_grad_norm:?} step {step}");
+            close(&format!("{case} params"), &down(&g, &p_gpu), &p_cpu, 1e-6);
+            close(
+                &format!("{case} exp_avg"),
+                &down(&g, &lamb.exp_avg),
+                cpu.exp_avg(),
+                1e-6,
+            );
+            close(
+                &format!("{case} exp_avg_sq"),
+                &down(&g, &lamb.exp_avg_sq),
+                cpu.exp_avg_sq(),
+                1e-6,
+            );
+            close(
+                &format!("{case} ema"),
+                &down(&g, &e_gpu),
+                ema.params(),
+                1e-6,
+            );
+        }
+    }
+}
+
+/// A loop that allocates the same shapes every step stops asking the driver for memory.
+#[test]
+fn caching_allocator_reuses_buffers() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(90);
+    let x = rand_t(&mut rng, &[4, 16, 28, 28], -1.0, 1.0);
+    let gamma = rand_t(&mut rng, &[16], 0.5, 1.5);
+    let beta = rand_t(&mut rng, &[16], -0.5, 0.5);
+    let (xb, gb, bb) = (up(&g, &x), up(&g, &gamma), up(&g, &beta));
+    let step = || {
+        let (y, saved) = g
+            .batch_norm_train(&xb, &gb, &bb, (4, 16, 784), 1e-5)
+            .unwrap();
+        let r = g.relu(&y).unwrap();
+        let bg = g
+            .batch_norm_backward(&r, &xb, &gb, &saved, (4, 16, 784), true)
+            .unwrap();
+        g.download(&bg.dx).unwrap()
+    };
+    let first = step();
+    let before = g.pool_stats().device_allocs;
+    for _ in 0..5 {
+        assert_eq!(step(), first, "same inputs, same bits");
+    }
+    assert_eq!(
+        g.pool_stats().device_allocs,
+        before,
+        "steps after the first allocated device memory"
+    );
+}
+
+/// `ghostv3 info --device cuda`: without CUDA a clear one-line reason and a failing exit (no
+/// panic); with a GPU its name and all kernel modules compiled and loaded.
+#[test]
+fn info_device_cuda() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ghostv3"))
+        .args([
+            "info",
+            "--model",
+            "ghostnetv3_050",
+            "--size",
+            "64",
+            "--device",
+            "cuda",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    match unavailable_reason() {
+        Some(why) => {
+            assert!(!out.status.success(), "{text}");
+            assert!(text.contains(&why), "expected {why:?} in:\n{text}");
+            println!("skipped GPU part: no CUDA device ({why})");
+        }
+        None => {
+            assert!(out.status.success(), "{text}");
+            let n = ghostv3::backend::cuda::sources::MODULES.len();
+            assert!(
+                text.contains(&format!("kernels: {n} modules compile and load")),
+                "{text}"
+            );
+        }
+    }
+}
