@@ -102,7 +102,7 @@ fn activations_and_elementwise() {
     for s in SHAPES {
         let x = rand_t(&mut rng, &s, -5.0, 5.0);
         let xb = up(&g, &x);
-        let (y, gy, dx) = cpu_unary(&x, 2, |t, v| ops::relu(t, v));
+        let (y, gy, dx) = cpu_unary(&x, 2, ops::relu);
         let gyb = up(&g, &gy);
         close(
             &format!("relu {s:?}"),
@@ -116,7 +116,7 @@ fn activations_and_elementwise() {
             dx.data(),
             TOL,
         );
-        let (y, gy, dx) = cpu_unary(&x, 3, |t, v| ops::sigmoid(t, v));
+        let (y, gy, dx) = cpu_unary(&x, 3, ops::sigmoid);
         let (yb, gyb) = (g.sigmoid(&xb).unwrap(), up(&g, &gy));
         close(&format!("sigmoid {s:?}"), &down(&g, &yb), y.data(), TOL);
         close(
@@ -125,7 +125,7 @@ fn activations_and_elementwise() {
             dx.data(),
             TOL,
         );
-        let (y, gy, dx) = cpu_unary(&x, 4, |t, v| ops::hard_sigmoid(t, v));
+        let (y, gy, dx) = cpu_unary(&x, 4, ops::hard_sigmoid);
         let gyb = up(&g, &gy);
         close(
             &format!("hard_sigmoid {s:?}"),
@@ -329,6 +329,7 @@ fn batch_norm_train_and_eval() {
 }
 
 /// One conv case on both backends: forward and all three gradients.
+#[allow(clippy::too_many_arguments)]
 fn conv_case(
     g: &Gpu,
     rng: &mut StdRng,
@@ -458,7 +459,7 @@ fn linear_pool_upsample_concat() {
         let x = rand_t(&mut rng, &s, -1.0, 1.0);
         let xb = up(&g, &x);
         if h >= 2 && w >= 2 {
-            let (y, gy, dx) = cpu_unary(&x, 41, |t, v| ops::avg_pool2x2(t, v));
+            let (y, gy, dx) = cpu_unary(&x, 41, ops::avg_pool2x2);
             close(
                 &format!("avg_pool {s:?}"),
                 &down(&g, &g.avg_pool2x2(&xb, (n, c, h, w)).unwrap()),
@@ -475,7 +476,7 @@ fn linear_pool_upsample_concat() {
                 TOL,
             );
         }
-        let (y, gy, dx) = cpu_unary(&x, 42, |t, v| ops::global_avg_pool(t, v));
+        let (y, gy, dx) = cpu_unary(&x, 42, ops::global_avg_pool);
         close(
             &format!("gap {s:?}"),
             &down(&g, &g.global_avg_pool(&xb, n * c, h * w).unwrap()),
