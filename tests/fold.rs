@@ -180,3 +180,72 @@ fn folding_a_deploy_model_is_an_error() {
     let e = format!("{:#}", reparam::fold(&d).err().unwrap());
     assert!(e.contains("already in deploy"), "{e}");
 }
+
+/// The other models with `rep_branches = 3` (+ scale and identity branches where shapes allow):
+/// folding gives their plain timm/torchvision network (same names and shapes) with the train
+/// form's eval outputs, and the folded file loads into the plain model and gives them again.
+#[test]
+fn other_models_fold_into_their_plain_form() {
+    let dir = std::env::temp_dir().join(format!("ghostv3-fold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, name) in [
+        "mobilenetv2_100",
+        "shufflenet_v2_x1_0",
+        "ghostnet_100",
+        "ghostnetv2_100",
+        "resnet18",
+        "resnet50",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let t0 = std::time::Instant::now();
+        let seed = 100 + i as u64;
+        let rel = check(name, RepOptions::default(), 64, seed);
+        // The same train model again (check() drew it from the same seeds), folded and saved.
+        let mut rng = StdRng::seed_from_u64(seed);
+        let opts = ModelOptions {
+            num_classes: 10,
+            seed,
+            ..Default::default()
+        };
+        let mut train = models::create(name, &opts).unwrap();
+        assert!(!train.is_deploy(), "{name}: built without branches");
+        randomize_bn(train.state_mut(), &mut rng, 1.0);
+        let mut folded = reparam::fold(&train).unwrap();
+        let path = dir.join(format!("{name}.safetensors"));
+        ghostv3::io::save_state(folded.state(), &path, Default::default()).unwrap();
+        let mut plain = models::create(
+            name,
+            &ModelOptions {
+                deploy: true,
+                ..opts
+            },
+        )
+        .unwrap();
+        assert!(plain.is_deploy() && plain.form() == "plain form");
+        let names = |m: &ghostv3::models::Model| -> Vec<(String, Vec<usize>)> {
+            let s = m.state();
+            s.params
+                .entries()
+                .iter()
+                .chain(s.buffers.entries())
+                .map(|e| (e.name.clone(), e.shape.clone()))
+                .collect()
+        };
+        assert_eq!(names(&folded), names(&plain), "{name}: folded tensors");
+        ghostv3::io::load_state(plain.state_mut(), &path).unwrap();
+        // Nothing to fold in the plain model: the file is complete and the model usable as is.
+        assert!(ghostv3::models::detect_options(&path).unwrap().deploy);
+        let x = random_input(&mut rng, 2, 64);
+        let (yf, yp) = (folded.predict(&x), plain.predict(&x));
+        assert_eq!(yf.data(), yp.data(), "{name}: reloaded plain model differs");
+        let params = |m: &ghostv3::models::Model| m.state().params.numel();
+        println!(
+            "{name}: train form {} params -> plain {} params, fold rel err {rel:.2e}, {:.1} s",
+            params(&train),
+            params(&plain),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+}

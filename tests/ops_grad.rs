@@ -1385,3 +1385,120 @@ fn kd_loss() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// relu6, max pool, channel split and shuffle (MobileNetV2, ResNet, ShuffleNetV2)
+
+#[test]
+fn relu6() {
+    let mut r = rng(2100);
+    let x = rand_away(&mut r, &[2, 3, 7, 9], 9.0, &[0.0, 6.0], 1e-3);
+    assert!(x.data().iter().any(|&v| v < 0.0) && x.data().iter().any(|&v| v > 6.0));
+    assert!(x.data().iter().any(|&v| v > 0.0 && v < 6.0));
+    check_unary("relu6", x, ops::relu6, |v| v.clamp(0.0, 6.0));
+}
+
+/// Direct max pool with -inf padding (PyTorch's rule).
+fn naive_max_pool(x: &Tensor<f64>, k: usize, s: usize, p: usize) -> Tensor<f64> {
+    let (n, c, h, w) = x.dims4();
+    let ho = (h + 2 * p - k) / s + 1;
+    let wo = (w + 2 * p - k) / s + 1;
+    let mut y = vec![f64::NEG_INFINITY; n * c * ho * wo];
+    for nc in 0..n * c {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let (iy, ix) = (
+                            (oy * s + ky) as isize - p as isize,
+                            (ox * s + kx) as isize - p as isize,
+                        );
+                        if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                            let v = x.data()[(nc * h + iy as usize) * w + ix as usize];
+                            let o = &mut y[(nc * ho + oy) * wo + ox];
+                            *o = o.max(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::new(&[n, c, ho, wo], y)
+}
+
+#[test]
+fn max_pool2d() {
+    let mut r = rng(2200);
+    // (n, c, h, w, kernel, stride, padding): ResNet's stem pool on even and odd maps, a map
+    // smaller than the window plus padding, and a plain 2x2.
+    for (n, c, h, w, k, s, p) in [
+        (2usize, 3usize, 8usize, 8usize, 3usize, 2usize, 1usize),
+        (1, 2, 7, 9, 3, 2, 1),
+        (2, 2, 2, 3, 3, 2, 1),
+        (1, 3, 6, 5, 2, 2, 0),
+        (1, 2, 5, 5, 3, 1, 1),
+    ] {
+        let name = format!("max_pool2d k{k} s{s} p{p} [{n},{c},{h},{w}]");
+        // Distinct values (a random permutation of a grid), so no window has a tie and FD is exact.
+        let m = n * c * h * w;
+        let mut vals: Vec<f64> = (0..m).map(|i| (i as f64 - m as f64 / 2.0) * 0.01).collect();
+        for i in (1..m).rev() {
+            vals.swap(i, r.random_range(0..=i));
+        }
+        let x = Tensor::new(&[n, c, h, w], vals);
+        let want = naive_max_pool(&x, k, s, p);
+        let (y, _) = fd_check(&name, &[wrt("x", x)], |t, v| {
+            ops::max_pool2d(t, v[0], k, s, p)
+        });
+        assert_fwd(&name, &y, &want);
+    }
+}
+
+#[test]
+fn channel_split_and_shuffle() {
+    let mut r = rng(2300);
+    for (n, c, h, w) in [(2usize, 6usize, 3usize, 4usize), (1, 4, 1, 1), (3, 8, 2, 5)] {
+        let x = rand_t(&mut r, &[n, c, h, w], -1.0, 1.0);
+        let hw = h * w;
+        let plane = |t: &Tensor<f64>, i: usize, ch: usize, cs: usize| {
+            t.data()[(i * cs + ch) * hw..(i * cs + ch + 1) * hw].to_vec()
+        };
+        // split: the two halves of x.chunk(2, dim=1)
+        for half in 0..2 {
+            let name = format!("split_channels half {half} [{n},{c},{h},{w}]");
+            let mut want = Vec::new();
+            for i in 0..n {
+                for ch in half * c / 2..(half + 1) * c / 2 {
+                    want.extend(plane(&x, i, ch, c));
+                }
+            }
+            let want = Tensor::new(&[n, c / 2, h, w], want);
+            let (y, _) = fd_check(&name, &[wrt("x", x.clone())], |t, v| {
+                let (a, b) = ops::split_channels(t, v[0]);
+                if half == 0 {
+                    a
+                } else {
+                    b
+                }
+            });
+            assert_fwd(&name, &y, &want);
+        }
+        // shuffle: view [N, g, C/g, H, W] -> transpose(1, 2) -> flatten, for g = 2 and g = c / 2
+        for g in [2, c / 2] {
+            let name = format!("channel_shuffle g{g} [{n},{c},{h},{w}]");
+            let mut want = Vec::new();
+            for i in 0..n {
+                for j in 0..c / g {
+                    for gi in 0..g {
+                        want.extend(plane(&x, i, gi * (c / g) + j, c));
+                    }
+                }
+            }
+            let want = Tensor::new(&[n, c, h, w], want);
+            let (y, _) = fd_check(&name, &[wrt("x", x.clone())], |t, v| {
+                ops::channel_shuffle(t, v[0], g)
+            });
+            assert_fwd(&name, &y, &want);
+        }
+    }
+}

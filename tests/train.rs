@@ -216,3 +216,58 @@ fn kd_term_changes_the_loss_and_leaves_the_teacher_alone() {
         "teacher weights changed"
     );
 }
+
+/// KD with a ResNet-18 teacher (the paper compares teachers, Table 3): the student (GhostNetV3)
+/// loss changes with alpha, the teacher runs in eval mode without gradients (its parameters, BN
+/// statistics and batch counters are untouched in memory) and its weights file is unchanged.
+#[test]
+fn kd_with_a_resnet18_teacher() {
+    use ghostv3::models::{create, ModelOptions};
+    let dir = run_dir("kd-resnet");
+    std::fs::create_dir_all(&dir).unwrap();
+    let teacher = create(
+        "resnet18",
+        &ModelOptions {
+            num_classes: 10,
+            deploy: true,
+            seed: 11,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tw = dir.join("resnet18.safetensors");
+    ghostv3::io::save_state(teacher.state(), &tw, Default::default()).unwrap();
+    let before = std::fs::read(&tw).unwrap();
+    let mut losses = Vec::new();
+    for alpha in ["0.0", "0.5", "1.0"] {
+        let sets = [
+            "train.epochs=1",
+            "schedule.epochs=1",
+            "kd.teacher=\"resnet18\"",
+            &format!("kd.teacher_weights=\"{}\"", tw.display()),
+            &format!("kd.alpha={alpha}"),
+            "kd.temperature=1.0",
+        ];
+        let mut t = Trainer::new(tiny(&sets), &dir.join(format!("run-{alpha}"))).unwrap();
+        t.quiet = true;
+        losses.push(t.run().unwrap().epochs[0].train_loss);
+        let tm = t.teacher().expect("teacher loaded");
+        assert_eq!(tm.name(), "resnet18");
+        assert!(
+            tm.state().params.flat() == teacher.state().params.flat()
+                && tm.state().buffers.flat() == teacher.state().buffers.flat(),
+            "teacher state changed in training"
+        );
+        assert!(tm.state().counters.iter().all(|(_, c)| *c == 0));
+    }
+    println!("train loss with a resnet18 teacher, alpha 0 / 0.5 / 1: {losses:?}");
+    assert!(
+        (losses[0] - losses[2]).abs() > 1e-3 && (losses[1] - losses[2]).abs() > 1e-4,
+        "KD weight has no effect: {losses:?}"
+    );
+    assert_eq!(
+        std::fs::read(&tw).unwrap(),
+        before,
+        "teacher weights changed"
+    );
+}

@@ -36,7 +36,7 @@ pub fn slice_channels<T: Elem>(tape: &mut Tape<T>, x: Var, start: usize, len: us
 /// Splits x into two equal channel halves (`x.chunk(2, dim=1)`).
 pub fn split_channels<T: Elem>(tape: &mut Tape<T>, x: Var) -> (Var, Var) {
     let c = tape.shape(x)[1];
-    assert!(c % 2 == 0, "split_channels: odd channel count {c}");
+    assert!(c.is_multiple_of(2), "split_channels: odd channel count {c}");
     let a = slice_channels(tape, x, 0, c / 2);
     let b = slice_channels(tape, x, c / 2, c / 2);
     (a, b)

@@ -278,6 +278,11 @@ impl Trainer {
         })
     }
 
+    /// The KD teacher, if the recipe has one (run in eval mode, never updated).
+    pub fn teacher(&self) -> Option<&Model> {
+        self.teacher.as_ref()
+    }
+
     fn say(&self, s: &str) {
         if !self.quiet {
             println!("{s}");
