@@ -249,7 +249,7 @@ impl Graph {
                     (*cout, 1, 1)
                 }
                 Op::ChannelShuffle { groups } => {
-                    if i0.0 % groups != 0 {
+                    if !i0.0.is_multiple_of(*groups) {
                         return Err(bad("channels not divisible by groups".into()));
                     }
                     i0

@@ -17,6 +17,9 @@ pub fn pad16(n: usize) -> usize {
 
 /// sigmoid(x) = 0.5 + 0.5 tanh(x / 2), tanh by a 13/6 rational approximation (Eigen's
 /// `generic_fast_tanh_float`, max abs error ~1e-7 on f32).
+///
+/// # Safety
+/// The ISA of `V` must be available.
 #[inline(always)]
 pub unsafe fn sigmoid_v<V: Vf>(x: V) -> V {
     let h = V::mul(x, V::splat(0.5));
@@ -25,8 +28,8 @@ pub unsafe fn sigmoid_v<V: Vf>(x: V) -> V {
     let t2 = V::mul(t, t);
     let mut p = V::splat(-2.760_768_5e-16);
     for a in [
-        2.000_187_9e-13,
-        -8.604_671_5e-11,
+        2.000_188e-13,
+        -8.604_672e-11,
         5.122_297e-8,
         1.485_722_4e-5,
         6.372_619_3e-4,
@@ -42,6 +45,8 @@ pub unsafe fn sigmoid_v<V: Vf>(x: V) -> V {
     V::fma(V::div(p, q), V::splat(0.5), V::splat(0.5))
 }
 
+/// # Safety
+/// The ISA of `V` must be available.
 #[inline(always)]
 pub unsafe fn act_v<V: Vf>(v: V, act: Act) -> V {
     match act {
@@ -227,7 +232,8 @@ unsafe fn dw_rows<V: Vf>(
 simd_fn!(pub fn depthwise => dw_rows(g: &ConvGeom, x: *const f32, y: *mut f32, wt: *const f32, bias: *const f32, r0: usize, r1: usize));
 
 /// Dense direct conv (groups 1, any kernel/stride), output rows [r0, r1). Weights packed
-/// [kh][kw][cin][cp], bias [cp]. Used for the stem (3 input channels).
+/// [kh][kw][cin][cp], bias [cp]. Used for the stem (3 input channels): four output pixels at a
+/// time where their taps lie inside the row, so four independent FMA chains hide the latency.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dense_rows<V: Vf>(
@@ -239,19 +245,51 @@ unsafe fn dense_rows<V: Vf>(
     r0: usize,
     r1: usize,
 ) {
+    const P: usize = 4;
     let (l, cp, s) = (V::L, g.cp, g.stride);
+    let ox_lo = g.pw.div_ceil(s).min(g.wo);
+    let ox_hi = if g.w + g.pw >= g.kw {
+        ((g.w + g.pw - g.kw) / s + 1).clamp(ox_lo, g.wo)
+    } else {
+        ox_lo
+    };
     for r in r0..r1 {
         let (img, oy) = (r / g.ho, r % g.ho);
         let xi = x.add(img * g.h * g.w * g.ldx);
         let yr = y.add(r * g.wo * g.ldy);
         let iy0 = (oy * s) as isize - g.ph as isize;
         let (ky_lo, ky_hi) = taps(iy0, g.kh, g.h);
-        for ox in 0..g.wo {
-            let ix0 = (ox * s) as isize - g.pw as isize;
-            let (kx_lo, kx_hi) = taps(ix0, g.kw, g.w);
-            let mut c0 = 0;
-            while c0 < g.cout {
-                let mut acc = V::load(bias.add(c0));
+        let mut c0 = 0;
+        while c0 < g.cout {
+            let n = (g.cout - c0).min(l);
+            let b = V::load(bias.add(c0));
+            let mut ox = 0;
+            while ox < g.wo {
+                if ox >= ox_lo && ox + P <= ox_hi {
+                    let ix0 = ox * s - g.pw;
+                    let mut acc = [b; P];
+                    for ky in ky_lo..ky_hi {
+                        let xrow = xi.offset((iy0 + ky as isize) * (g.w * g.ldx) as isize);
+                        for kx in 0..g.kw {
+                            let wp = wt.add((ky * g.kw + kx) * g.cin * cp + c0);
+                            for ci in 0..g.cin {
+                                let wv = V::load(wp.add(ci * cp));
+                                for (p, a) in acc.iter_mut().enumerate() {
+                                    let xv = *xrow.add((ix0 + p * s + kx) * g.ldx + ci);
+                                    *a = V::fma(V::splat(xv), wv, *a);
+                                }
+                            }
+                        }
+                    }
+                    for (p, a) in acc.iter().enumerate() {
+                        store_act(*a, g.act, yr.add((ox + p) * g.ldy + c0), n);
+                    }
+                    ox += P;
+                    continue;
+                }
+                let ix0 = (ox * s) as isize - g.pw as isize;
+                let (kx_lo, kx_hi) = taps(ix0, g.kw, g.w);
+                let mut acc = b;
                 for ky in ky_lo..ky_hi {
                     for kx in kx_lo..kx_hi {
                         let xp = xi.offset(
@@ -264,9 +302,10 @@ unsafe fn dense_rows<V: Vf>(
                         }
                     }
                 }
-                store_act(acc, g.act, yr.add(ox * g.ldy + c0), (g.cout - c0).min(l));
-                c0 += l;
+                store_act(acc, g.act, yr.add(ox * g.ldy + c0), n);
+                ox += 1;
             }
+            c0 += l;
         }
     }
 }

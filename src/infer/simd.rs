@@ -5,6 +5,10 @@
 //! intrinsics inline into code compiled for that ISA. The ISA is detected once at run time
 //! (`Isa::detect`); `GHOSTV3_ISA=portable|avx2|avx512` forces a lower one (tests use that to run
 //! the fallback on machines that have AVX-512).
+//!
+//! Every `Vf` method is unsafe for the same reason (documented once on the trait), so clippy's
+//! per-method safety-doc lint is silenced here.
+#![allow(clippy::missing_safety_doc)]
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -123,48 +127,48 @@ impl Vf for Portable {
     #[inline(always)]
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
         let mut r = c.0;
-        for i in 0..8 {
-            r[i] += a.0[i] * b.0[i];
+        for ((r, a), b) in r.iter_mut().zip(a.0).zip(b.0) {
+            *r += a * b;
         }
         Portable(r)
     }
     #[inline(always)]
     unsafe fn add(a: Self, b: Self) -> Self {
         let mut r = a.0;
-        for i in 0..8 {
-            r[i] += b.0[i];
+        for (r, b) in r.iter_mut().zip(b.0) {
+            *r += b;
         }
         Portable(r)
     }
     #[inline(always)]
     unsafe fn mul(a: Self, b: Self) -> Self {
         let mut r = a.0;
-        for i in 0..8 {
-            r[i] *= b.0[i];
+        for (r, b) in r.iter_mut().zip(b.0) {
+            *r *= b;
         }
         Portable(r)
     }
     #[inline(always)]
     unsafe fn div(a: Self, b: Self) -> Self {
         let mut r = a.0;
-        for i in 0..8 {
-            r[i] /= b.0[i];
+        for (r, b) in r.iter_mut().zip(b.0) {
+            *r /= b;
         }
         Portable(r)
     }
     #[inline(always)]
     unsafe fn max(a: Self, b: Self) -> Self {
         let mut r = a.0;
-        for i in 0..8 {
-            r[i] = r[i].max(b.0[i]);
+        for (r, b) in r.iter_mut().zip(b.0) {
+            *r = r.max(b);
         }
         Portable(r)
     }
     #[inline(always)]
     unsafe fn min(a: Self, b: Self) -> Self {
         let mut r = a.0;
-        for i in 0..8 {
-            r[i] = r[i].min(b.0[i]);
+        for (r, b) in r.iter_mut().zip(b.0) {
+            *r = r.min(b);
         }
         Portable(r)
     }

@@ -276,7 +276,7 @@ impl Gpu {
     /// The scale gradient of `mul_channel`: per plane sum of gy * x.
     pub fn mul_channel_backward_scale(&self, gy: &DBuf, x: &DBuf, hw: usize) -> Result<DBuf> {
         ensure!(
-            hw > 0 && gy.len() == x.len() && x.len() % hw == 0,
+            hw > 0 && gy.len() == x.len() && x.len().is_multiple_of(hw),
             "mul_channel backward shapes"
         );
         let planes = x.len() / hw;
