@@ -995,3 +995,83 @@ fn info_device_cuda() {
         }
     }
 }
+
+/// Without a GPU: every test above once more, in a child process, on the CPU emulator of
+/// libcuda/libcublas (cuda/emu: the same kernel sources compiled by g++, CUDA threads as fibers)
+/// with the real NVRTC compiling every kernel. Needs g++ and the CUDA 13 NVRTC (`.ci/run`
+/// installs it; GHOSTV3_REQUIRE_NVRTC=1 there makes a missing one a failure).
+#[test]
+fn cpu_emulator_runs_every_gpu_test() {
+    if std::env::var_os("GHOSTV3_EMU_CHILD").is_some() {
+        return;
+    }
+    if unavailable_reason().is_none() {
+        println!("skipped: a real CUDA device is present (the tests above ran on it)");
+        return;
+    }
+    let required = std::env::var("GHOSTV3_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+    let nvrtc = std::env::var_os("GHOSTV3_NVRTC13")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var("LD_LIBRARY_PATH")
+                .unwrap_or_default()
+                .split(':')
+                .map(|d| std::path::Path::new(d).join("libnvrtc.so.13"))
+                .find(|p| p.exists())
+        });
+    let Some(nvrtc) = nvrtc else {
+        assert!(!required, "NVRTC 13 not found and GHOSTV3_REQUIRE_NVRTC=1");
+        println!("skipped: NVRTC not found (set GHOSTV3_NVRTC13 or put libnvrtc.so.13 on LD_LIBRARY_PATH)");
+        return;
+    };
+    let has_gxx = std::process::Command::new("g++")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_gxx {
+        println!("skipped: g++ not found (needed to build the CUDA emulator)");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let build = std::process::Command::new("bash")
+        .arg(root.join("cuda/emu/build.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "building the CUDA emulator failed:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let emu = root.join("target/cuda-emu");
+    let nvrtc_dir = nvrtc.parent().unwrap();
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--test-threads=1",
+            "--skip",
+            "cpu_emulator_runs_every_gpu_test",
+        ])
+        .env("GHOSTV3_EMU_CHILD", "1")
+        .env(
+            "LD_LIBRARY_PATH",
+            format!("{}:{}", emu.display(), nvrtc_dir.display()),
+        )
+        .env("GHOSTV3_NVRTC", &nvrtc)
+        .env("GHOSTV3_CACHE_DIR", emu.join("cache"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tests on the CUDA emulator failed (output above)"
+    );
+    assert!(
+        !text.contains("skipped: no CUDA device"),
+        "the emulator was not picked up: the tests skipped"
+    );
+    println!(
+        "all CUDA tests passed on the CPU emulator in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}

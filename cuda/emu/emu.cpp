@@ -3,9 +3,8 @@
 // the names libcuda.so.1 and libcublas.so.13 (see build.sh). NVRTC is the real one (the engine
 // still compiles every kernel); the loaded image is ignored and each kernel runs from the same
 // .cu source compiled by g++ with shim.h: blocks one after another, the threads of a block as
-// real threads (so __syncthreads and warp shuffles are real barriers). Device pointers are host
+// fibers switched at __syncthreads and warp shuffles (real barriers, deterministic order). Device pointers are host
 // addresses. Only what the engine calls is here; anything else is a missing symbol.
-#include <barrier>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -14,7 +13,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
+#include <ucontext.h>
+#include <algorithm>
 #include <vector>
 
 #include "shim.h"
@@ -24,73 +24,126 @@ thread_local emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace {
 
 using Tramp = void (*)(void**);
-constexpr int kMaxThreads = 256;
+constexpr unsigned kMaxThreads = 1024;
+constexpr size_t kStack = 256 * 1024;
 
-struct BlockSync {
-  std::unique_ptr<std::barrier<>> block;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  double xch[kMaxThreads];
+// The threads of one block run as fibers on the launching OS thread (ucontext), switched at
+// barriers: __syncthreads waits for every live thread of the block, a warp shuffle for every
+// live thread of its warp. Deterministic, and no OS thread per CUDA thread.
+enum State { READY, WAIT_BLOCK, WAIT_WARP, DONE };
+
+struct Fiber {
+  ucontext_t ctx;
+  State state;
 };
 
-BlockSync* g_cur = nullptr;
-
-// Persistent workers, one per thread of a block; the launching thread drives them block by block.
-struct Pool {
-  std::vector<std::thread> workers;
-  std::barrier<> start{kMaxThreads + 1};
-  std::barrier<> done{kMaxThreads + 1};
+struct Block {
+  ucontext_t main;
+  Fiber f[kMaxThreads];
+  char* stacks = nullptr;
+  unsigned n = 0, cur = 0, live = 0, arrived = 0;
+  unsigned warp_live[kMaxThreads / 32], warp_arrived[kMaxThreads / 32];
+  double xch[kMaxThreads];
   Tramp fn = nullptr;
   void** params = nullptr;
-  emu_dim3 grid{}, block{}, bidx{};
-  unsigned nthreads = 0;
-  bool quit = false;
-
-  Pool() {
-    for (int i = 0; i < kMaxThreads; ++i) workers.emplace_back([this, i] { work(i); });
-  }
-  ~Pool() {
-    quit = true;
-    start.arrive_and_wait();
-    for (auto& t : workers) t.join();
-  }
-  void work(unsigned i) {
-    for (;;) {
-      start.arrive_and_wait();
-      if (quit) return;
-      if (i < nthreads) {
-        threadIdx = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
-        blockIdx = bidx;
-        blockDim = block;
-        gridDim = grid;
-        fn(params);
-        // This thread is done: the block's barriers stop waiting for it.
-        g_cur->block->arrive_and_drop();
-        g_cur->warps[i / 32]->arrive_and_drop();
-      }
-      done.arrive_and_wait();
-    }
-  }
+  emu_dim3 block{};
 };
 
+Block* B = nullptr;
 std::mutex g_launch;
 
-Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: workers live as long as the process
-  return *p;
+void set_thread_idx(unsigned t) {
+  threadIdx = {t % B->block.x, (t / B->block.x) % B->block.y, t / (B->block.x * B->block.y)};
+}
+
+void release(State s, unsigned warp) {
+  for (unsigned i = 0; i < B->n; ++i)
+    if (B->f[i].state == s && (s == WAIT_BLOCK || i / 32 == warp)) B->f[i].state = READY;
+}
+
+// Releases a barrier whose arrivals now equal its live threads (also after a thread exits).
+void check_barriers(unsigned warp) {
+  if (B->arrived > 0 && B->arrived == B->live) {
+    B->arrived = 0;
+    release(WAIT_BLOCK, 0);
+  }
+  if (B->warp_arrived[warp] > 0 && B->warp_arrived[warp] == B->warp_live[warp]) {
+    B->warp_arrived[warp] = 0;
+    release(WAIT_WARP, warp);
+  }
+}
+
+void yield_to_scheduler() { swapcontext(&B->f[B->cur].ctx, &B->main); }
+
+void warp_barrier() {
+  const unsigned w = B->cur / 32;
+  B->f[B->cur].state = WAIT_WARP;
+  B->warp_arrived[w]++;
+  check_barriers(w);
+  yield_to_scheduler();
+}
+
+void fiber_entry(int t) {
+  B->fn(B->params);
+  // This thread is done: barriers stop waiting for it.
+  B->f[t].state = DONE;
+  B->live--;
+  B->warp_live[t / 32]--;
+  check_barriers(t / 32);
+  // Returning resumes uc_link (the scheduler).
+}
+
+void run_block(unsigned n) {
+  B->n = n;
+  B->live = n;
+  B->arrived = 0;
+  for (unsigned w = 0; w * 32 < n; ++w) {
+    B->warp_live[w] = std::min(32u, n - w * 32);
+    B->warp_arrived[w] = 0;
+  }
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber& f = B->f[i];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = B->stacks + i * kStack;
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = &B->main;
+    makecontext(&f.ctx, (void (*)())fiber_entry, 1, (int)i);
+    f.state = READY;
+  }
+  for (unsigned done = 0; done < n;) {
+    bool progressed = false;
+    done = 0;
+    for (unsigned i = 0; i < n; ++i) {
+      if (B->f[i].state == READY) {
+        B->cur = i;
+        set_thread_idx(i);
+        swapcontext(&B->main, &B->f[i].ctx);
+        progressed = true;
+      }
+      done += B->f[i].state == DONE;
+    }
+    if (!progressed && done < n) {
+      fprintf(stderr, "CUDA emulator: deadlock (threads wait at barriers that others never reach)\n");
+      abort();
+    }
+  }
 }
 
 }  // namespace
 
-void emu_syncthreads() { g_cur->block->arrive_and_wait(); }
+void emu_syncthreads() {
+  B->f[B->cur].state = WAIT_BLOCK;
+  B->arrived++;
+  check_barriers(B->cur / 32);
+  yield_to_scheduler();
+}
 
 double emu_shfl_down(double v, int o) {
-  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  const unsigned lane = t & 31, w = t >> 5;
-  g_cur->xch[t] = v;
-  g_cur->warps[w]->arrive_and_wait();
-  const unsigned n = blockDim.x * blockDim.y * blockDim.z;
-  const double r = (lane + o < 32 && t + o < n) ? g_cur->xch[t + o] : v;
-  g_cur->warps[w]->arrive_and_wait();
+  const unsigned t = B->cur, lane = t & 31;
+  B->xch[t] = v;
+  warp_barrier();
+  const double r = (lane + o < 32 && t + o < B->n) ? B->xch[t + o] : v;
+  warp_barrier();
   return r;
 }
 
@@ -162,26 +215,24 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned, void*, void** params, void**) {
   const unsigned n = bx * by * bz;
-  if (n == 0 || n > (unsigned)kMaxThreads || gx == 0 || gy == 0 || gz == 0) return 1;
+  if (n == 0 || n > kMaxThreads || gx == 0 || gy == 0 || gz == 0) return 1;
   std::lock_guard<std::mutex> lock(g_launch);
-  Pool& p = pool();
-  p.fn = (Tramp)f;
-  p.params = params;
-  p.grid = {gx, gy, gz};
-  p.block = {bx, by, bz};
-  p.nthreads = n;
+  static Block* block = [] {
+    Block* b = new Block();
+    b->stacks = (char*)malloc(kStack * kMaxThreads);  // untouched pages cost nothing
+    return b;
+  }();
+  B = block;
+  B->fn = (Tramp)f;
+  B->params = params;
+  B->block = {bx, by, bz};
+  blockDim = {bx, by, bz};
+  gridDim = {gx, gy, gz};
   for (unsigned z = 0; z < gz; ++z)
     for (unsigned y = 0; y < gy; ++y)
       for (unsigned x = 0; x < gx; ++x) {
-        BlockSync s;
-        s.block = std::make_unique<std::barrier<>>(n);
-        for (unsigned w = 0; w * 32 < n; ++w)
-          s.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
-        g_cur = &s;
-        p.bidx = {x, y, z};
-        p.start.arrive_and_wait();
-        p.done.arrive_and_wait();
-        g_cur = nullptr;
+        blockIdx = {x, y, z};
+        run_block(n);
       }
   return 0;
 }
