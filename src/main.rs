@@ -582,18 +582,16 @@ fn infer_engine(
         Some(w) => load_model(args, w, false)?,
         None => models::create(&args.model, &args.options(None, !train_form)?)?,
     };
-    let net = m
-        .ghostnet()
-        .context("the fast inference path lowers GhostNetV3 models only")?;
-    infer::ghostnet_engine(net, &args.model)
+    infer::model_engine(&m)
 }
 
-/// The fast inference path for folded (deploy-form) GhostNetV3 weights; None for other models
-/// and for train-form weights (those keep the engine core's path).
+/// The fast inference path for folded (deploy-form) weights of a model it lowers; None for
+/// other models and for weights with training branches (those keep the engine core's path).
 fn fast_engine(m: &Model) -> Result<Option<infer::Engine>> {
-    match m.ghostnet() {
-        Some(net) if m.is_deploy() => Ok(Some(infer::ghostnet_engine(net, m.name())?)),
-        _ => Ok(None),
+    if m.is_deploy() && infer::lower::supports(m) {
+        Ok(Some(infer::model_engine(m)?))
+    } else {
+        Ok(None)
     }
 }
 

@@ -113,6 +113,39 @@ fn fast_path_matches_tape_160() {
     check_width(1.6, &[(1, 224), (8, 224), (2, 97)]);
 }
 
+/// Other registered models the engine lowers: GhostNet V1/V2 (plain conv + BN form) and
+/// MobileNetV2 (relu6), each trained with re-parameterization branches (folded at lowering)
+/// and in the plain form.
+#[test]
+fn fast_path_matches_tape_other_models() {
+    use ghostv3::models::{self, ModelOptions};
+    use ghostv3::nn::RepOptions;
+    for name in ["ghostnet_100", "ghostnetv2_100", "mobilenetv2_100"] {
+        for (branches, deploy) in [(3, false), (0, false)] {
+            let opts = ModelOptions {
+                num_classes: 50,
+                rep: RepOptions {
+                    branches,
+                    ..RepOptions::default()
+                },
+                deploy,
+                seed: 4,
+                ..Default::default()
+            };
+            let mut m = models::create(name, &opts).unwrap();
+            randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(5));
+            let e = infer::model_engine(&m).unwrap();
+            let (n, size) = (2, 97);
+            let x = random(&mut StdRng::seed_from_u64(6), n * 3 * size * size);
+            let want = m.predict(&Tensor::new(&[n, 3, size, size], x.clone()));
+            let rel = rel_err(&e.run(&x, n, size, size).unwrap(), want.data());
+            println!("{name} (branches {branches}) batch {n} {size}x{size}: {rel:.2e}");
+            assert!(want.max_abs() > 1e-2, "degenerate logits");
+            assert!(rel <= 1e-4, "{name} branches {branches}: {rel:.2e}");
+        }
+    }
+}
+
 /// The portable and AVX2 paths give the same network outputs (forced ISA; batch 1 splits layers
 /// across threads, batch 3 splits the batch).
 #[test]
@@ -242,9 +275,22 @@ fn onnx_export_matches_onnxruntime() {
     let dir = std::env::temp_dir().join(format!("ghostv3-onnx-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ort_tool.py");
-    for (width, n, size) in [(0.5, 2, 97), (1.0, 1, 224)] {
-        let net = train_form(width, 7);
-        let engine = infer::ghostnet_engine(&net, "ghostnet").unwrap();
+    let mobilenet = || {
+        let opts = ghostv3::models::ModelOptions {
+            num_classes: 20,
+            ..Default::default()
+        };
+        let mut m = ghostv3::models::create("mobilenetv2_100", &opts).unwrap();
+        randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(8));
+        infer::model_engine(&m).unwrap()
+    };
+    for (width, n, size) in [(0.5, 2, 97), (1.0, 1, 224), (0.0, 2, 64)] {
+        // width 0: MobileNetV2 (relu6 as Clip).
+        let engine = if width == 0.0 {
+            mobilenet()
+        } else {
+            infer::ghostnet_engine(&train_form(width, 7), "ghostnet").unwrap()
+        };
         let model = dir.join("m.onnx");
         std::fs::write(
             &model,

@@ -6,6 +6,8 @@
 
 use super::graph::{Act, ConvSpec, Graph, Op, ValueId};
 use crate::models::ghostnet::GhostNet;
+use crate::models::mobilenetv2::MobileNetV2;
+use crate::models::{Model, Net};
 use crate::nn::ghost::{GhostBottleneck, GhostModule};
 use crate::nn::{BatchNorm2d, Conv2d, Linear, RepConv, State};
 use anyhow::{bail, Result};
@@ -150,13 +152,83 @@ fn bottleneck(
     Ok(g.push(format!("{name}.add"), Op::Add(Act::None), &[h, sc]))
 }
 
-/// GhostNet (V3) in either form: the train form is folded first (`reparam::fold`).
+fn has_branches(convs: &[&RepConv]) -> bool {
+    convs.iter().any(|r| matches!(r, RepConv::Train { .. }))
+}
+
+/// Whether `lower::model` handles this architecture.
+pub fn supports(m: &Model) -> bool {
+    matches!(m.net, Net::GhostNet(_) | Net::MobileNetV2(_))
+}
+
+/// Any supported registered model, in either form (a model trained with branches is folded
+/// first). GhostNet V1/V2/V3 and MobileNetV2; ShuffleNetV2 and ResNet are not lowered yet (the
+/// IR has their ops: channel split/shuffle, max pool).
+pub fn model(m: &Model) -> Result<Graph> {
+    if has_branches(&m.rep_convs()) {
+        let folded = crate::reparam::fold(m)?;
+        return model(&folded);
+    }
+    match &m.net {
+        Net::GhostNet(g) => ghostnet_deploy(g, &g.state, m.name()),
+        Net::MobileNetV2(mb) => mobilenetv2(mb, &mb.state, m.name()),
+        _ => bail!(
+            "{}: the fast inference path lowers GhostNet and MobileNetV2 models only",
+            m.name()
+        ),
+    }
+}
+
+/// MobileNetV2 in its plain (folded) form.
+pub fn mobilenetv2(net: &MobileNetV2, state: &State, name: &str) -> Result<Graph> {
+    let mut g = Graph::new(name, 3);
+    let mut h = g.push(
+        "conv_stem",
+        Op::Conv(conv_bn(
+            state,
+            &net.stem.conv,
+            Some(&net.stem.bn),
+            Act::Relu6,
+        )),
+        &[g.input()],
+    );
+    for (i, blk) in net.blocks.iter().enumerate() {
+        let x = h;
+        let last = blk.convs.len() - 1;
+        for (j, c) in blk.convs.iter().enumerate() {
+            let act = if j < last { Act::Relu6 } else { Act::None };
+            h = g.push(
+                format!("blocks.{i}.conv{j}"),
+                Op::Conv(rep_conv(state, c, act)?),
+                &[h],
+            );
+        }
+        if blk.skip {
+            h = g.push(format!("blocks.{i}.add"), Op::Add(Act::None), &[h, x]);
+        }
+    }
+    h = g.push(
+        "conv_head",
+        Op::Conv(conv_bn(
+            state,
+            &net.head.conv,
+            Some(&net.head.bn),
+            Act::Relu6,
+        )),
+        &[h],
+    );
+    h = g.push("global_pool", Op::GlobalAvgPool, &[h]);
+    g.push(
+        "classifier",
+        linear(state, &net.classifier, Act::None),
+        &[h],
+    );
+    Ok(g)
+}
+
+/// GhostNet in either form: the train form is folded first (`reparam::fold`).
 pub fn ghostnet(net: &GhostNet, name: &str) -> Result<Graph> {
-    if net
-        .rep_convs()
-        .iter()
-        .any(|r| matches!(r, RepConv::Train { .. }))
-    {
+    if has_branches(&net.rep_convs()) {
         let folded = crate::reparam::fold(net)?;
         return ghostnet_deploy(&folded, &folded.state, name);
     }

@@ -18,7 +18,13 @@ pub use graph::{Act, Graph, Op};
 pub use simd::Isa;
 
 use crate::models::ghostnet::GhostNet;
+use crate::models::Model;
 use anyhow::Result;
+
+/// An engine for any supported registered model (`lower::supports`), in either form.
+pub fn model_engine(m: &Model) -> Result<Engine> {
+    Ok(Engine::new(lower::model(m)?))
+}
 
 /// The inference graph of a GhostNet in either form (train form is folded first).
 pub fn ghostnet_graph(net: &GhostNet, name: &str) -> Result<Graph> {
