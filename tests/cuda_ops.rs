@@ -924,6 +924,50 @@ fn fused_lamb_and_ema_match_cpu() {
     }
 }
 
+/// Views into one flat buffer (as parameters and gradients live): kernels read a weight view,
+/// write through a gradient view, and nothing outside the view changes.
+#[test]
+fn views_into_flat_buffers() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(85);
+    let (c, k) = (6, 3);
+    let x = rand_t(&mut rng, &[2, c, 9, 8], -1.0, 1.0);
+    let w = rand_t(&mut rng, &[c, 1, k, k], -0.5, 0.5);
+    // flat = [17 other values | w | 5 other values]
+    let mut flat = rand_vec(&mut rng, 17, -1.0, 1.0);
+    flat.extend_from_slice(w.data());
+    flat.extend(rand_vec(&mut rng, 5, -1.0, 1.0));
+    let fb = g.upload(&flat).unwrap();
+    let wv = fb.view(17, w.numel());
+    close("download of a view", &down(&g, &wv), w.data(), 0.0);
+    let geom = ConvGeom::new(x.shape(), w.shape(), (1, 1), (1, 1), c).unwrap();
+    let xb = up(&g, &x);
+    let y_view = g.conv2d_forward(&geom, &xb, &wv, None).unwrap();
+    let y_own = g.conv2d_forward(&geom, &xb, &up(&g, &w), None).unwrap();
+    close(
+        "conv with a view weight",
+        &down(&g, &y_view),
+        &down(&g, &y_own),
+        0.0,
+    );
+    // Accumulate into the middle of a flat gradient buffer.
+    let mut grads = g.upload(&flat).unwrap();
+    {
+        let mut gv = grads.view_mut(17, w.numel());
+        let add = up(&g, &w);
+        g.add_assign(&mut gv, &add).unwrap();
+    }
+    let mut want = flat.clone();
+    for (i, v) in w.data().iter().enumerate() {
+        want[17 + i] += v;
+    }
+    close("add_assign through a view", &down(&g, &grads), &want, 0.0);
+    grads = g.upload(&want).unwrap();
+    g.upload_into(w.data(), &mut grads.view_mut(17, w.numel()))
+        .unwrap();
+    close("upload into a view", &down(&g, &grads), &flat, 0.0);
+}
+
 /// A loop that allocates the same shapes every step stops asking the driver for memory.
 #[test]
 fn caching_allocator_reuses_buffers() {

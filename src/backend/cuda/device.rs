@@ -4,9 +4,9 @@
 use super::nvrtc::{self, Nvrtc, Target};
 use super::pool::{DevBuf, Pool, PoolStats};
 use super::sources::{self, ParamKind};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -223,35 +223,93 @@ impl Gpu {
     }
 
     pub fn zeros(&self, n: usize) -> Result<DBuf> {
-        let mut b = self.f32s.alloc(n)?;
-        self.stream.memset_zeros(b.slice_mut())?;
+        let b = self.f32s.alloc(n)?;
+        self.memset(&b, 0)?;
         Ok(b)
+    }
+
+    /// Sets every byte of the buffer's elements to `v`.
+    fn memset<T>(&self, b: &DevBuf<T>, v: u8) -> Result<()> {
+        let bytes = b.len() * std::mem::size_of::<T>();
+        if bytes > 0 {
+            // SAFETY: the buffer (or view) holds `bytes` bytes at its address.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    b.device_ptr(),
+                    v,
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            }?;
+        }
+        Ok(())
+    }
+
+    fn htod<T: DeviceRepr>(&self, x: &[T], b: &DevBuf<T>) -> Result<()> {
+        ensure!(
+            b.len() >= x.len(),
+            "copy of {} values into {}",
+            x.len(),
+            b.len()
+        );
+        if !x.is_empty() {
+            self.ctx.bind_to_thread()?;
+            // SAFETY: the buffer holds x.len() elements; the copy completes before `x` can be
+            // freed because pageable host copies are synchronous with respect to the host.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    b.device_ptr(),
+                    x,
+                    self.stream.cu_stream(),
+                )
+            }?;
+        }
+        Ok(())
+    }
+
+    fn dtoh<T: DeviceRepr + Default + Clone>(&self, b: &DevBuf<T>) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); b.len()];
+        if !v.is_empty() {
+            self.ctx.bind_to_thread()?;
+            // SAFETY: the buffer holds v.len() elements; synchronized before `v` is read.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut v,
+                    b.device_ptr(),
+                    self.stream.cu_stream(),
+                )
+            }?;
+            self.stream.synchronize()?;
+        }
+        Ok(v)
     }
 
     pub fn upload(&self, x: &[f32]) -> Result<DBuf> {
-        let mut b = self.f32s.alloc(x.len())?;
-        if !x.is_empty() {
-            self.stream
-                .memcpy_htod(x, &mut b.slice_mut().slice_mut(0..x.len()))?;
-        }
+        let b = self.f32s.alloc(x.len())?;
+        self.htod(x, &b)?;
         Ok(b)
     }
 
+    /// Copies host values into an existing buffer or view (e.g. one tensor of a flat buffer).
+    pub fn upload_into(&self, x: &[f32], b: &mut DBuf) -> Result<()> {
+        ensure!(
+            b.len() == x.len(),
+            "upload of {} values into {}",
+            x.len(),
+            b.len()
+        );
+        self.htod(x, b)
+    }
+
     pub(crate) fn upload_i32(&self, x: &[i32]) -> Result<DevBuf<i32>> {
-        let mut b = self.i32s.alloc(x.len())?;
-        if !x.is_empty() {
-            self.stream
-                .memcpy_htod(x, &mut b.slice_mut().slice_mut(0..x.len()))?;
-        }
+        let b = self.i32s.alloc(x.len())?;
+        self.htod(x, &b)?;
         Ok(b)
     }
 
     pub(crate) fn upload_i64(&self, x: &[i64]) -> Result<DevBuf<i64>> {
-        let mut b = self.i64s.alloc(x.len())?;
-        if !x.is_empty() {
-            self.stream
-                .memcpy_htod(x, &mut b.slice_mut().slice_mut(0..x.len()))?;
-        }
+        let b = self.i64s.alloc(x.len())?;
+        self.htod(x, &b)?;
         Ok(b)
     }
 
@@ -259,24 +317,14 @@ impl Gpu {
         self.f64s.alloc(n)
     }
 
-    /// Copies to the host (synchronizes the stream).
+    /// Copies to the host (synchronizes the stream). Works on views too.
     pub fn download(&self, b: &DBuf) -> Result<Vec<f32>> {
-        let mut v = vec![0f32; b.len()];
-        if !v.is_empty() {
-            self.stream
-                .memcpy_dtoh(&b.slice().slice(0..b.len()), &mut v)?;
-        }
-        Ok(v)
+        self.dtoh(b)
     }
 
     /// Copies an f64 buffer (statistics) to the host.
     pub fn download_f64(&self, b: &DevBuf<f64>) -> Result<Vec<f64>> {
-        let mut v = vec![0f64; b.len()];
-        if !v.is_empty() {
-            self.stream
-                .memcpy_dtoh(&b.slice().slice(0..b.len()), &mut v)?;
-        }
-        Ok(v)
+        self.dtoh(b)
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -6,7 +6,7 @@ use super::device::Gpu;
 use super::pool::DevBuf;
 use super::sources::{self, ParamKind};
 use anyhow::{anyhow, Result};
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// LAMB's per-step scalars, laid out as `struct LambCoef` in cuda/optim.cu.
 #[repr(C)]
@@ -40,14 +40,13 @@ pub enum Arg {
 }
 
 /// The device pointer of a buffer.
-pub fn ptr<T: DeviceRepr>(gpu: &Gpu, b: &DevBuf<T>) -> Arg {
-    let (p, _sync) = b.slice().device_ptr(&gpu.stream);
-    Arg::Ptr(p)
+pub fn ptr<T>(b: &DevBuf<T>) -> Arg {
+    Arg::Ptr(b.device_ptr())
 }
 
 /// The device pointer of an optional buffer, null when absent.
-pub fn opt_ptr<T: DeviceRepr>(gpu: &Gpu, b: Option<&DevBuf<T>>) -> Arg {
-    b.map_or(Arg::Ptr(0), |b| ptr(gpu, b))
+pub fn opt_ptr<T>(b: Option<&DevBuf<T>>) -> Arg {
+    b.map_or(Arg::Ptr(0), ptr)
 }
 
 pub fn i32a(v: usize) -> Arg {

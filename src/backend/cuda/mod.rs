@@ -16,7 +16,7 @@ pub mod sources;
 
 pub use device::{cublas_present, driver_present, unavailable_reason, DBuf, Gpu};
 pub use ops::{BnGrads, BnSaved, ConvGradsGpu, LambGpu, RepDwGeom, RepDwGrads, RepDwSaved};
-pub use pool::{DevBuf, PoolStats};
+pub use pool::{DevBuf, PoolStats, View, ViewMut};
 
 /// What `ghostv3 info --device cuda` reports: the GPU through NVML, and whether the kernels
 /// compile and load; and whether all of it works. Never panics; each missing piece is a line.

@@ -11,8 +11,7 @@ use crate::ops::pool::nearest_indices;
 use crate::optim::{LambOptions, Layout};
 use anyhow::{bail, ensure, Result};
 use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::LaunchConfig;
 
 fn need(what: &str, b: &DBuf, n: usize) -> Result<()> {
     ensure!(
@@ -170,7 +169,7 @@ impl Gpu {
             "elementwise",
             name,
             self.grid(n),
-            &[ptr(self, x), ptr(self, &y), i64a(n)],
+            &[ptr(x), ptr(&y), i64a(n)],
         )?;
         Ok(y)
     }
@@ -188,7 +187,7 @@ impl Gpu {
             "elementwise",
             name,
             self.grid(n),
-            &[ptr(self, a), ptr(self, b), ptr(self, &y), i64a(n)],
+            &[ptr(a), ptr(b), ptr(&y), i64a(n)],
         )?;
         Ok(y)
     }
@@ -199,7 +198,7 @@ impl Gpu {
             "elementwise",
             "fill_f32",
             self.grid(n),
-            &[ptr(self, y), Arg::F32(v), i64a(n)],
+            &[ptr(y), Arg::F32(v), i64a(n)],
         )
     }
 
@@ -238,7 +237,7 @@ impl Gpu {
             "elementwise",
             "add_inplace",
             self.grid(n),
-            &[ptr(self, y), ptr(self, x), i64a(n)],
+            &[ptr(y), ptr(x), i64a(n)],
         )
     }
     pub fn scale(&self, x: &DBuf, a: f32) -> Result<DBuf> {
@@ -248,7 +247,7 @@ impl Gpu {
             "elementwise",
             "scale_fwd",
             self.grid(n),
-            &[ptr(self, x), Arg::F32(a), ptr(self, &y), i64a(n)],
+            &[ptr(x), Arg::F32(a), ptr(&y), i64a(n)],
         )?;
         Ok(y)
     }
@@ -268,7 +267,7 @@ impl Gpu {
             "elementwise",
             "mul_channel_fwd",
             self.grid(n),
-            &[ptr(self, x), ptr(self, s), ptr(self, &y), i64a(hw), i64a(n)],
+            &[ptr(x), ptr(s), ptr(&y), i64a(hw), i64a(n)],
         )?;
         Ok(y)
     }
@@ -285,7 +284,7 @@ impl Gpu {
             "elementwise",
             "mul_channel_bwd_ds",
             blocks(planes, 1, 1),
-            &[ptr(self, gy), ptr(self, x), ptr(self, &ds), i32a(hw)],
+            &[ptr(gy), ptr(x), ptr(&ds), i32a(hw)],
         )?;
         Ok(ds)
     }
@@ -299,14 +298,14 @@ impl Gpu {
             "elementwise",
             "chan_sum_partial",
             blocks(c, s, 1),
-            &[ptr(self, a), i32a(n), i32a(c), i32a(hw), ptr(self, &part)],
+            &[ptr(a), i32a(n), i32a(c), i32a(hw), ptr(&part)],
         )?;
         let out = self.alloc(c)?;
         self.launch(
             "elementwise",
             "chan_sum_finalize",
             self.grid(c),
-            &[ptr(self, &part), i32a(s), i32a(c), ptr(self, &out)],
+            &[ptr(&part), i32a(s), i32a(c), ptr(&out)],
         )?;
         Ok(out)
     }
@@ -319,7 +318,7 @@ impl Gpu {
             "elementwise",
             "sum_rows",
             self.grid(k),
-            &[ptr(self, a), i32a(r), i64a(k), ptr(self, &out)],
+            &[ptr(a), i32a(r), i64a(k), ptr(&out)],
         )?;
         Ok(out)
     }
@@ -333,8 +332,8 @@ impl Gpu {
             "ema_blend",
             self.grid(n),
             &[
-                ptr(self, e),
-                ptr(self, x),
+                ptr(e),
+                ptr(x),
                 Arg::F32(d as f32),
                 Arg::F32((1.0 - d) as f32),
                 i64a(n),
@@ -362,7 +361,7 @@ impl Gpu {
             "batch_norm",
             "bn_stats_partial",
             blocks(c, s, 1),
-            &[ptr(self, x), i32a(n), i32a(c), i32a(hw), ptr(self, &part)],
+            &[ptr(x), i32a(n), i32a(c), i32a(hw), ptr(&part)],
         )?;
         let saved = BnSaved {
             mean: self.alloc_f64(c)?,
@@ -378,19 +377,19 @@ impl Gpu {
             "bn_stats_finalize",
             self.grid(c),
             &[
-                ptr(self, &part),
+                ptr(&part),
                 i32a(s),
                 i32a(c),
                 Arg::F64((n * hw) as f64),
                 Arg::F64(eps),
-                ptr(self, gamma),
-                ptr(self, beta),
-                ptr(self, &saved.mean),
-                opt_ptr(self, saved.var.as_ref()),
-                ptr(self, &saved.invstd),
-                ptr(self, &saved.center),
-                ptr(self, &saved.scale),
-                ptr(self, &saved.shift),
+                ptr(gamma),
+                ptr(beta),
+                ptr(&saved.mean),
+                opt_ptr(saved.var.as_ref()),
+                ptr(&saved.invstd),
+                ptr(&saved.center),
+                ptr(&saved.scale),
+                ptr(&saved.shift),
             ],
         )?;
         Ok(saved)
@@ -411,11 +410,11 @@ impl Gpu {
             "bn_apply",
             self.grid(total),
             &[
-                ptr(self, x),
-                ptr(self, &y),
-                ptr(self, &saved.center),
-                ptr(self, &saved.scale),
-                ptr(self, &saved.shift),
+                ptr(x),
+                ptr(&y),
+                ptr(&saved.center),
+                ptr(&saved.scale),
+                ptr(&saved.shift),
                 i32a(c),
                 i32a(hw),
                 i64a(total),
@@ -467,17 +466,17 @@ impl Gpu {
             "bn_eval_coef",
             self.grid(c),
             &[
-                ptr(self, running_mean),
-                ptr(self, running_var),
+                ptr(running_mean),
+                ptr(running_var),
                 i32a(c),
                 Arg::F64(eps),
-                ptr(self, gamma),
-                ptr(self, beta),
-                ptr(self, &saved.mean),
-                ptr(self, &saved.invstd),
-                ptr(self, &saved.center),
-                ptr(self, &saved.scale),
-                ptr(self, &saved.shift),
+                ptr(gamma),
+                ptr(beta),
+                ptr(&saved.mean),
+                ptr(&saved.invstd),
+                ptr(&saved.center),
+                ptr(&saved.scale),
+                ptr(&saved.shift),
             ],
         )?;
         let y = self.batch_norm_apply(x, &saved, dims)?;
@@ -503,13 +502,13 @@ impl Gpu {
             "bn_bwd_partial",
             blocks(c, s, 1),
             &[
-                ptr(self, gy),
-                ptr(self, x),
-                ptr(self, &saved.mean),
+                ptr(gy),
+                ptr(x),
+                ptr(&saved.mean),
                 i32a(n),
                 i32a(c),
                 i32a(hw),
-                ptr(self, &part),
+                ptr(&part),
             ],
         )?;
         let (dgamma, dbeta) = (self.alloc(c)?, self.alloc(c)?);
@@ -519,18 +518,18 @@ impl Gpu {
             "bn_bwd_finalize",
             self.grid(c),
             &[
-                ptr(self, &part),
+                ptr(&part),
                 i32a(s),
                 i32a(c),
                 Arg::F64((n * hw) as f64),
                 Arg::I32(train as i32),
-                ptr(self, gamma),
-                ptr(self, &saved.invstd),
-                ptr(self, &dgamma),
-                ptr(self, &dbeta),
-                ptr(self, &ka),
-                ptr(self, &kb),
-                ptr(self, &kc),
+                ptr(gamma),
+                ptr(&saved.invstd),
+                ptr(&dgamma),
+                ptr(&dbeta),
+                ptr(&ka),
+                ptr(&kb),
+                ptr(&kc),
             ],
         )?;
         let total = n * c * hw;
@@ -540,13 +539,13 @@ impl Gpu {
             "bn_bwd_dx",
             self.grid(total),
             &[
-                ptr(self, gy),
-                ptr(self, x),
-                ptr(self, &saved.center),
-                ptr(self, &ka),
-                ptr(self, &kb),
-                ptr(self, &kc),
-                ptr(self, &dx),
+                ptr(gy),
+                ptr(x),
+                ptr(&saved.center),
+                ptr(&ka),
+                ptr(&kb),
+                ptr(&kc),
+                ptr(&dx),
                 i32a(c),
                 i32a(hw),
                 i64a(total),
@@ -572,10 +571,10 @@ impl Gpu {
             "bn_running_update",
             self.grid(c),
             &[
-                ptr(self, running_mean),
-                ptr(self, running_var),
-                ptr(self, &saved.mean),
-                ptr(self, var),
+                ptr(running_mean),
+                ptr(running_var),
+                ptr(&saved.mean),
+                ptr(var),
                 i32a(c),
                 Arg::F64(momentum),
                 Arg::F64(saved.count as f64),
@@ -603,17 +602,23 @@ impl Gpu {
     pub(crate) fn gemm_rm(
         &self,
         (m, n, k): (usize, usize, usize),
-        a: &CudaSlice<f32>,
+        a: &DBuf,
         ta: bool,
         sa: usize,
-        b: &CudaSlice<f32>,
+        b: &DBuf,
         tb: bool,
         sb: usize,
-        c: &mut CudaSlice<f32>,
+        c: &DBuf,
         sc: usize,
         beta: f32,
         batch: usize,
     ) -> Result<()> {
+        // Every matrix of the batch must lie inside its buffer.
+        let span = |s: usize, rows: usize, cols: usize| s * (batch - 1) + rows * cols;
+        ensure!(
+            a.len() >= span(sa, m, k) && b.len() >= span(sb, k, n) && c.len() >= span(sc, m, n),
+            "GEMM {m}x{n}x{k} (batch {batch}) does not fit its buffers"
+        );
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T
@@ -622,35 +627,54 @@ impl Gpu {
             }
         };
         let d = |v: usize| i32::try_from(v).expect("GEMM size fits i32");
-        // C^T = op(B)^T op(A)^T in column-major terms.
-        let gemm = GemmConfig {
-            transa: op(tb),
-            transb: op(ta),
-            m: d(n),
-            n: d(m),
-            k: d(k),
-            alpha: 1.0f32,
-            lda: d(if tb { k } else { n }),
-            ldb: d(if ta { m } else { k }),
-            beta,
-            ldc: d(n),
-        };
-        // SAFETY: callers size a, b and c for these dimensions, strides and batch counts.
+        let (alpha, beta_) = (1.0f32, beta);
+        let (pa, pb, pc) = (
+            a.device_ptr() as *const f32,
+            b.device_ptr() as *const f32,
+            c.device_ptr() as *mut f32,
+        );
+        let h = *self.blas.handle();
+        // C^T = op(B)^T op(A)^T in column-major terms: cuBLAS's A is our B and vice versa.
+        let (lda, ldb) = (d(if tb { k } else { n }), d(if ta { m } else { k }));
+        // SAFETY: the buffers hold the matrices (checked above); the handle runs on our stream.
         let r = unsafe {
             if batch == 1 {
-                self.blas.gemm(gemm, b, a, c)
+                cudarc::cublas::result::sgemm(
+                    h,
+                    op(tb),
+                    op(ta),
+                    d(n),
+                    d(m),
+                    d(k),
+                    &alpha,
+                    pb,
+                    lda,
+                    pa,
+                    ldb,
+                    &beta_,
+                    pc,
+                    d(n),
+                )
             } else {
-                self.blas.gemm_strided_batched(
-                    StridedBatchedConfig {
-                        gemm,
-                        batch_size: d(batch),
-                        stride_a: sb as i64,
-                        stride_b: sa as i64,
-                        stride_c: sc as i64,
-                    },
-                    b,
-                    a,
-                    c,
+                cudarc::cublas::result::sgemm_strided_batched(
+                    h,
+                    op(tb),
+                    op(ta),
+                    d(n),
+                    d(m),
+                    d(k),
+                    &alpha,
+                    pb,
+                    lda,
+                    sb as i64,
+                    pa,
+                    ldb,
+                    sa as i64,
+                    &beta_,
+                    pc,
+                    d(n),
+                    sc as i64,
+                    d(batch),
                 )
             }
         };
@@ -692,12 +716,7 @@ impl Gpu {
         let total = g.n * g.cout * p;
         if g.is_depthwise() {
             let y = self.alloc(total)?;
-            let mut args = vec![
-                ptr(self, x),
-                ptr(self, w),
-                opt_ptr(self, bias),
-                ptr(self, &y),
-            ];
+            let mut args = vec![ptr(x), ptr(w), opt_ptr(bias), ptr(&y)];
             args.extend(Self::geom_args(g));
             self.launch("conv", "dw_fwd", self.grid(total), &args)?;
             return Ok(y);
@@ -708,16 +727,16 @@ impl Gpu {
             g.groups
         );
         if g.is_pointwise() {
-            let mut y = self.alloc(total)?;
+            let y = self.alloc(total)?;
             self.gemm_rm(
                 (g.cout, p, g.cin),
-                w.slice(),
+                w,
                 false,
                 0,
-                x.slice(),
+                x,
                 false,
                 g.cin * p,
-                y.slice_mut(),
+                &y,
                 g.cout * p,
                 0.0,
                 g.n,
@@ -728,13 +747,7 @@ impl Gpu {
                     "elementwise",
                     "add_channel_bias",
                     self.grid(total),
-                    &[
-                        ptr(self, &y),
-                        ptr(self, b),
-                        i32a(g.cout),
-                        i64a(p),
-                        i64a(total),
-                    ],
+                    &[ptr(&y), ptr(b), i32a(g.cout), i64a(p), i64a(total)],
                 )?;
             }
             return Ok(y);
@@ -742,19 +755,19 @@ impl Gpu {
         let kdim = g.cin * g.kh * g.kw;
         let np = g.n * p;
         let col = self.alloc(kdim * np)?;
-        let mut args = vec![ptr(self, x), ptr(self, &col)];
+        let mut args = vec![ptr(x), ptr(&col)];
         args.extend(Self::geom_args(g));
         self.launch("conv", "im2col", self.grid(kdim * np), &args)?;
-        let mut ycnp = self.alloc(g.cout * np)?;
+        let ycnp = self.alloc(g.cout * np)?;
         self.gemm_rm(
             (g.cout, np, kdim),
-            w.slice(),
+            w,
             false,
             0,
-            col.slice(),
+            &col,
             false,
             0,
-            ycnp.slice_mut(),
+            &ycnp,
             0,
             0.0,
             1,
@@ -765,9 +778,9 @@ impl Gpu {
             "cnp_to_ncp",
             self.grid(total),
             &[
-                ptr(self, &ycnp),
-                opt_ptr(self, bias),
-                ptr(self, &y),
+                ptr(&ycnp),
+                opt_ptr(bias),
+                ptr(&y),
                 i32a(g.n),
                 i32a(g.cout),
                 i64a(p),
@@ -797,7 +810,7 @@ impl Gpu {
         if g.is_depthwise() {
             let dx = if need_dx {
                 let dx = self.alloc(xs)?;
-                let mut args = vec![ptr(self, dy), ptr(self, w), ptr(self, &dx)];
+                let mut args = vec![ptr(dy), ptr(w), ptr(&dx)];
                 args.extend(Self::geom_args(g));
                 self.launch("conv", "dw_bwd_dx", self.grid(xs), &args)?;
                 Some(dx)
@@ -813,22 +826,16 @@ impl Gpu {
                 let kk = g.kh * g.kw;
                 let s = self.splits(g.cin, g.n * p);
                 let part = self.alloc_f64(g.cin * s * kk)?;
-                let mut args = vec![ptr(self, dy), ptr(self, x)];
+                let mut args = vec![ptr(dy), ptr(x)];
                 args.extend(Self::geom_args(g));
-                args.push(ptr(self, &part));
+                args.push(ptr(&part));
                 self.launch("conv", "dw_bwd_dw_partial", blocks(g.cin, s, 1), &args)?;
                 let dw = self.alloc(g.cin * kk)?;
                 self.launch(
                     "conv",
                     "dw_bwd_dw_finalize",
                     self.grid(g.cin * kk),
-                    &[
-                        ptr(self, &part),
-                        i32a(s),
-                        i32a(g.cin),
-                        i32a(kk),
-                        ptr(self, &dw),
-                    ],
+                    &[ptr(&part), i32a(s), i32a(g.cin), i32a(kk), ptr(&dw)],
                 )?;
                 Some(dw)
             } else {
@@ -843,16 +850,16 @@ impl Gpu {
         );
         if g.is_pointwise() {
             let dx = if need_dx {
-                let mut dx = self.alloc(xs)?;
+                let dx = self.alloc(xs)?;
                 self.gemm_rm(
                     (g.cin, p, g.cout),
-                    w.slice(),
+                    w,
                     true,
                     0,
-                    dy.slice(),
+                    dy,
                     false,
                     g.cout * p,
-                    dx.slice_mut(),
+                    &dx,
                     g.cin * p,
                     0.0,
                     g.n,
@@ -863,16 +870,16 @@ impl Gpu {
             };
             let dw = if need_dw {
                 let wsz = g.cout * g.cin;
-                let mut per = self.alloc(g.n * wsz)?;
+                let per = self.alloc(g.n * wsz)?;
                 self.gemm_rm(
                     (g.cout, g.cin, p),
-                    dy.slice(),
+                    dy,
                     false,
                     g.cout * p,
-                    x.slice(),
+                    x,
                     true,
                     g.cin * p,
-                    per.slice_mut(),
+                    &per,
                     wsz,
                     0.0,
                     g.n,
@@ -890,29 +897,23 @@ impl Gpu {
             "conv",
             "ncp_to_cnp",
             self.grid(g.cout * np),
-            &[
-                ptr(self, dy),
-                ptr(self, &dycnp),
-                i32a(g.n),
-                i32a(g.cout),
-                i64a(p),
-            ],
+            &[ptr(dy), ptr(&dycnp), i32a(g.n), i32a(g.cout), i64a(p)],
         )?;
         let dw = if need_dw {
             let col = self.alloc(kdim * np)?;
-            let mut args = vec![ptr(self, x), ptr(self, &col)];
+            let mut args = vec![ptr(x), ptr(&col)];
             args.extend(Self::geom_args(g));
             self.launch("conv", "im2col", self.grid(kdim * np), &args)?;
-            let mut dw = self.alloc(g.cout * kdim)?;
+            let dw = self.alloc(g.cout * kdim)?;
             self.gemm_rm(
                 (g.cout, kdim, np),
-                dycnp.slice(),
+                &dycnp,
                 false,
                 0,
-                col.slice(),
+                &col,
                 true,
                 0,
-                dw.slice_mut(),
+                &dw,
                 0,
                 0.0,
                 1,
@@ -922,22 +923,22 @@ impl Gpu {
             None
         };
         let dx = if need_dx {
-            let mut dcol = self.alloc(kdim * np)?;
+            let dcol = self.alloc(kdim * np)?;
             self.gemm_rm(
                 (kdim, np, g.cout),
-                w.slice(),
+                w,
                 true,
                 0,
-                dycnp.slice(),
+                &dycnp,
                 false,
                 0,
-                dcol.slice_mut(),
+                &dcol,
                 0,
                 0.0,
                 1,
             )?;
             let dx = self.alloc(xs)?;
-            let mut args = vec![ptr(self, &dcol), ptr(self, &dx)];
+            let mut args = vec![ptr(&dcol), ptr(&dx)];
             args.extend(Self::geom_args(g));
             self.launch("conv", "col2im", self.grid(xs), &args)?;
             Some(dx)
@@ -959,27 +960,15 @@ impl Gpu {
     ) -> Result<DBuf> {
         need("linear x", x, n * f)?;
         need("linear w", w, o * f)?;
-        let mut y = self.alloc(n * o)?;
-        self.gemm_rm(
-            (n, o, f),
-            x.slice(),
-            false,
-            0,
-            w.slice(),
-            true,
-            0,
-            y.slice_mut(),
-            0,
-            0.0,
-            1,
-        )?;
+        let y = self.alloc(n * o)?;
+        self.gemm_rm((n, o, f), x, false, 0, w, true, 0, &y, 0, 0.0, 1)?;
         if let Some(b) = b {
             need("linear b", b, o)?;
             self.launch(
                 "elementwise",
                 "add_bias_rows",
                 self.grid(n * o),
-                &[ptr(self, &y), ptr(self, b), i64a(o), i64a(n * o)],
+                &[ptr(&y), ptr(b), i64a(o), i64a(n * o)],
             )?;
         }
         Ok(y)
@@ -994,34 +983,10 @@ impl Gpu {
         (n, f, o): (usize, usize, usize),
     ) -> Result<(DBuf, DBuf, DBuf)> {
         need("linear gy", gy, n * o)?;
-        let mut dx = self.alloc(n * f)?;
-        self.gemm_rm(
-            (n, f, o),
-            gy.slice(),
-            false,
-            0,
-            w.slice(),
-            false,
-            0,
-            dx.slice_mut(),
-            0,
-            0.0,
-            1,
-        )?;
-        let mut dw = self.alloc(o * f)?;
-        self.gemm_rm(
-            (o, f, n),
-            gy.slice(),
-            true,
-            0,
-            x.slice(),
-            false,
-            0,
-            dw.slice_mut(),
-            0,
-            0.0,
-            1,
-        )?;
+        let dx = self.alloc(n * f)?;
+        self.gemm_rm((n, f, o), gy, false, 0, w, false, 0, &dx, 0, 0.0, 1)?;
+        let dw = self.alloc(o * f)?;
+        self.gemm_rm((o, f, n), gy, true, 0, x, false, 0, &dw, 0, 0.0, 1)?;
         let db = self.sum_rows(gy, n, o)?;
         Ok((dx, dw, db))
     }
@@ -1041,7 +1006,7 @@ impl Gpu {
             "pool",
             "avg_pool2x2_fwd",
             self.grid(out),
-            &[ptr(self, x), ptr(self, &y), i64a(n * c), i32a(h), i32a(w)],
+            &[ptr(x), ptr(&y), i64a(n * c), i32a(h), i32a(w)],
         )?;
         Ok(y)
     }
@@ -1057,7 +1022,7 @@ impl Gpu {
             "pool",
             "avg_pool2x2_bwd",
             self.grid(n * c * h * w),
-            &[ptr(self, gy), ptr(self, &dx), i64a(n * c), i32a(h), i32a(w)],
+            &[ptr(gy), ptr(&dx), i64a(n * c), i32a(h), i32a(w)],
         )?;
         Ok(dx)
     }
@@ -1076,13 +1041,7 @@ impl Gpu {
             "pool",
             "global_avg_pool_fwd",
             cfg,
-            &[
-                ptr(self, x),
-                ptr(self, &y),
-                i64a(nc),
-                i32a(hw),
-                Arg::F32(inv),
-            ],
+            &[ptr(x), ptr(&y), i64a(nc), i32a(hw), Arg::F32(inv)],
         )?;
         Ok(y)
     }
@@ -1095,13 +1054,7 @@ impl Gpu {
             "pool",
             "global_avg_pool_bwd",
             self.grid(nc * hw),
-            &[
-                ptr(self, gy),
-                ptr(self, &dx),
-                i64a(nc),
-                i32a(hw),
-                Arg::F32(inv),
-            ],
+            &[ptr(gy), ptr(&dx), i64a(nc), i32a(hw), Arg::F32(inv)],
         )?;
         Ok(dx)
     }
@@ -1123,10 +1076,10 @@ impl Gpu {
             "upsample_nearest_fwd",
             self.grid(total),
             &[
-                ptr(self, x),
-                ptr(self, &y),
-                ptr(self, &iy),
-                ptr(self, &ix),
+                ptr(x),
+                ptr(&y),
+                ptr(&iy),
+                ptr(&ix),
                 i64a(n * c),
                 i32a(h),
                 i32a(w),
@@ -1159,12 +1112,12 @@ impl Gpu {
             "upsample_nearest_bwd",
             self.grid(total),
             &[
-                ptr(self, gy),
-                ptr(self, &dx),
-                ptr(self, &b[0]),
-                ptr(self, &b[1]),
-                ptr(self, &b[2]),
-                ptr(self, &b[3]),
+                ptr(gy),
+                ptr(&dx),
+                ptr(&b[0]),
+                ptr(&b[1]),
+                ptr(&b[2]),
+                ptr(&b[3]),
                 i64a(n * c),
                 i32a(h),
                 i32a(w),
@@ -1190,9 +1143,9 @@ impl Gpu {
             "concat2_fwd",
             self.grid(total),
             &[
-                ptr(self, a),
-                ptr(self, b),
-                ptr(self, &y),
+                ptr(a),
+                ptr(b),
+                ptr(&y),
                 i32a(n),
                 i32a(ca),
                 i32a(cb),
@@ -1215,9 +1168,9 @@ impl Gpu {
             "concat2_bwd",
             self.grid(total),
             &[
-                ptr(self, gy),
-                ptr(self, &ga),
-                ptr(self, &gb),
+                ptr(gy),
+                ptr(&ga),
+                ptr(&gb),
                 i32a(n),
                 i32a(ca),
                 i32a(cb),
@@ -1235,7 +1188,7 @@ impl Gpu {
             "loss",
             "mean_rows",
             blocks(1, 1, 1),
-            &[ptr(self, rows), i32a(n), ptr(self, &out)],
+            &[ptr(rows), i32a(n), ptr(&out)],
         )?;
         Ok(out)
     }
@@ -1271,16 +1224,16 @@ impl Gpu {
             "xent_rows",
             blocks(n, 1, 1),
             &[
-                ptr(self, z),
+                ptr(z),
                 Arg::Ptr(0),
-                ptr(self, &lab),
+                ptr(&lab),
                 Arg::F32(q_off),
                 Arg::F32(q_on),
                 i32a(n),
                 i32a(c),
                 Arg::F32(gscale),
-                ptr(self, &rows),
-                ptr(self, &grad),
+                ptr(&rows),
+                ptr(&grad),
             ],
         )?;
         Ok((self.loss_mean(&rows, n)?, grad))
@@ -1303,16 +1256,16 @@ impl Gpu {
             "xent_rows",
             blocks(n, 1, 1),
             &[
-                ptr(self, z),
-                ptr(self, q),
+                ptr(z),
+                ptr(q),
                 Arg::Ptr(0),
                 Arg::F32(0.0),
                 Arg::F32(0.0),
                 i32a(n),
                 i32a(c),
                 Arg::F32(gscale),
-                ptr(self, &rows),
-                ptr(self, &grad),
+                ptr(&rows),
+                ptr(&grad),
             ],
         )?;
         Ok((self.loss_mean(&rows, n)?, grad))
@@ -1337,14 +1290,14 @@ impl Gpu {
             "kd_rows",
             blocks(n, 1, 1),
             &[
-                ptr(self, zs),
-                ptr(self, zt),
+                ptr(zs),
+                ptr(zt),
                 i32a(n),
                 i32a(c),
                 Arg::F64(t),
                 Arg::F32(gscale),
-                ptr(self, &rows),
-                ptr(self, &grad),
+                ptr(&rows),
+                ptr(&grad),
             ],
         )?;
         Ok((self.loss_mean(&rows, n)?, grad))
@@ -1379,9 +1332,9 @@ impl Gpu {
         let m = g.n * ho * wo;
         let s = self.splits(g.c, m);
         let part = self.alloc_f64(g.c * s * 8 * 2)?;
-        let mut args = vec![ptr(self, x), ptr(self, wk), opt_ptr(self, ws)];
+        let mut args = vec![ptr(x), ptr(wk), opt_ptr(ws)];
         args.extend(g.args());
-        args.push(ptr(self, &part));
+        args.push(ptr(&part));
         self.launch("rep_conv", "repdw_stats_partial", blocks(g.c, s, 1), &args)?;
         let saved = RepDwSaved {
             mean: self.alloc_f64(nbt * g.c)?,
@@ -1394,7 +1347,7 @@ impl Gpu {
             "repdw_fold",
             self.grid(g.c),
             &[
-                ptr(self, &part),
+                ptr(&part),
                 i32a(s),
                 i32a(g.c),
                 i32a(g.kh),
@@ -1404,14 +1357,14 @@ impl Gpu {
                 i32a(g.identity as usize),
                 Arg::F64(m as f64),
                 Arg::F64(eps),
-                ptr(self, gamma),
-                ptr(self, beta),
-                ptr(self, wk),
-                opt_ptr(self, ws),
-                ptr(self, &saved.mean),
-                ptr(self, &saved.var),
-                ptr(self, &saved.weff),
-                ptr(self, &saved.beff),
+                ptr(gamma),
+                ptr(beta),
+                ptr(wk),
+                opt_ptr(ws),
+                ptr(&saved.mean),
+                ptr(&saved.var),
+                ptr(&saved.weff),
+                ptr(&saved.beff),
             ],
         )?;
         let (ph, pw) = g.pads();
@@ -1433,12 +1386,7 @@ impl Gpu {
         };
         let total = g.n * g.c * ho * wo;
         let y = self.alloc(total)?;
-        let mut args = vec![
-            ptr(self, x),
-            ptr(self, &saved.weff),
-            ptr(self, &saved.beff),
-            ptr(self, &y),
-        ];
+        let mut args = vec![ptr(x), ptr(&saved.weff), ptr(&saved.beff), ptr(&y)];
         args.extend(Self::geom_args(&geom));
         self.launch("conv", "dw_fwd", self.grid(total), &args)?;
         Ok((y, saved))
@@ -1465,14 +1413,9 @@ impl Gpu {
         let m = g.n * ho * wo;
         let s = self.splits(g.c, m);
         let part = self.alloc_f64(g.c * s * 9)?;
-        let mut args = vec![
-            ptr(self, gy),
-            ptr(self, x),
-            ptr(self, wk),
-            opt_ptr(self, ws),
-        ];
+        let mut args = vec![ptr(gy), ptr(x), ptr(wk), opt_ptr(ws)];
         args.extend(g.args());
-        args.push(ptr(self, &part));
+        args.push(ptr(&part));
         self.launch("rep_conv", "repdw_bwd_partial", blocks(g.c, s, 1), &args)?;
         let (dgamma, dbeta) = (self.alloc(nbt * g.c)?, self.alloc(nbt * g.c)?);
         let (ka, kb, kc) = (
@@ -1485,7 +1428,7 @@ impl Gpu {
             "repdw_bwd_coef",
             self.grid(g.c),
             &[
-                ptr(self, &part),
+                ptr(&part),
                 i32a(s),
                 i32a(g.c),
                 i32a(g.branches),
@@ -1493,47 +1436,27 @@ impl Gpu {
                 i32a(g.identity as usize),
                 Arg::F64(m as f64),
                 Arg::F64(eps),
-                ptr(self, gamma),
-                ptr(self, &saved.mean),
-                ptr(self, &saved.var),
-                ptr(self, &dgamma),
-                ptr(self, &dbeta),
-                ptr(self, &ka),
-                ptr(self, &kb),
-                ptr(self, &kc),
+                ptr(gamma),
+                ptr(&saved.mean),
+                ptr(&saved.var),
+                ptr(&dgamma),
+                ptr(&dbeta),
+                ptr(&ka),
+                ptr(&kb),
+                ptr(&kc),
             ],
         )?;
         let xs = g.n * g.c * g.h * g.w;
         let dx = self.alloc(xs)?;
-        let mut args = vec![
-            ptr(self, gy),
-            ptr(self, x),
-            ptr(self, wk),
-            opt_ptr(self, ws),
-        ];
+        let mut args = vec![ptr(gy), ptr(x), ptr(wk), opt_ptr(ws)];
         args.extend(g.args());
-        args.extend([
-            ptr(self, &ka),
-            ptr(self, &kb),
-            ptr(self, &kc),
-            ptr(self, &dx),
-        ]);
+        args.extend([ptr(&ka), ptr(&kb), ptr(&kc), ptr(&dx)]);
         self.launch("rep_conv", "repdw_bwd_dx", self.grid(xs), &args)?;
         let per = g.branches * kk + 1;
         let part2 = self.alloc_f64(g.c * s * per)?;
-        let mut args = vec![
-            ptr(self, gy),
-            ptr(self, x),
-            ptr(self, wk),
-            opt_ptr(self, ws),
-        ];
+        let mut args = vec![ptr(gy), ptr(x), ptr(wk), opt_ptr(ws)];
         args.extend(g.args());
-        args.extend([
-            ptr(self, &ka),
-            ptr(self, &kb),
-            ptr(self, &kc),
-            ptr(self, &part2),
-        ]);
+        args.extend([ptr(&ka), ptr(&kb), ptr(&kc), ptr(&part2)]);
         self.launch(
             "rep_conv",
             "repdw_bwd_dw_partial",
@@ -1551,14 +1474,14 @@ impl Gpu {
             "repdw_bwd_dw_finalize",
             self.grid(g.c * per),
             &[
-                ptr(self, &part2),
+                ptr(&part2),
                 i32a(s),
                 i32a(g.c),
                 i32a(g.branches),
                 i32a(kk),
                 i32a(g.scale as usize),
-                ptr(self, &dwk),
-                opt_ptr(self, dws.as_ref()),
+                ptr(&dwk),
+                opt_ptr(dws.as_ref()),
             ],
         )?;
         Ok(RepDwGrads {
@@ -1594,14 +1517,14 @@ impl Gpu {
             "dfc_gate_fwd",
             self.grid(total),
             &[
-                ptr(self, out),
-                ptr(self, g),
-                ptr(self, &bn.center),
-                ptr(self, &bn.scale),
-                ptr(self, &bn.shift),
-                ptr(self, &iy),
-                ptr(self, &ix),
-                ptr(self, &y),
+                ptr(out),
+                ptr(g),
+                ptr(&bn.center),
+                ptr(&bn.scale),
+                ptr(&bn.shift),
+                ptr(&iy),
+                ptr(&ix),
+                ptr(&y),
                 i32a(n),
                 i32a(c),
                 i32a(h),
@@ -1640,18 +1563,18 @@ impl Gpu {
             "dfc_gate_bwd",
             self.grid(n * c * gh * gw),
             &[
-                ptr(self, gy),
-                ptr(self, out),
-                ptr(self, g),
-                ptr(self, &bn.center),
-                ptr(self, &bn.scale),
-                ptr(self, &bn.shift),
-                ptr(self, &r[0]),
-                ptr(self, &r[1]),
-                ptr(self, &r[2]),
-                ptr(self, &r[3]),
-                ptr(self, &d_out),
-                ptr(self, &d_a),
+                ptr(gy),
+                ptr(out),
+                ptr(g),
+                ptr(&bn.center),
+                ptr(&bn.scale),
+                ptr(&bn.shift),
+                ptr(&r[0]),
+                ptr(&r[1]),
+                ptr(&r[2]),
+                ptr(&r[3]),
+                ptr(&d_out),
+                ptr(&d_a),
                 i32a(n),
                 i32a(c),
                 i32a(h),
@@ -1775,16 +1698,16 @@ impl LambGpu {
             max_grad_norm: self.opts.max_grad_norm.map_or(0.0, |m| m as f32),
             do_ema: ema_buf.is_some() as i32,
         };
-        let ema_arg = opt_ptr(gpu, ema_buf.as_deref());
+        let ema_arg = opt_ptr(ema_buf.as_deref());
         gpu.launch(
             "optim",
             "lamb_gnorm_partial",
             blocks(self.nchunks, 1, 1),
             &[
-                ptr(gpu, grads),
-                ptr(gpu, &self.chunk_off),
-                ptr(gpu, &self.chunk_len),
-                ptr(gpu, &self.gpart),
+                ptr(grads),
+                ptr(&self.chunk_off),
+                ptr(&self.chunk_len),
+                ptr(&self.gpart),
             ],
         )?;
         gpu.launch(
@@ -1792,20 +1715,20 @@ impl LambGpu {
             "lamb_moments",
             blocks(self.nchunks, 1, 1),
             &[
-                ptr(gpu, params),
-                ptr(gpu, grads),
-                ptr(gpu, &self.exp_avg),
-                ptr(gpu, &self.exp_avg_sq),
-                opt_ptr(gpu, ema_buf.as_deref()),
-                ptr(gpu, &self.chunk_off),
-                ptr(gpu, &self.chunk_len),
-                ptr(gpu, &self.chunk_tensor),
-                ptr(gpu, &self.chunk_whole),
-                ptr(gpu, &self.tensor_wd),
-                ptr(gpu, &self.gpart),
+                ptr(params),
+                ptr(grads),
+                ptr(&self.exp_avg),
+                ptr(&self.exp_avg_sq),
+                opt_ptr(ema_buf.as_deref()),
+                ptr(&self.chunk_off),
+                ptr(&self.chunk_len),
+                ptr(&self.chunk_tensor),
+                ptr(&self.chunk_whole),
+                ptr(&self.tensor_wd),
+                ptr(&self.gpart),
                 i32a(self.nchunks),
                 Arg::Lamb(k),
-                ptr(gpu, &self.pu),
+                ptr(&self.pu),
             ],
         )?;
         gpu.launch(
@@ -1813,19 +1736,19 @@ impl LambGpu {
             "lamb_apply",
             blocks(self.nchunks, 1, 1),
             &[
-                ptr(gpu, params),
-                ptr(gpu, &self.exp_avg),
-                ptr(gpu, &self.exp_avg_sq),
+                ptr(params),
+                ptr(&self.exp_avg),
+                ptr(&self.exp_avg_sq),
                 ema_arg,
-                ptr(gpu, &self.chunk_off),
-                ptr(gpu, &self.chunk_len),
-                ptr(gpu, &self.chunk_tensor),
-                ptr(gpu, &self.chunk_whole),
-                ptr(gpu, &self.tensor_wd),
-                ptr(gpu, &self.tensor_chunk0),
-                ptr(gpu, &self.tensor_nchunks),
+                ptr(&self.chunk_off),
+                ptr(&self.chunk_len),
+                ptr(&self.chunk_tensor),
+                ptr(&self.chunk_whole),
+                ptr(&self.tensor_wd),
+                ptr(&self.tensor_chunk0),
+                ptr(&self.tensor_nchunks),
                 Arg::Lamb(k),
-                ptr(gpu, &self.pu),
+                ptr(&self.pu),
             ],
         )?;
         Ok(())

@@ -5,6 +5,8 @@
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
 /// Rounded capacity for a request of `n` elements: powers of two up to 4096, then steps of an
@@ -78,18 +80,22 @@ impl<T: DeviceRepr> Pool<T> {
                 s
             }
         };
+        let ptr = {
+            let (p, _sync) = slice.device_ptr_mut(&self.stream);
+            p
+        };
         if poison {
             let bytes = cap * std::mem::size_of::<T>();
-            let (p, _sync) = slice.device_ptr_mut(&self.stream);
-            // SAFETY: p is a live allocation of `bytes` bytes, written on this pool's stream.
+            // SAFETY: ptr is a live allocation of `bytes` bytes, written on this pool's stream.
             unsafe {
-                cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, self.stream.cu_stream())
+                cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream())
             }?;
         }
         Ok(DevBuf {
             slice: Some(slice),
+            ptr,
             len,
-            pool: self.inner.clone(),
+            pool: Some(self.inner.clone()),
         })
     }
 
@@ -116,11 +122,14 @@ impl<T: DeviceRepr> Pool<T> {
 }
 
 /// A device buffer of `len` elements (its capacity may be larger) that returns to its pool
-/// when dropped.
+/// when dropped; or a view of part of another buffer (see [`DevBuf::view`]).
 pub struct DevBuf<T> {
     slice: Option<CudaSlice<T>>,
+    /// Device address of element 0.
+    ptr: u64,
     len: usize,
-    pool: Arc<Mutex<Inner<T>>>,
+    /// None for a view.
+    pool: Option<Arc<Mutex<Inner<T>>>>,
 }
 
 impl<T> DevBuf<T> {
@@ -132,24 +141,88 @@ impl<T> DevBuf<T> {
         self.len == 0
     }
 
-    /// The whole underlying allocation (kernels take explicit lengths).
-    pub fn slice(&self) -> &CudaSlice<T> {
-        self.slice.as_ref().expect("live buffer")
+    /// The device address of the first element (kernel arguments, cuBLAS, copies).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
     }
 
-    pub fn slice_mut(&mut self) -> &mut CudaSlice<T> {
-        self.slice.as_mut().expect("live buffer")
+    /// The whole underlying allocation of an owning buffer (None for a view).
+    pub fn slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
+        self.slice.as_mut()
+    }
+
+    /// Elements `offset..offset + len` as a buffer that every launcher accepts, borrowed from
+    /// this one (e.g. one parameter of a flat parameter buffer). Writes through it land here.
+    pub fn view(&self, offset: usize, len: usize) -> View<'_, T> {
+        assert!(
+            offset + len <= self.len,
+            "view {offset}..{} of a buffer of {}",
+            offset + len,
+            self.len
+        );
+        View(
+            DevBuf {
+                slice: None,
+                ptr: self.ptr + (offset * std::mem::size_of::<T>()) as u64,
+                len,
+                pool: None,
+            },
+            PhantomData,
+        )
     }
 }
 
 impl<T> Drop for DevBuf<T> {
     fn drop(&mut self) {
-        if let Some(s) = self.slice.take() {
-            if let Ok(mut g) = self.pool.lock() {
+        if let (Some(s), Some(pool)) = (self.slice.take(), self.pool.as_ref()) {
+            if let Ok(mut g) = pool.lock() {
                 let cap = s.len();
                 g.free.entry(cap).or_default().push(s);
             }
         }
+    }
+}
+
+impl<T> DevBuf<T> {
+    /// A writable view of elements `offset..offset + len` (the buffer is borrowed exclusively).
+    pub fn view_mut(&mut self, offset: usize, len: usize) -> ViewMut<'_, T> {
+        let v = self.view(offset, len).0;
+        // Re-wrap: the DevBuf inside a view owns nothing, so moving it out is free.
+        ViewMut(
+            DevBuf {
+                slice: None,
+                ptr: v.ptr,
+                len: v.len,
+                pool: None,
+            },
+            PhantomData,
+        )
+    }
+}
+
+/// A writable view into a [`DevBuf`]; cannot outlive the exclusive borrow of it.
+pub struct ViewMut<'a, T>(DevBuf<T>, PhantomData<&'a mut DevBuf<T>>);
+
+impl<T> Deref for ViewMut<'_, T> {
+    type Target = DevBuf<T>;
+    fn deref(&self) -> &DevBuf<T> {
+        &self.0
+    }
+}
+
+impl<T> DerefMut for ViewMut<'_, T> {
+    fn deref_mut(&mut self) -> &mut DevBuf<T> {
+        &mut self.0
+    }
+}
+
+/// A view into a [`DevBuf`]; cannot outlive it. Dereferences to a `DevBuf` that owns nothing.
+pub struct View<'a, T>(DevBuf<T>, PhantomData<&'a DevBuf<T>>);
+
+impl<T> Deref for View<'_, T> {
+    type Target = DevBuf<T>;
+    fn deref(&self) -> &DevBuf<T> {
+        &self.0
     }
 }
 
