@@ -2,6 +2,7 @@
 //! memory, and an optional per-layer time breakdown.
 
 use super::exec::{Engine, Profile};
+use super::graph::Op;
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -102,24 +103,45 @@ pub fn profile_engine(e: &Engine, batch: usize, size: usize, runs: usize) -> Res
         macs as f64 / 1e6
     )
     .unwrap();
+    // Multiply-adds per node (per run of the profiled batch).
+    let node_macs: Vec<f64> = e
+        .graph
+        .nodes
+        .iter()
+        .map(|n| {
+            let (co, ho, wo) = shapes[n.output];
+            profiled_batch as f64
+                * match &n.op {
+                    Op::Conv(c) => (co * ho * wo * (c.cin / c.groups) * c.kh * c.kw) as f64,
+                    Op::Linear { cin, cout, .. } => (cin * cout) as f64,
+                    _ => 0.0,
+                }
+        })
+        .collect();
     // By op kind.
-    let mut kinds: Vec<(&str, f64, usize)> = Vec::new();
-    for (n, &t) in e.graph.nodes.iter().zip(&p) {
+    let mut kinds: Vec<(&str, f64, usize, f64)> = Vec::new();
+    for ((n, &t), &m) in e.graph.nodes.iter().zip(&p).zip(&node_macs) {
         let k = n.op.kind();
-        match kinds.iter_mut().find(|(x, _, _)| *x == k) {
+        match kinds.iter_mut().find(|x| x.0 == k) {
             Some(e) => {
                 e.1 += t;
-                e.2 += 1
+                e.2 += 1;
+                e.3 += m;
             }
-            None => kinds.push((k, t, 1)),
+            None => kinds.push((k, t, 1, m)),
         }
     }
     kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
     writeln!(out, "by op kind:").unwrap();
-    for (k, t, c) in &kinds {
+    for (k, t, c, m) in &kinds {
+        let rate = if *m > 0.0 {
+            format!("{:>7.2}M MACs {:>6.1} GMAC/s", m / 1e6, m * runs as f64 / t / 1e9)
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "  {k:<12} {:>4} nodes {:>8.3} ms {:>5.1}%",
+            "  {k:<12} {:>4} nodes {:>8.3} ms {:>5.1}%  {rate}",
             c,
             ms(*t),
             100.0 * t / total
@@ -130,15 +152,22 @@ pub fn profile_engine(e: &Engine, batch: usize, size: usize, runs: usize) -> Res
     let mut idx: Vec<usize> = (0..p.len()).collect();
     idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
     writeln!(out, "slowest nodes:").unwrap();
-    for &i in idx.iter().take(25) {
+    for &i in idx.iter().take(40) {
         let n = &e.graph.nodes[i];
         let (c, h, w) = shapes[n.output];
         let (ci, hi, wi) = shapes[n.inputs[0]];
+        let rate = if node_macs[i] > 0.0 {
+            format!("{:>6.1} GMAC/s", node_macs[i] * runs as f64 / p[i] / 1e9)
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "  {:<30} {:<11} {ci}x{hi}x{wi} -> {c}x{h}x{w} {:>8.3} ms {:>5.1}%",
+            "  {:<30} {:<11} {:>16} -> {:<16} {:>8.3} ms {:>5.1}%  {rate}",
             n.name,
             n.op.kind(),
+            format!("{ci}x{hi}x{wi}"),
+            format!("{c}x{h}x{w}"),
             ms(p[i]),
             100.0 * p[i] / total
         )
