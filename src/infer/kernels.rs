@@ -174,26 +174,38 @@ unsafe fn dw_rows_k<V: Vf>(
                 dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
             }
             if full_rows {
-                // Interior: every tap valid; two output pixels at a time share the weight loads.
+                // Interior: every tap valid. The taps' weights stay in registers across the
+                // row (up to 5x5) and four output pixels share each weight.
+                const P: usize = 4;
                 let xrow0 = xc.offset(iy0 * (g.w * g.ldx) as isize);
+                let kk = kh * kw;
+                let mut wr = [V::zero(); 25];
+                if kk <= 25 {
+                    for (t, w) in wr.iter_mut().enumerate().take(kk) {
+                        *w = V::load(wc.add(t * cp));
+                    }
+                }
                 let mut ox = ox_lo;
-                while ox + 2 <= ox_hi {
+                while kk <= 25 && ox + P <= ox_hi {
                     let ix0 = ox * s - g.pw;
-                    let (mut a0, mut a1) = (b, b);
+                    let mut a = [b; P];
                     for ky in 0..kh {
                         let xr = xrow0.add(ky * g.w * g.ldx + ix0 * g.ldx);
                         for kx in 0..kw {
-                            let wv = V::load(wc.add((ky * kw + kx) * cp));
-                            a0 = V::fma(wv, V::load(xr.add(kx * g.ldx)), a0);
-                            a1 = V::fma(wv, V::load(xr.add((kx + s) * g.ldx)), a1);
+                            let wv = wr[ky * kw + kx];
+                            for (p, acc) in a.iter_mut().enumerate() {
+                                *acc = V::fma(wv, V::load(xr.add((kx + p * s) * g.ldx)), *acc);
+                            }
                         }
                     }
-                    store_act(a0, g.act, yc.add(ox * g.ldy), n);
-                    store_act(a1, g.act, yc.add((ox + 1) * g.ldy), n);
-                    ox += 2;
+                    for (p, acc) in a.iter().enumerate() {
+                        store_act(*acc, g.act, yc.add((ox + p) * g.ldy), n);
+                    }
+                    ox += P;
                 }
-                if ox < ox_hi {
+                while ox < ox_hi {
                     dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
+                    ox += 1;
                 }
             } else {
                 for ox in ox_lo..ox_hi {
