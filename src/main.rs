@@ -322,6 +322,9 @@ fn info(a: InfoArgs) -> Result<()> {
         a.model.model, base.num_classes, a.size, a.size
     );
     for &deploy in forms {
+        if deploy && forms.len() == 2 && base.rep.branches == 0 {
+            break; // --branches 0: the train form is the plain form, already printed
+        }
         let mut m = models::create(&a.model.model, &ModelOptions { deploy, ..base })?;
         let (params, macs) = count(&mut m, a.size);
         let form = m.form();

@@ -82,19 +82,25 @@ fn fill(m: &mut Model, seed: u64) {
     }
 }
 
+/// tests/fixtures/<model>-<size>, whatever the size.
 fn fixture_dir(model: &str) -> Option<PathBuf> {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(format!("{model}-64"));
-    if d.join("reference.safetensors").is_file() {
-        Some(d)
-    } else {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let found = std::fs::read_dir(&root).ok().and_then(|rd| {
+        rd.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit_once('-'))
+                .is_some_and(|(m, size)| m == model && size.parse::<usize>().is_ok())
+                && p.join("reference.safetensors").is_file()
+        })
+    });
+    if found.is_none() {
         println!(
-            "skipped: fixture {} not found (make it with scripts/make_fixture.py)",
-            d.display()
+            "skipped: no fixture {}/{model}-<size> (make it with scripts/make_fixture.py)",
+            root.display()
         );
-        None
     }
+    found
 }
 
 fn f32s<'a>(r: &'a BTreeMap<String, TensorData>, k: &str) -> &'a [f32] {
@@ -212,18 +218,33 @@ fn check(model: &str) {
     let tl_err = rel_err(tape.value(logits).data(), f32s(&refs, "train_logits"));
     let loss_err = ((lv - want) / want).abs();
     println!("{model}: train loss {lv:.6} vs {want:.6} (rel {loss_err:.1e}), train logits rel err {tl_err:.2e}");
-    assert!(loss_err <= 1e-5 && tl_err <= 1e-4, "{model}: train step");
+    // Train mode of deep nets is less well conditioned in float32 than eval mode: hold the step
+    // to 1e-5 / 1e-4 or to twice PyTorch's own float32 error, whichever is larger.
+    let f = |k: &str| meta[k].as_f64().unwrap_or(0.0);
+    let torch_loss_err = ((f("train_loss_f32") - f("train_loss_f64")) / f("train_loss_f64")).abs();
+    let torch_tl_err = f("rel_err_train_logits_f32_vs_f64");
+    assert!(
+        loss_err <= 1e-5f64.max(2.0 * torch_loss_err) && tl_err <= 1e-4f64.max(2.0 * torch_tl_err),
+        "{model}: train step: loss rel err {loss_err:e} (PyTorch f32 {torch_loss_err:e}), logits {tl_err:e} (PyTorch f32 {torch_tl_err:e})"
+    );
 
-    let spread = meta["worst_grad_err_f32_vs_f64"].as_f64().unwrap();
-    if spread > MAX_REF_SPREAD {
-        // PyTorch's own float32 step misses its float64 gradients by this much (relative to the
-        // tolerance measure) on every draw the script tried: no reference for a float32 engine.
-        println!(
-            "{model}: gradient check skipped: the fixture's float32-vs-float64 gradient spread is {spread:.2e} > {MAX_REF_SPREAD:e} (ill-conditioned draw); {:.1} s",
-            t0.elapsed().as_secs_f64()
-        );
-        return;
-    }
+    // Deep bottleneck ResNets and MobileNetV2-1.4 accumulate enough float32 error in train mode
+    // to flip pre-activations next to a ReLU kink: PyTorch's own float32 step then misses its
+    // float64 gradients by 3e-2..3e-1 of the tolerance measure on most draws (the ops themselves
+    // are checked by ops_grad.rs, and these layers on ResNet-18 and MobileNetV2-1.0 here). Such a
+    // model is held to PyTorch's float32 accuracy: twice the median spread of the draws tried.
+    let mut spreads: Vec<f64> = match meta["spreads_tried"].as_array() {
+        Some(a) if !a.is_empty() => a.iter().filter_map(|v| v.as_f64()).collect(),
+        _ => vec![meta["worst_grad_err_f32_vs_f64"].as_f64().unwrap()],
+    };
+    spreads.sort_by(f64::total_cmp);
+    let typical = spreads[spreads.len() / 2];
+    let tol = if typical > MAX_REF_SPREAD {
+        println!("{model}: ill-conditioned in float32 (PyTorch f32 vs f64 gradient spreads {spreads:?}): gradient tolerance 2x the median");
+        2.0 * typical
+    } else {
+        GRAD_TOL
+    };
     let grads = tape.backward(loss);
     let flat = leaves.flat_grads(m.state(), &grads);
     let entries = m.state().params.entries().to_vec();
@@ -253,7 +274,7 @@ fn check(model: &str) {
             worst = (d / scale, e.name.clone());
         }
         worst_norm = worst_norm.max(dn).max(dm);
-        if d / scale > GRAD_TOL || dn > GRAD_TOL || dm > GRAD_TOL {
+        if d / scale > tol || dn > tol || dm > tol {
             bad.push(format!(
                 "{}: samples {:.2e}, norm {dn:.2e}, max {dm:.2e}",
                 e.name,
@@ -263,11 +284,11 @@ fn check(model: &str) {
     }
     assert!(
         bad.is_empty(),
-        "{model}: gradients off (max|g - g_ref| / (max|g_ref| + 1e-3 G) > {GRAD_TOL:e}):\n{}",
+        "{model}: gradients off (max|g - g_ref| / (max|g_ref| + 1e-3 G) > {tol:e}):\n{}",
         bad.join("\n")
     );
     println!(
-        "{model}: {} parameter gradients within {GRAD_TOL:e}: worst sample {:.2e} ({}), worst norm/max {worst_norm:.2e}; {:.1} s",
+        "{model}: {} parameter gradients within {tol:.1e}: worst sample {:.2e} ({}), worst norm/max {worst_norm:.2e}; {:.1} s",
         entries.len(),
         worst.0,
         worst.1,
