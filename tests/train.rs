@@ -162,6 +162,8 @@ fn shipped_recipes_parse() {
         "configs/synthetic_quick.toml",
         "configs/imagenette_cpu.toml",
         "configs/ghostnetv3_100_imagenet.toml",
+        "configs/mobilenetv2_100_imagenet.toml",
+        "configs/shufflenet_v2_x1_0_imagenet.toml",
     ] {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         let cfg = TrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
