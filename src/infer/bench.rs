@@ -135,7 +135,11 @@ pub fn profile_engine(e: &Engine, batch: usize, size: usize, runs: usize) -> Res
     writeln!(out, "by op kind:").unwrap();
     for (k, t, c, m) in &kinds {
         let rate = if *m > 0.0 {
-            format!("{:>7.2}M MACs {:>6.1} GMAC/s", m / 1e6, m * runs as f64 / t / 1e9)
+            format!(
+                "{:>7.2}M MACs {:>6.1} GMAC/s",
+                m / 1e6,
+                m * runs as f64 / t / 1e9
+            )
         } else {
             String::new()
         };

@@ -45,6 +45,16 @@ fn pack_panels(weight: &[f32], bias: &[f32], cout: usize, cin: usize, nr: usize)
     Packed::Panels { wt, bias: b, nr }
 }
 
+/// The ISA a node's kernel runs with (a narrower vector where it wastes fewer lanes).
+fn node_isa(op: &Op, isa: Isa) -> Isa {
+    match op {
+        Op::Conv(c) => isa.for_channels(c.cout),
+        Op::Linear { cout, .. } => isa.for_channels(*cout),
+        Op::Add(_) | Op::UpsampleMul | Op::ChannelMul => isa,
+        _ => isa,
+    }
+}
+
 fn pack(op: &Op, isa: Isa) -> Packed {
     match op {
         Op::Conv(c) if c.is_pointwise() => {
@@ -270,6 +280,8 @@ const MIN_TASK: usize = 8192;
 pub struct Engine {
     pub graph: Graph,
     pub isa: Isa,
+    /// Per node (see `node_isa`).
+    isas: Vec<Isa>,
     packed: Vec<Packed>,
     plans: Mutex<HashMap<(usize, usize, usize), Vec<Plan>>>,
     peak_arena: Mutex<usize>,
@@ -284,10 +296,17 @@ impl Engine {
     }
 
     pub fn with_isa(graph: Graph, isa: Isa) -> Engine {
-        let packed = graph.nodes.iter().map(|n| pack(&n.op, isa)).collect();
+        let isas: Vec<Isa> = graph.nodes.iter().map(|n| node_isa(&n.op, isa)).collect();
+        let packed = graph
+            .nodes
+            .iter()
+            .zip(&isas)
+            .map(|(n, &i)| pack(&n.op, i))
+            .collect();
         Engine {
             graph,
             isa,
+            isas,
             packed,
             plans: Mutex::new(HashMap::new()),
             peak_arena: Mutex::new(0),
@@ -482,7 +501,7 @@ impl Engine {
 
     fn exec_node(&self, plan: &Plan, t: usize, arena: Ptr, nb: usize, par: bool) {
         let node = &self.graph.nodes[t];
-        let isa = self.isa;
+        let isa = self.isas[t];
         let sh = &plan.shapes;
         let sl = &plan.slots;
         let (xin, yv) = (node.inputs[0], node.output);

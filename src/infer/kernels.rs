@@ -438,10 +438,11 @@ unsafe fn pw_rows<V: Vf>(
     p1: usize,
 ) {
     let nv = g.nr / V::L;
-    match (V::L, nv) {
-        (16, 2) => pw_block::<V, 12, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
-        (16, _) => pw_block::<V, 12, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
-        (_, 2) => pw_block::<V, 6, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
+    // MR x NV accumulators + NV weight vectors + a broadcast must fit the register file.
+    match (V::REGS >= 32, nv) {
+        (true, 2) => pw_block::<V, 12, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
+        (true, _) => pw_block::<V, 12, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
+        (false, 2) => pw_block::<V, 6, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
         _ => pw_block::<V, 8, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
     }
 }

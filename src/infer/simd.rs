@@ -15,6 +15,10 @@ pub enum Isa {
     Portable,
     Avx2,
     Avx512,
+    /// 256-bit vectors on an AVX-512 CPU (32 registers). Zen 4 runs a 512-bit op as two 256-bit
+    /// halves, so layers whose channel count leaves half a 512-bit vector empty (8, 24, 40, ...)
+    /// run faster in 256-bit lanes; the engine picks this per layer.
+    Avx512Ymm,
 }
 
 impl Isa {
@@ -31,10 +35,34 @@ impl Isa {
     /// Every ISA this CPU can run, lowest first (for tests).
     pub fn available() -> Vec<Isa> {
         let best = Self::best();
-        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+        let mut v: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
             .into_iter()
             .filter(|&i| i as u8 <= best as u8)
-            .collect()
+            .collect();
+        if best == Isa::Avx512 && Self::has_avx512vl() {
+            v.push(Isa::Avx512Ymm);
+        }
+        v
+    }
+
+    fn has_avx512vl() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// The ISA for a layer of `channels` vector-dimension width on an engine running `self`.
+    pub fn for_channels(self, channels: usize) -> Isa {
+        if self == Isa::Avx512 && (1..=8).contains(&(channels % 16)) && Self::has_avx512vl() {
+            Isa::Avx512Ymm
+        } else {
+            self
+        }
     }
 
     fn best() -> Isa {
@@ -54,7 +82,7 @@ impl Isa {
     pub fn lanes(self) -> usize {
         match self {
             Isa::Avx512 => 16,
-            Isa::Avx2 | Isa::Portable => 8,
+            Isa::Avx2 | Isa::Portable | Isa::Avx512Ymm => 8,
         }
     }
 
@@ -62,6 +90,7 @@ impl Isa {
         match self {
             Isa::Avx512 => "avx512f",
             Isa::Avx2 => "avx2+fma",
+            Isa::Avx512Ymm => "avx512vl-256",
             Isa::Portable => "portable",
         }
     }
@@ -71,6 +100,8 @@ impl Isa {
 /// (or `n` for the `_n` variants) and the ISA must be available.
 pub trait Vf: Copy {
     const L: usize;
+    /// Vector registers of the ISA (sizes the register tiles).
+    const REGS: usize = 16;
     unsafe fn zero() -> Self;
     unsafe fn splat(v: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
@@ -175,7 +206,7 @@ impl Vf for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{Avx2, Avx512};
+pub use x86::{Avx2, Avx512, Ymm32};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -187,6 +218,7 @@ mod x86 {
 
     impl Vf for Avx512 {
         const L: usize = 16;
+        const REGS: usize = 32;
         #[inline(always)]
         unsafe fn zero() -> Self {
             Avx512(_mm512_setzero_ps())
@@ -298,6 +330,63 @@ mod x86 {
             Avx2(_mm256_min_ps(a.0, b.0))
         }
     }
+
+    /// 256-bit vectors used inside AVX-512VL code (32 registers).
+    #[derive(Clone, Copy)]
+    pub struct Ymm32(__m256);
+
+    impl Vf for Ymm32 {
+        const REGS: usize = 32;
+        const L: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Ymm32(_mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Ymm32(_mm256_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Ymm32(_mm256_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn store_n(self, p: *mut f32, n: usize) {
+            _mm256_maskstore_ps(p, mask8(n), self.0)
+        }
+        #[inline(always)]
+        unsafe fn load_n(p: *const f32, n: usize) -> Self {
+            Ymm32(_mm256_maskload_ps(p, mask8(n)))
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Ymm32(_mm256_fmadd_ps(a.0, b.0, c.0))
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            Ymm32(_mm256_add_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            Ymm32(_mm256_mul_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            Ymm32(_mm256_div_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            Ymm32(_mm256_max_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            Ymm32(_mm256_min_ps(a.0, b.0))
+        }
+    }
 }
 
 /// Defines `pub fn $name(isa: Isa, args...)` that runs the generic `unsafe fn $generic<V>(args...)`
@@ -317,11 +406,17 @@ macro_rules! simd_fn {
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn a2($($a: $t),*) { $generic::<$crate::infer::simd::Avx2>($($a),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn y32($($a: $t),*) { $generic::<$crate::infer::simd::Ymm32>($($a),*) }
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 $crate::infer::simd::Isa::Avx512 => a512($($a),*),
                 #[cfg(target_arch = "x86_64")]
                 $crate::infer::simd::Isa::Avx2 => a2($($a),*),
+                #[cfg(target_arch = "x86_64")]
+                $crate::infer::simd::Isa::Avx512Ymm => y32($($a),*),
                 _ => $generic::<$crate::infer::simd::Portable>($($a),*),
             }
         }
