@@ -133,6 +133,38 @@ unsafe fn dw_px<V: Vf>(
     store_act(acc, g.act, yc.add(ox * g.ldy), n);
 }
 
+/// P output pixels from column `ox` on, taps [ky.0, ky.1) x [0, kw) all inside the input;
+/// `xrow0` points at input row `oy * stride - ph` (possibly outside the map), `wr` holds the
+/// tap weights.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_run<V: Vf, const P: usize>(
+    g: &ConvGeom,
+    kw: usize,
+    xrow0: *const f32,
+    wr: &[V; 25],
+    b: V,
+    yc: *mut f32,
+    ox: usize,
+    ky: (usize, usize),
+    n: usize,
+) {
+    let ix0 = ox * g.stride - g.pw;
+    let mut a = [b; P];
+    for ky in ky.0..ky.1 {
+        let xr = xrow0.wrapping_add((ky * g.w + ix0) * g.ldx);
+        for kx in 0..kw {
+            let wv = wr[ky * kw + kx];
+            for (p, acc) in a.iter_mut().enumerate() {
+                *acc = V::fma(wv, V::load(xr.add((kx + p * g.stride) * g.ldx)), *acc);
+            }
+        }
+    }
+    for (p, acc) in a.iter().enumerate() {
+        store_act(*acc, g.act, yc.add((ox + p) * g.ldy), n);
+    }
+}
+
 /// Depth-wise conv, output rows [r0, r1) (row = image * ho + oy). Weights `wt` [kh*kw][cp],
 /// bias [cp]. `kh`, `kw` are passed separately so the callers' constants unroll the taps.
 #[inline(always)]
@@ -170,47 +202,41 @@ unsafe fn dw_rows_k<V: Vf>(
             let wc = wt.add(c0);
             let xc = xi.add(c0);
             let yc = yr.add(c0);
+            let kk = kh * kw;
+            if kk > 25 {
+                for ox in 0..g.wo {
+                    dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
+                }
+                c0 += l;
+                continue;
+            }
+            // The taps' weights stay in registers along the row (up to 5x5).
+            let mut wr = [V::zero(); 25];
+            for (t, w) in wr.iter_mut().enumerate().take(kk) {
+                *w = V::load(wc.add(t * cp));
+            }
             for ox in 0..ox_lo {
                 dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
             }
+            let xrow0 = xc.wrapping_offset(iy0 * (g.w * g.ldx) as isize);
+            let mut ox = ox_lo;
+            // Columns whose taps lie inside the row: four pixels share each weight. Rows with
+            // every tap valid get the fully unrolled loop (constant bounds).
+            let ky = if full_rows { (0, kh) } else { (ky_lo, ky_hi) };
             if full_rows {
-                // Interior: every tap valid. The taps' weights stay in registers across the
-                // row (up to 5x5) and four output pixels share each weight.
-                const P: usize = 4;
-                let xrow0 = xc.offset(iy0 * (g.w * g.ldx) as isize);
-                let kk = kh * kw;
-                let mut wr = [V::zero(); 25];
-                if kk <= 25 {
-                    for (t, w) in wr.iter_mut().enumerate().take(kk) {
-                        *w = V::load(wc.add(t * cp));
-                    }
-                }
-                let mut ox = ox_lo;
-                while kk <= 25 && ox + P <= ox_hi {
-                    let ix0 = ox * s - g.pw;
-                    let mut a = [b; P];
-                    for ky in 0..kh {
-                        let xr = xrow0.add(ky * g.w * g.ldx + ix0 * g.ldx);
-                        for kx in 0..kw {
-                            let wv = wr[ky * kw + kx];
-                            for (p, acc) in a.iter_mut().enumerate() {
-                                *acc = V::fma(wv, V::load(xr.add((kx + p * s) * g.ldx)), *acc);
-                            }
-                        }
-                    }
-                    for (p, acc) in a.iter().enumerate() {
-                        store_act(*acc, g.act, yc.add((ox + p) * g.ldy), n);
-                    }
-                    ox += P;
-                }
-                while ox < ox_hi {
-                    dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
-                    ox += 1;
+                while ox + 4 <= ox_hi {
+                    dw_run::<V, 4>(g, kw, xrow0, &wr, b, yc, ox, (0, kh), n);
+                    ox += 4;
                 }
             } else {
-                for ox in ox_lo..ox_hi {
-                    dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
+                while ox + 4 <= ox_hi {
+                    dw_run::<V, 4>(g, kw, xrow0, &wr, b, yc, ox, ky, n);
+                    ox += 4;
                 }
+            }
+            while ox < ox_hi {
+                dw_run::<V, 1>(g, kw, xrow0, &wr, b, yc, ox, ky, n);
+                ox += 1;
             }
             for ox in ox_hi.max(ox_lo)..g.wo {
                 dw_px::<V>(g, kh, kw, xc, wc, b, yc, iy0, ky_lo, ky_hi, ox, n);
@@ -413,9 +439,21 @@ unsafe fn pw_block<V: Vf, const MR: usize, const NV: usize>(
                 pw_tile::<V, MR, NV>(g, x.add(i * g.ldx), bp, bb, yp.add(i * g.ldy), ncols);
                 i += MR;
             }
-            while i < i1 {
+            // Remainder rows in smaller tiles (a one-row tile is one long dependency chain).
+            if MR > 8 && i + 8 <= i1 {
+                pw_tile::<V, 8, NV>(g, x.add(i * g.ldx), bp, bb, yp.add(i * g.ldy), ncols);
+                i += 8;
+            }
+            if MR > 4 && i + 4 <= i1 {
+                pw_tile::<V, 4, NV>(g, x.add(i * g.ldx), bp, bb, yp.add(i * g.ldy), ncols);
+                i += 4;
+            }
+            if MR > 2 && i + 2 <= i1 {
+                pw_tile::<V, 2, NV>(g, x.add(i * g.ldx), bp, bb, yp.add(i * g.ldy), ncols);
+                i += 2;
+            }
+            if i < i1 {
                 pw_tile::<V, 1, NV>(g, x.add(i * g.ldx), bp, bb, yp.add(i * g.ldy), ncols);
-                i += 1;
             }
         }
         i0 = i1;
