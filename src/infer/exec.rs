@@ -45,6 +45,17 @@ fn pack_panels(weight: &[f32], bias: &[f32], cout: usize, cin: usize, nr: usize)
     Packed::Panels { wt, bias: b, nr }
 }
 
+/// Panel width (1-3 vectors) for `n` output columns: the fewest padded columns, ties to the
+/// wider panel (more work per loaded input).
+fn panel_width(n: usize, isa: Isa) -> usize {
+    let l = isa.lanes();
+    let nv = (1..=3)
+        .rev()
+        .min_by_key(|&v| n.div_ceil(v * l) * v * l)
+        .unwrap_or(1);
+    nv * l
+}
+
 /// The ISA a node's kernel runs with (a narrower vector where it wastes fewer lanes).
 fn node_isa(op: &Op, isa: Isa) -> Isa {
     match op {
@@ -58,8 +69,7 @@ fn node_isa(op: &Op, isa: Isa) -> Isa {
 fn pack(op: &Op, isa: Isa) -> Packed {
     match op {
         Op::Conv(c) if c.is_pointwise() => {
-            let nr = if c.cout <= isa.lanes() { 1 } else { 2 } * isa.lanes();
-            pack_panels(&c.weight, &c.bias, c.cout, c.cin, nr)
+            pack_panels(&c.weight, &c.bias, c.cout, c.cin, panel_width(c.cout, isa))
         }
         Op::Linear {
             cin,
@@ -68,8 +78,7 @@ fn pack(op: &Op, isa: Isa) -> Packed {
             bias,
             ..
         } => {
-            let nr = if *cout <= isa.lanes() { 1 } else { 2 } * isa.lanes();
-            pack_panels(weight, bias, *cout, *cin, nr)
+            pack_panels(weight, bias, *cout, *cin, panel_width(*cout, isa))
         }
         Op::Conv(c) if c.is_depthwise() => {
             let cp = pad16(c.cout);

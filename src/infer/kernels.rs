@@ -357,7 +357,7 @@ pub struct PwGeom {
     pub n: usize,
     pub ldx: usize,
     pub ldy: usize,
-    /// Panel width of the packed weights (1 or 2 vectors of the ISA).
+    /// Panel width of the packed weights (1, 2 or 3 vectors of the ISA).
     pub nr: usize,
     pub act: Act,
 }
@@ -478,8 +478,10 @@ unsafe fn pw_rows<V: Vf>(
     let nv = g.nr / V::L;
     // MR x NV accumulators + NV weight vectors + a broadcast must fit the register file.
     match (V::REGS >= 32, nv) {
+        (true, 3) => pw_block::<V, 8, 3>(g, x, y, packed, bias, m0, m1, p0, p1),
         (true, 2) => pw_block::<V, 12, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
         (true, _) => pw_block::<V, 12, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
+        (false, 3) => pw_block::<V, 4, 3>(g, x, y, packed, bias, m0, m1, p0, p1),
         (false, 2) => pw_block::<V, 6, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
         _ => pw_block::<V, 8, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
     }
