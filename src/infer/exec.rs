@@ -77,9 +77,7 @@ fn pack(op: &Op, isa: Isa) -> Packed {
             weight,
             bias,
             ..
-        } => {
-            pack_panels(weight, bias, *cout, *cin, panel_width(*cout, isa))
-        }
+        } => pack_panels(weight, bias, *cout, *cin, panel_width(*cout, isa)),
         Op::Conv(c) if c.is_depthwise() => {
             let cp = pad16(c.cout);
             let kk = c.kh * c.kw;
@@ -294,6 +292,9 @@ pub struct Engine {
     packed: Vec<Packed>,
     plans: Mutex<HashMap<(usize, usize, usize), Vec<Plan>>>,
     peak_arena: Mutex<usize>,
+    /// Images per plan run inside a thread's chunk of a batch (`GHOSTV3_SUB_BATCH`, default 2:
+    /// measured fastest here; one image re-streams the head's weights, eight spill L2).
+    pub sub_batch: usize,
 }
 
 /// Per-node time (seconds, summed over calls) from `Engine::run_profiled`.
@@ -319,6 +320,11 @@ impl Engine {
             packed,
             plans: Mutex::new(HashMap::new()),
             peak_arena: Mutex::new(0),
+            sub_batch: std::env::var("GHOSTV3_SUB_BATCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| v > 0)
+                .unwrap_or(2),
         }
     }
 
@@ -416,40 +422,38 @@ impl Engine {
             return Ok(out);
         }
         let t = rayon::current_num_threads();
-        if n >= 2 && t >= 2 {
-            let chunks = t.min(n);
-            let per = n.div_ceil(chunks);
-            let img = cin * h * w;
-            let results: Vec<Result<()>> = out
-                .par_chunks_mut(per * ol)
-                .zip(x.par_chunks(per * img))
-                .map(|(o, xi)| {
-                    let nb = xi.len() / img;
-                    let mut plan = self.take_plan(nb, h, w)?;
-                    self.exec(&mut plan, xi, o, h, w, false, None);
-                    self.give_plan(plan, h, w);
-                    Ok(())
-                })
-                .collect();
-            results.into_iter().collect::<Result<()>>()?;
-            if let Some(p) = profile {
-                // Batch-split runs are not timed per node; time one image instead.
-                let mut plan = self.take_plan(1, h, w)?;
-                self.exec(
-                    &mut plan,
-                    &x[..img],
-                    &mut out[..ol].to_vec(),
-                    h,
-                    w,
-                    false,
-                    Some(p),
-                );
-                self.give_plan(plan, h, w);
-            }
-        } else {
-            let mut plan = self.take_plan(n, h, w)?;
+        let img = cin * h * w;
+        if n == 1 {
+            let mut plan = self.take_plan(1, h, w)?;
             self.exec(&mut plan, x, &mut out, h, w, t > 1, profile);
             self.give_plan(plan, h, w);
+        } else {
+            // One chunk of the batch per thread, each run single-threaded a few images at a
+            // time: activations of one image stay in L2, no synchronization between layers.
+            let chunks = t.min(n);
+            let per = n.div_ceil(chunks);
+            let sub = self.sub_batch;
+            let run_chunk = |o: &mut [f32], xi: &[f32], mut prof: Option<&mut Profile>| {
+                for (os, xs) in o.chunks_mut(sub * ol).zip(xi.chunks(sub * img)) {
+                    let mut plan = self.take_plan(xs.len() / img, h, w)?;
+                    self.exec(&mut plan, xs, os, h, w, false, prof.as_deref_mut());
+                    self.give_plan(plan, h, w);
+                }
+                Ok::<(), anyhow::Error>(())
+            };
+            if chunks == 1 {
+                run_chunk(&mut out, x, profile)?;
+            } else {
+                out.par_chunks_mut(per * ol)
+                    .zip(x.par_chunks(per * img))
+                    .map(|(o, xi)| run_chunk(o, xi, None))
+                    .collect::<Result<Vec<()>>>()?;
+                if let Some(p) = profile {
+                    // Threads run whole chunks; time one sub-batch alone instead.
+                    let k = sub.min(n);
+                    run_chunk(&mut out[..k * ol].to_vec(), &x[..k * img], Some(p))?;
+                }
+            }
         }
         Ok(out)
     }
