@@ -650,27 +650,14 @@ impl Engine {
                 });
             }
             (Op::AvgPool2x2, _) => {
-                split(par, nb * ho, MIN_TASK / (wo * c).max(1), |r0, r1| {
-                    for r in r0..r1 {
-                        let (img, oy) = (r / ho, r % ho);
-                        for ox in 0..wo {
-                            let src = |dy: usize, dx: usize| {
-                                sx.base + ((img * h + 2 * oy + dy) * w + 2 * ox + dx) * sx.ld
-                            };
-                            let (a, b, cc, d) = (src(0, 0), src(0, 1), src(1, 0), src(1, 1));
-                            let dst = sy.base + (r * wo + ox) * sy.ld;
-                            for ch in 0..c {
-                                // SAFETY: inside the arena.
-                                unsafe {
-                                    *arena.at(dst + ch) = (*arena.at(a + ch)
-                                        + *arena.at(b + ch)
-                                        + *arena.at(cc + ch)
-                                        + *arena.at(d + ch))
-                                        * 0.25;
-                                }
-                            }
-                        }
-                    }
+                let e = EwGeom {
+                    c,
+                    lda: sx.ld,
+                    ldb: 0,
+                    ldy: sy.ld,
+                };
+                split(par, nb * ho, MIN_TASK / (wo * c).max(1), |r0, r1| unsafe {
+                    kernels::avgpool2x2(isa, &e, h, w, arena.at(sx.base), arena.at(sy.base), r0, r1)
                 });
             }
             (Op::MaxPool { k, stride, pad }, _) => {
@@ -704,20 +691,23 @@ impl Engine {
                 });
             }
             (Op::GlobalAvgPool, _) => {
-                let inv = 1.0 / (h * w) as f32;
-                for img in 0..nb {
-                    let dst = arena.at(sy.base + img * sy.ld);
-                    let mut acc = vec![0.0f32; c];
-                    for p in 0..h * w {
-                        let src = arena.at(sx.base + (img * h * w + p) * sx.ld);
-                        for (ch, a) in acc.iter_mut().enumerate() {
-                            // SAFETY: inside the arena.
-                            *a += unsafe { *src.add(ch) };
-                        }
-                    }
-                    for (ch, a) in acc.iter().enumerate() {
-                        unsafe { *dst.add(ch) = a * inv };
-                    }
+                let e = EwGeom {
+                    c,
+                    lda: sx.ld,
+                    ldb: 0,
+                    ldy: sy.ld,
+                };
+                // SAFETY: both values lie in the arena.
+                unsafe {
+                    kernels::global_avg_pool(
+                        isa,
+                        &e,
+                        h * w,
+                        arena.at(sx.base),
+                        arena.at(sy.base),
+                        0,
+                        nb,
+                    )
                 }
             }
             (Op::ChannelShuffle { groups }, _) => {

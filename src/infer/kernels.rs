@@ -559,3 +559,75 @@ unsafe fn gate_rows<V: Vf>(
 }
 
 simd_fn!(pub fn gate => gate_rows(e: &EwGeom, h: usize, w: usize, gate_hw: (usize, usize), iy: *const usize, ix: *const usize, x: *const f32, gt: *const f32, y: *mut f32, r0: usize, r1: usize));
+
+/// 2x2 average pool (stride 2) for output rows [r0, r1) of images `h x w` -> `h/2 x w/2`;
+/// `e.lda` input pixel stride, `e.ldy` output pixel stride.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avgpool_rows<V: Vf>(
+    e: &EwGeom,
+    h: usize,
+    w: usize,
+    x: *const f32,
+    y: *mut f32,
+    r0: usize,
+    r1: usize,
+) {
+    let (ho, wo) = (h / 2, w / 2);
+    let q = V::splat(0.25);
+    for r in r0..r1 {
+        let (img, oy) = (r / ho, r % ho);
+        let row0 = x.add((img * h + 2 * oy) * w * e.lda);
+        let row1 = row0.add(w * e.lda);
+        for ox in 0..wo {
+            let (a, b) = (row0.add(2 * ox * e.lda), row1.add(2 * ox * e.lda));
+            let yp = y.add((r * wo + ox) * e.ldy);
+            let mut c0 = 0;
+            while c0 < e.c {
+                let s = V::add(
+                    V::add(V::load(a.add(c0)), V::load(a.add(e.lda + c0))),
+                    V::add(V::load(b.add(c0)), V::load(b.add(e.lda + c0))),
+                );
+                store_act(V::mul(s, q), Act::None, yp.add(c0), (e.c - c0).min(V::L));
+                c0 += V::L;
+            }
+        }
+    }
+}
+
+simd_fn!(pub fn avgpool2x2 => avgpool_rows(e: &EwGeom, h: usize, w: usize, x: *const f32, y: *mut f32, r0: usize, r1: usize));
+
+/// Mean over `hw` pixels of images [i0, i1): y[img, c] (pixel stride `e.ldy` per image).
+#[inline(always)]
+unsafe fn gap_images<V: Vf>(
+    e: &EwGeom,
+    hw: usize,
+    x: *const f32,
+    y: *mut f32,
+    i0: usize,
+    i1: usize,
+) {
+    let inv = V::splat(1.0 / hw as f32);
+    for img in i0..i1 {
+        let xi = x.add(img * hw * e.lda);
+        let mut c0 = 0;
+        while c0 < e.c {
+            // Two accumulators: the adds of consecutive pixels do not wait on each other.
+            let (mut a0, mut a1) = (V::zero(), V::zero());
+            let mut p = 0;
+            while p + 2 <= hw {
+                a0 = V::add(a0, V::load(xi.add(p * e.lda + c0)));
+                a1 = V::add(a1, V::load(xi.add((p + 1) * e.lda + c0)));
+                p += 2;
+            }
+            if p < hw {
+                a0 = V::add(a0, V::load(xi.add(p * e.lda + c0)));
+            }
+            let m = V::mul(V::add(a0, a1), inv);
+            store_act(m, Act::None, y.add(img * e.ldy + c0), (e.c - c0).min(V::L));
+            c0 += V::L;
+        }
+    }
+}
+
+simd_fn!(pub fn global_avg_pool => gap_images(e: &EwGeom, hw: usize, x: *const f32, y: *mut f32, i0: usize, i1: usize));
