@@ -480,7 +480,7 @@ unsafe fn pw_rows<V: Vf>(
     match (V::REGS >= 32, nv) {
         (true, 3) => pw_block::<V, 8, 3>(g, x, y, packed, bias, m0, m1, p0, p1),
         (true, 2) => pw_block::<V, 12, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
-        (true, _) => pw_block::<V, 12, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
+        (true, _) => pw_block::<V, 8, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
         (false, 3) => pw_block::<V, 4, 3>(g, x, y, packed, bias, m0, m1, p0, p1),
         (false, 2) => pw_block::<V, 6, 2>(g, x, y, packed, bias, m0, m1, p0, p1),
         _ => pw_block::<V, 8, 1>(g, x, y, packed, bias, m0, m1, p0, p1),
