@@ -7,7 +7,10 @@
 //! orders (the GPU reduces statistics in f64).
 
 use ghostv3::backend::cpu::conv::ConvGeom;
+use ghostv3::backend::cuda::train::CudaTrainer;
 use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, LambGpu, RepDwGeom};
+use ghostv3::models::{self, ModelOptions};
+use ghostv3::nn::Mode;
 use ghostv3::ops::{self, Conv2dArgs};
 use ghostv3::optim::{Ema, EmaConfig, Lamb, LambOptions, Layout, Optimizer};
 use ghostv3::{Tape, Tensor, Var};
@@ -968,6 +971,112 @@ fn views_into_flat_buffers() {
     close("upload into a view", &down(&g, &grads), &flat, 0.0);
 }
 
+/// The whole training step of GhostNetV3 (train form: 3 kxk branches + 1x1 + identity, DFC,
+/// SE) on the GPU against the CPU: logits, loss, the gradient of every parameter, BN running
+/// statistics, and the parameters and EMA after the fused LAMB + EMA step.
+#[test]
+fn whole_training_step_matches_cpu() {
+    let Some(_g) = gpu() else { return };
+    let gg = ghostv3::backend::cuda::global().unwrap();
+    let opts = ModelOptions {
+        num_classes: 10,
+        drop_rate: 0.0,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut rng = StdRng::seed_from_u64(95);
+    // 128x128: the smallest maps are 4x4 (DFC 2x2). At 64x64 the DFC BNs normalize 2 values
+    // per channel and the CPU's own gradients move by 6% when the input moves by 1e-6.
+    let x = rand_t(&mut rng, &[2, 3, 128, 128], -2.0, 2.0);
+    let labels = [3usize, 7];
+    let (smoothing, lr, decay) = (0.1, 5e-3, 0.99);
+    let lopts = LambOptions {
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+
+    // CPU reference step.
+    let mut cpu = models::create("ghostnetv3_050", &opts).unwrap();
+    let mut tape = Tape::new();
+    let xv = tape.constant(x.clone());
+    let (lg, leaves) = cpu.forward(&mut tape, xv, Mode::Train { dropout: false }, None);
+    let lv = ops::cross_entropy(&mut tape, lg, &labels, smoothing);
+    let (loss_cpu, logits_cpu) = (tape.value(lv).data()[0], tape.value(lg).clone());
+    let grads = tape.backward(lv);
+    let flat_cpu = leaves.flat_grads(cpu.state(), &grads);
+    drop(tape);
+    let mut p_cpu = cpu.state().params.flat().to_vec();
+    let mut ema = Ema::new(
+        EmaConfig {
+            decay,
+            ..Default::default()
+        },
+        &p_cpu,
+        &[],
+    )
+    .unwrap();
+    let mut lamb = Lamb::new(Layout::from_store(&cpu.state().params), lopts.clone());
+    lamb.step(&mut p_cpu, &flat_cpu, lr);
+    ema.update(&p_cpu, &[]);
+
+    // GPU: the trainer's step (forward and backward through the dispatching ops, the fused
+    // rep_conv, LAMB + EMA), then everything compared.
+    let mut dev = models::create("ghostnetv3_050", &opts).unwrap();
+    let mut tr = CudaTrainer::new(gg, &mut dev, lopts, true).unwrap();
+    let out = tr
+        .step(gg, &mut dev, &x, &labels, smoothing, lr, decay)
+        .unwrap();
+    close("step logits", out.logits.data(), logits_cpu.data(), 1e-4);
+    close("step loss", &[out.loss], &[loss_cpu], 1e-5);
+    let fg = gg.download(tr.grads.as_ref().unwrap()).unwrap();
+    // Per tensor, relative to that tensor's largest gradient (and to the largest gradient of
+    // the network, so that tensors whose gradient all but cancels are judged by the whole).
+    let global = flat_cpu
+        .iter()
+        .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+    let mut rows = Vec::new();
+    for e in cpu.state().params.entries() {
+        let r = e.offset..e.offset + e.numel();
+        let (a, b) = (&fg[r.clone()], &flat_cpu[r]);
+        let scale = b.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs()));
+        let err = a
+            .iter()
+            .zip(b)
+            .fold(0.0f64, |m, (&p, &q)| m.max((p as f64 - q as f64).abs()));
+        assert!(err.is_finite(), "{}: non-finite gradient", e.name);
+        rows.push((err / scale.max(1e-3 * global), err, scale, e.name.clone()));
+    }
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for r in rows.iter().take(8) {
+        println!(
+            "step gradient {}: rel {:.2e} (max err {:.2e}, max |g| {:.2e})",
+            r.3, r.0, r.1, r.2
+        );
+    }
+    println!("largest gradient {global:.2e}");
+    assert!(
+        rows[0].0 < 5e-3,
+        "gradient of {} off by {:.2e}",
+        rows[0].3,
+        rows[0].0
+    );
+    close(
+        "step running stats",
+        dev.state().buffers.flat(),
+        cpu.state().buffers.flat(),
+        1e-4,
+    );
+
+    dev.state_mut().params_from_cuda().unwrap();
+    close("trainer params", dev.state().params.flat(), &p_cpu, 1e-4);
+    close(
+        "trainer ema",
+        &gg.download(tr.ema.as_ref().unwrap()).unwrap(),
+        ema.params(),
+        1e-4,
+    );
+}
+
 /// A loop that allocates the same shapes every step stops asking the driver for memory.
 #[test]
 fn caching_allocator_reuses_buffers() {
@@ -1040,7 +1149,8 @@ fn info_device_cuda() {
     }
 }
 
-/// Without a GPU: every test above once more, in a child process, on the CPU emulator of
+/// Without a GPU: every test above (the whole-network step only with GHOSTV3_EMU_FULL=1) once
+/// more, in a child process, on the CPU emulator of
 /// libcuda/libcublas (cuda/emu: the same kernel sources compiled by g++, CUDA threads as fibers)
 /// with the real NVRTC compiling every kernel. Needs g++ and the CUDA 13 NVRTC (`.ci/run`
 /// installs it; GHOSTV3_REQUIRE_NVRTC=1 there makes a missing one a failure).
@@ -1095,6 +1205,12 @@ fn cpu_emulator_runs_every_gpu_test() {
             "--skip",
             "cpu_emulator_runs_every_gpu_test",
         ])
+        // The whole-network step takes minutes emulated: only with GHOSTV3_EMU_FULL=1.
+        .args(if std::env::var_os("GHOSTV3_EMU_FULL").is_some() {
+            &[][..]
+        } else {
+            &["--skip", "whole_training_step_matches_cpu"][..]
+        })
         .env("GHOSTV3_EMU_CHILD", "1")
         .env(
             "LD_LIBRARY_PATH",

@@ -55,7 +55,14 @@ impl<'a> Ctx<'a> {
             return v;
         }
         let grad = self.tape.grad_enabled();
-        let v = self.tape.leaf(self.state.params.view(id), grad);
+        let value = match &self.state.cuda_params {
+            Some(buf) => {
+                let e = self.state.params.entry(id);
+                Tensor::cuda_view(buf, e.offset, &e.shape)
+            }
+            None => self.state.params.view(id),
+        };
+        let v = self.tape.leaf(value, grad);
         self.leaves[id.0] = Some(v);
         v
     }
@@ -81,6 +88,31 @@ impl ParamLeaves {
             }
         }
         flat
+    }
+
+    /// The same on the CUDA device: gradients of device parameters, in one flat device buffer.
+    pub fn flat_grads_cuda(
+        &self,
+        state: &State,
+        grads: &Grads<f32>,
+    ) -> anyhow::Result<crate::backend::cuda::DBuf> {
+        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut flat = gpu.zeros(state.params.numel())?;
+        for (i, leaf) in self.0.iter().enumerate() {
+            let (Some(v), e) = (leaf, &state.params.entries()[i]) else {
+                continue;
+            };
+            if let Some(g) = grads.get(*v) {
+                let d = g
+                    .cuda()
+                    .ok_or_else(|| anyhow::anyhow!("{}: gradient on the host", e.name))?;
+                gpu.copy_into(
+                    &d.buf.view(d.offset, e.numel()),
+                    &mut flat.view_mut(e.offset, e.numel()),
+                )?;
+            }
+        }
+        Ok(flat)
     }
 }
 
@@ -141,26 +173,32 @@ impl BatchNorm2d {
         let (g, b) = (ctx.param(self.weight), ctx.param(self.bias));
         if ctx.train() {
             let (y, stats) = ops::batch_norm_train(ctx.tape, x, g, b, BN_EPS);
-            let m = BN_MOMENTUM;
-            let unbiased = stats.unbiased_var();
-            let bufs = &mut ctx.state.buffers;
-            for (r, &v) in bufs
-                .slice_mut(self.running_mean)
-                .iter_mut()
-                .zip(&stats.mean)
-            {
-                *r = ((1.0 - m) * *r as f64 + m * v) as f32;
-            }
-            for (r, &v) in bufs.slice_mut(self.running_var).iter_mut().zip(&unbiased) {
-                *r = ((1.0 - m) * *r as f64 + m * v) as f32;
-            }
-            ctx.state.counters[self.counter].1 += 1;
+            self.update_running(ctx.state, &stats);
             y
         } else {
             let rm = ctx.state.buffers.slice(self.running_mean).to_vec();
             let rv = ctx.state.buffers.slice(self.running_var).to_vec();
             ops::batch_norm_eval(ctx.tape, x, g, b, &rm, &rv, BN_EPS)
         }
+    }
+
+    /// PyTorch's running-stat update from one batch (momentum, unbiased variance) and the
+    /// batch counter.
+    pub fn update_running(&self, state: &mut State, stats: &ops::BatchStats) {
+        let m = BN_MOMENTUM;
+        let unbiased = stats.unbiased_var();
+        let bufs = &mut state.buffers;
+        for (r, &v) in bufs
+            .slice_mut(self.running_mean)
+            .iter_mut()
+            .zip(&stats.mean)
+        {
+            *r = ((1.0 - m) * *r as f64 + m * v) as f32;
+        }
+        for (r, &v) in bufs.slice_mut(self.running_var).iter_mut().zip(&unbiased) {
+            *r = ((1.0 - m) * *r as f64 + m * v) as f32;
+        }
+        state.counters[self.counter].1 += 1;
     }
 
     /// The eval-mode affine map y = t * x + s per channel: (t, s), in f64.

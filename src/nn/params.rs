@@ -115,6 +115,28 @@ pub struct State {
     pub buffers: FlatStore,
     /// `<bn>.num_batches_tracked`, kept for timm/PyTorch compatibility of the state dict.
     pub counters: Vec<(String, i64)>,
+    /// The parameters on the CUDA device (same layout as `params`) when training there: the
+    /// forward pass then views these, and the device optimizer updates them in place.
+    pub cuda_params: Option<Arc<crate::backend::cuda::DBuf>>,
+}
+
+impl State {
+    /// Copies the parameters to the CUDA device; forward passes use them from then on.
+    pub fn params_to_cuda(&mut self) -> anyhow::Result<()> {
+        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.cuda_params = Some(Arc::new(gpu.upload(self.params.flat())?));
+        Ok(())
+    }
+
+    /// Copies the device parameters back into `params` (before saving or evaluating on the CPU).
+    pub fn params_from_cuda(&mut self) -> anyhow::Result<()> {
+        if let Some(buf) = &self.cuda_params {
+            let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let v = gpu.download(buf)?;
+            self.params.flat_mut().copy_from_slice(&v);
+        }
+        Ok(())
+    }
 }
 
 /// Builds a `State` while modules are constructed; initializes as PyTorch does by default.

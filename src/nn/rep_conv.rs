@@ -165,6 +165,42 @@ impl RepConv {
             RepConv::Deploy(conv) => conv.forward(ctx, x),
             RepConv::Plain(cb) => cb.forward(ctx, x),
             RepConv::Train {
+                kxk,
+                scale,
+                skip,
+                cin,
+                groups,
+            } if ctx.train() && ctx.tape.value(x).is_cuda() && *groups == *cin && *groups > 1 => {
+                // Depth-wise on the GPU: the fused kernel (branches never materialized).
+                let ws: Vec<Var> = kxk.iter().map(|cb| ctx.param(cb.conv.weight)).collect();
+                let wscale = scale.as_ref().map(|cb| ctx.param(cb.conv.weight));
+                let bns: Vec<&BatchNorm2d> = kxk
+                    .iter()
+                    .map(|cb| &cb.bn)
+                    .chain(scale.as_ref().map(|cb| &cb.bn))
+                    .chain(skip.as_ref())
+                    .collect();
+                let bn: Vec<(Var, Var)> = bns
+                    .iter()
+                    .map(|b| (ctx.param(b.weight), ctx.param(b.bias)))
+                    .collect();
+                let stride = kxk[0].conv.args.stride.0;
+                let (y, stats) = ops::cuda::rep_conv_dw(
+                    ctx.tape,
+                    x,
+                    &ws,
+                    wscale,
+                    skip.is_some(),
+                    &bn,
+                    stride,
+                    super::layers::BN_EPS,
+                );
+                for (b, st) in bns.iter().zip(&stats) {
+                    b.update_running(ctx.state, st);
+                }
+                y
+            }
+            RepConv::Train {
                 kxk, scale, skip, ..
             } => {
                 // Same summation order as timm: identity + scale, then the kxk branches.

@@ -32,6 +32,9 @@ fn unary<T: Elem>(
 }
 
 pub fn relu<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::relu(tape, x);
+    }
     unary(
         "relu",
         tape,
@@ -42,6 +45,9 @@ pub fn relu<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
 }
 
 pub fn sigmoid<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::sigmoid(tape, x);
+    }
     unary(
         "sigmoid",
         tape,
@@ -53,6 +59,9 @@ pub fn sigmoid<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
 
 /// PyTorch's hardsigmoid: gradient 1/6 strictly inside (-3, 3), 0 outside.
 pub fn hard_sigmoid<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::hard_sigmoid(tape, x);
+    }
     let three = T::from_f64(3.0);
     let six = T::from_f64(6.0);
     unary(

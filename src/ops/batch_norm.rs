@@ -130,6 +130,9 @@ pub fn batch_norm_train<T: Elem>(
     beta: Var,
     eps: f64,
 ) -> (Var, BatchStats) {
+    if tape.value(x).is_cuda() {
+        return super::cuda::batch_norm_train(tape, x, gamma, beta, eps);
+    }
     let xt = tape.value(x).clone();
     let (n, c, hw) = dims(&xt);
     assert_eq!(tape.shape(gamma), [c], "batch_norm weight shape");
@@ -209,6 +212,9 @@ pub fn batch_norm_eval<T: Elem>(
     running_var: &[T],
     eps: f64,
 ) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::batch_norm_eval(tape, x, gamma, beta, running_mean, running_var, eps);
+    }
     let xt = tape.value(x).clone();
     let (n, c, hw) = dims(&xt);
     assert_eq!(tape.shape(gamma), [c], "batch_norm weight shape");

@@ -4,6 +4,9 @@ use crate::autograd::{Tape, Var};
 use crate::tensor::{Elem, Tensor};
 
 pub fn concat_channels<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
+    if super::cuda::any_cuda(&[tape.value(a), tape.value(b)]) {
+        return super::cuda::concat_channels(tape, a, b);
+    }
     let (n, ca, h, w) = tape.value(a).dims4();
     let (nb, cb, hb, wb) = tape.value(b).dims4();
     assert!(

@@ -30,6 +30,9 @@ pub fn conv2d<T: Elem>(
     b: Option<Var>,
     args: Conv2dArgs,
 ) -> Var {
+    if super::cuda::any_cuda(&[tape.value(x), tape.value(w)]) {
+        return super::cuda::conv2d(tape, x, w, b, args);
+    }
     let geom = ConvGeom::new(
         tape.shape(x),
         tape.shape(w),

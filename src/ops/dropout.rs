@@ -22,6 +22,10 @@ pub fn dropout<T: Elem>(tape: &mut Tape<T>, x: Var, p: f64, rng: &mut impl Rng) 
             }
         })
         .collect();
+    if tape.value(x).is_cuda() {
+        let m = mask.iter().map(|v| v.as_f64() as f32).collect();
+        return super::cuda::dropout_masked(tape, x, m);
+    }
     let xt = tape.value(x);
     let y = Tensor::new(
         xt.shape(),

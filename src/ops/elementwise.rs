@@ -7,6 +7,9 @@ use rayon::prelude::*;
 
 pub fn add<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "add: shapes differ");
+    if super::cuda::any_cuda(&[tape.value(a), tape.value(b)]) {
+        return super::cuda::add(tape, a, b);
+    }
     let y = tape.value(a).add(tape.value(b));
     tape.push(
         "add",
@@ -19,6 +22,9 @@ pub fn add<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
 /// Elementwise product of two tensors of one shape.
 pub fn mul<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "mul: shapes differ");
+    if super::cuda::any_cuda(&[tape.value(a), tape.value(b)]) {
+        return super::cuda::mul(tape, a, b);
+    }
     let (at, bt) = (tape.value(a).clone(), tape.value(b).clone());
     let prod = |u: &Tensor<T>, v: &Tensor<T>| {
         Tensor::new(
@@ -46,6 +52,9 @@ pub fn mul<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
 
 /// `y[n,c,h,w] = x[n,c,h,w] * s[n,c]`, with s of shape [N, C, 1, 1].
 pub fn mul_channel<T: Elem>(tape: &mut Tape<T>, x: Var, s: Var) -> Var {
+    if super::cuda::any_cuda(&[tape.value(x), tape.value(s)]) {
+        return super::cuda::mul_channel(tape, x, s);
+    }
     let (xt, st) = (tape.value(x).clone(), tape.value(s).clone());
     let (n, c, h, w) = xt.dims4();
     assert_eq!(st.shape(), [n, c, 1, 1], "mul_channel: scale shape");
@@ -112,6 +121,9 @@ pub fn reshape<T: Elem>(tape: &mut Tape<T>, x: Var, shape: &[usize]) -> Var {
 
 /// `y = a * x` for a constant a (loss weights).
 pub fn scale<T: Elem>(tape: &mut Tape<T>, x: Var, a: T) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::scale(tape, x, a);
+    }
     let y = tape.value(x).map(|v| v * a);
     tape.push(
         "scale",

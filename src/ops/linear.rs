@@ -5,6 +5,9 @@ use crate::backend::cpu::gemm::matmul;
 use crate::tensor::{Elem, Tensor};
 
 pub fn linear<T: Elem>(tape: &mut Tape<T>, x: Var, w: Var, b: Option<Var>) -> Var {
+    if super::cuda::any_cuda(&[tape.value(x), tape.value(w)]) {
+        return super::cuda::linear(tape, x, w, b);
+    }
     let (xt, wt) = (tape.value(x).clone(), tape.value(w).clone());
     let (n, f) = (xt.shape()[0], xt.shape()[1]);
     assert_eq!(xt.shape().len(), 2, "linear input must be [N, F]");

@@ -30,6 +30,9 @@ fn rows<T: Elem>(t: &Tensor<T>) -> (usize, usize, Vec<f64>) {
 
 /// Mean cross-entropy against per-row target distributions `targets` [N, C].
 pub fn cross_entropy_soft<T: Elem>(tape: &mut Tape<T>, logits: Var, targets: &Tensor<T>) -> Var {
+    if tape.value(logits).is_cuda() {
+        return super::cuda::cross_entropy_soft(tape, logits, targets);
+    }
     let (n, c, z) = rows(tape.value(logits));
     assert_eq!(targets.shape(), [n, c], "cross_entropy targets shape");
     let q: Vec<f64> = targets.data().iter().map(|v| v.as_f64()).collect();
@@ -77,6 +80,9 @@ pub fn cross_entropy<T: Elem>(
     labels: &[usize],
     smoothing: f64,
 ) -> Var {
+    if tape.value(logits).is_cuda() {
+        return super::cuda::cross_entropy(tape, logits, labels, smoothing);
+    }
     let (n, c) = (tape.shape(logits)[0], tape.shape(logits)[1]);
     assert_eq!(
         labels.len(),
@@ -92,6 +98,9 @@ pub fn cross_entropy<T: Elem>(
 /// student only: d/dz_s = t * (p_s - p_t) / N.
 pub fn kd_loss<T: Elem>(tape: &mut Tape<T>, student: Var, teacher: &Tensor<T>, t: f64) -> Var {
     assert!(t > 0.0, "KD temperature must be positive");
+    if tape.value(student).is_cuda() {
+        return super::cuda::kd_loss(tape, student, teacher, t);
+    }
     let (n, c, zs) = rows(tape.value(student));
     let (nt, ct, zt) = rows(teacher);
     assert!(

@@ -6,6 +6,7 @@ pub mod batch_norm;
 pub mod channel;
 pub mod concat;
 pub mod conv;
+pub mod cuda;
 pub mod dropout;
 pub mod elementwise;
 pub mod linear;

@@ -7,6 +7,9 @@ use crate::tensor::{Elem, Tensor};
 use rayon::prelude::*;
 
 pub fn avg_pool2x2<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::avg_pool2x2(tape, x);
+    }
     let (n, c, h, w) = tape.value(x).dims4();
     let (ho, wo) = (h / 2, w / 2);
     assert!(ho > 0 && wo > 0, "avg_pool2x2 on a {h}x{w} input");
@@ -53,6 +56,9 @@ pub fn avg_pool2x2<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
 
 /// Mean over H and W: [N, C, H, W] -> [N, C, 1, 1].
 pub fn global_avg_pool<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::global_avg_pool(tape, x);
+    }
     let (n, c, h, w) = tape.value(x).dims4();
     let hw = h * w;
     let inv = T::from_f64(1.0 / hw as f64);
@@ -87,6 +93,9 @@ pub fn nearest_indices(input: usize, output: usize) -> Vec<usize> {
 
 /// Nearest-neighbour resize to (out_h, out_w).
 pub fn upsample_nearest<T: Elem>(tape: &mut Tape<T>, x: Var, out_h: usize, out_w: usize) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::upsample_nearest(tape, x, out_h, out_w);
+    }
     let (n, c, h, w) = tape.value(x).dims4();
     let (iy, ix) = (nearest_indices(h, out_h), nearest_indices(w, out_w));
     let mut y = vec![T::zero(); n * c * out_h * out_w];

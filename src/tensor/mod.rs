@@ -2,11 +2,16 @@
 //!
 //! Storage is an `Arc<Vec<T>>` plus an offset, so a tensor can be a zero-copy view into a flat
 //! parameter buffer (see `nn::params`). Layout is always contiguous row-major (NCHW for images).
+//! An f32 tensor can instead live on the CUDA device (an `Arc` of a device buffer plus an
+//! offset, [`CudaData`]); ops dispatch on where their inputs are (`ops::cuda`), and host
+//! accessors such as `data()` refuse device tensors.
 
 use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{AddAssign, MulAssign, SubAssign};
 use std::sync::Arc;
+
+use crate::backend::cuda::DBuf;
 
 /// The element types the CPU kernels are written for: f32 for the engine, f64 for gradient checks.
 pub trait Elem:
@@ -53,6 +58,26 @@ pub struct Tensor<T = f32> {
     shape: Vec<usize>,
     storage: Arc<Vec<T>>,
     offset: usize,
+    /// Set for a tensor on the CUDA device (f32 only); `storage` is then empty.
+    cuda: Option<CudaData>,
+}
+
+/// Device storage of a tensor: `numel` f32 values from `offset` of a device buffer.
+#[derive(Clone)]
+pub struct CudaData {
+    pub buf: Arc<DBuf>,
+    pub offset: usize,
+}
+
+impl Tensor<f32> {
+    /// The same values on the CUDA device (the process-wide GPU, `backend::cuda::global`).
+    pub fn to_cuda(&self) -> anyhow::Result<Tensor<f32>> {
+        if self.is_cuda() {
+            return Ok(self.clone());
+        }
+        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Tensor::from_cuda(&self.shape, gpu.upload(self.data())?))
+    }
 }
 
 impl<T: Elem> Debug for Tensor<T> {
@@ -73,6 +98,7 @@ impl<T: Elem> Tensor<T> {
             shape: shape.to_vec(),
             storage: Arc::new(data),
             offset: 0,
+            cuda: None,
         }
     }
 
@@ -83,7 +109,65 @@ impl<T: Elem> Tensor<T> {
             shape: shape.to_vec(),
             storage: storage.clone(),
             offset,
+            cuda: None,
         }
+    }
+
+    /// A tensor on the CUDA device: `numel(shape)` values of `buf` from `offset` (a view into a
+    /// flat device buffer, or a whole buffer). Only f32 tensors live on the device.
+    pub fn cuda_view(buf: &Arc<DBuf>, offset: usize, shape: &[usize]) -> Self {
+        assert_eq!(
+            std::any::TypeId::of::<T>(),
+            std::any::TypeId::of::<f32>(),
+            "only f32 tensors live on the CUDA device"
+        );
+        assert!(
+            offset + numel(shape) <= buf.len(),
+            "device view out of range"
+        );
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Arc::new(Vec::new()),
+            offset,
+            cuda: Some(CudaData {
+                buf: buf.clone(),
+                offset,
+            }),
+        }
+    }
+
+    /// A tensor owning a device buffer.
+    pub fn from_cuda(shape: &[usize], buf: DBuf) -> Self {
+        assert_eq!(
+            numel(shape),
+            buf.len(),
+            "device buffer does not match shape {shape:?}"
+        );
+        Self::cuda_view(&Arc::new(buf), 0, shape)
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        self.cuda.is_some()
+    }
+
+    /// The device storage of a CUDA tensor.
+    pub fn cuda(&self) -> Option<&CudaData> {
+        self.cuda.as_ref()
+    }
+
+    /// The same values on the host (a copy from the device, or a clone of a host tensor).
+    pub fn to_host(&self) -> Self {
+        let Some(d) = &self.cuda else {
+            return self.clone();
+        };
+        let gpu = crate::backend::cuda::global().unwrap_or_else(|e| panic!("{e}"));
+        let v = gpu
+            .download(&d.buf.view(d.offset, self.numel()))
+            .unwrap_or_else(|e| panic!("CUDA: {e:#}"));
+        Tensor::new(
+            &self.shape,
+            v.into_iter().map(|x| T::from_f64(x as f64)).collect(),
+        )
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
@@ -107,6 +191,11 @@ impl<T: Elem> Tensor<T> {
     }
 
     pub fn data(&self) -> &[T] {
+        assert!(
+            self.cuda.is_none(),
+            "tensor {:?} is on the CUDA device: copy it to the host first (to_host)",
+            self.shape
+        );
         &self.storage[self.offset..self.offset + self.numel()]
     }
 
@@ -138,6 +227,7 @@ impl<T: Elem> Tensor<T> {
             shape: shape.to_vec(),
             storage: self.storage.clone(),
             offset: self.offset,
+            cuda: self.cuda.clone(),
         }
     }
 
@@ -145,9 +235,12 @@ impl<T: Elem> Tensor<T> {
         Self::new(&self.shape, self.data().iter().map(|&v| f(v)).collect())
     }
 
-    /// Elementwise sum (same shapes).
+    /// Elementwise sum (same shapes; both on the host or both on the CUDA device).
     pub fn add(&self, other: &Self) -> Self {
         assert_eq!(self.shape, other.shape, "add: shapes differ");
+        if self.is_cuda() || other.is_cuda() {
+            return crate::ops::cuda::add_tensors(self, other);
+        }
         Self::new(
             &self.shape,
             self.data()

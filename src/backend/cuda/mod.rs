@@ -13,10 +13,20 @@ pub mod nvrtc;
 pub mod ops;
 pub mod pool;
 pub mod sources;
+pub mod train;
 
 pub use device::{cublas_present, driver_present, unavailable_reason, DBuf, Gpu};
 pub use ops::{BnGrads, BnSaved, ConvGradsGpu, LambGpu, RepDwGeom, RepDwGrads, RepDwSaved};
 pub use pool::{DevBuf, PoolStats, View, ViewMut};
+
+/// The process-wide GPU (device 0) that device tensors and the dispatching ops use, opened on
+/// first call; the error says in one line why there is none.
+pub fn global() -> Result<&'static Gpu, String> {
+    static GPU: std::sync::OnceLock<Result<Gpu, String>> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| Gpu::new(0).map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| e.clone())
+}
 
 /// What `ghostv3 info --device cuda` reports: the GPU through NVML, and whether the kernels
 /// compile and load; and whether all of it works. Never panics; each missing piece is a line.

@@ -192,6 +192,23 @@ impl Gpu {
         Ok(y)
     }
 
+    /// dst = src (same lengths; views included).
+    pub fn copy_into(&self, src: &DBuf, dst: &mut DBuf) -> Result<()> {
+        ensure!(
+            src.len() == dst.len(),
+            "copy of {} values into {}",
+            src.len(),
+            dst.len()
+        );
+        let n = src.len();
+        self.launch(
+            "elementwise",
+            "copy_f32",
+            self.grid(n),
+            &[ptr(src), ptr(dst), i64a(n)],
+        )
+    }
+
     pub fn fill(&self, y: &mut DBuf, v: f32) -> Result<()> {
         let n = y.len();
         self.launch(
