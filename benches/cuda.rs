@@ -271,6 +271,16 @@ fn main() {
         bytes: 4.0 * np as f64 * 9.0,
     });
 
+    drop((p, gr, e, lamb));
+
+    // The whole training step (tape on device tensors, fused rep_conv, LAMB + EMA) of
+    // ghostnetv3_100's train form at 224x224, batch GHOSTV3_BENCH_BATCH (default 256).
+    let batch: usize = std::env::var("GHOSTV3_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let train_line = train_step_bench(batch, &mut rng);
+
     println!(
         "\n{:<46} {:>10} {:>10} {:>8}",
         "kernel", "ms", "GB/s", "% copy"
@@ -296,6 +306,49 @@ fn main() {
             / (t_fused_f * 1e3)
     );
     println!("pool: {:?}", g.pool_stats());
+    println!("{train_line}");
+}
+
+/// Images/s of `CudaTrainer::step` on ghostnetv3_100 (train form, 1000 classes, 224x224).
+fn train_step_bench(batch: usize, rng: &mut StdRng) -> String {
+    use ghostv3::backend::cuda::{global, train::CudaTrainer};
+    use ghostv3::models::{self, ModelOptions};
+    use ghostv3::Tensor;
+    let gg = global().unwrap();
+    let opts = ModelOptions {
+        drop_rate: 0.0,
+        ..Default::default()
+    };
+    let mut model = models::create("ghostnetv3_100", &opts).unwrap();
+    let mut tr = CudaTrainer::new(gg, &mut model, LambOptions::default(), true).unwrap();
+    let n = batch * 3 * 224 * 224;
+    let x = Tensor::new(
+        &[batch, 3, 224, 224],
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect(),
+    );
+    let labels: Vec<usize> = (0..batch).map(|_| rng.random_range(0..1000)).collect();
+    let mut step = || {
+        tr.step(gg, &mut model, &x, &labels, 0.1, 1e-3, 0.9999)
+            .unwrap()
+            .loss
+    };
+    for _ in 0..2 {
+        step();
+    }
+    gg.synchronize().unwrap();
+    let reps = 5;
+    let t = Instant::now();
+    let mut loss = 0.0;
+    for _ in 0..reps {
+        loss = step();
+    }
+    gg.synchronize().unwrap();
+    let dt = t.elapsed().as_secs_f64() / reps as f64;
+    format!(
+        "ghostv3 CUDA train step ghostnetv3_100 train form, batch {batch}, 224x224: {:.1} images/s, {:.1} ms/step (loss {loss:.3})",
+        batch as f64 / dt,
+        dt * 1e3
+    )
 }
 
 /// Branch `b` of the stacked kxk weights as its own buffer (setup of the unfused baseline).
