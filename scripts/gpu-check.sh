@@ -11,7 +11,7 @@
 # With the device tool: `scripts/gpu-check.sh prepare` here, then
 #   run(command="bash scripts/gpu-check.sh run", carry=[".gpu"], timeout_s=540)
 # Logs go to $OUT (the device tool's folder) or target/gpu-check. Every step has a timeout, so
-# the whole run stays under ~8 minutes even when something hangs.
+# the whole run stays under ~9.5 minutes even when something hangs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu/bin
