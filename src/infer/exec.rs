@@ -59,6 +59,9 @@ fn panel_width(n: usize, isa: Isa) -> usize {
 /// The ISA a node's kernel runs with (a narrower vector where it wastes fewer lanes).
 fn node_isa(op: &Op, isa: Isa) -> Isa {
     match op {
+        // Dense direct convs (the stem) broadcast each input once per output vector group:
+        // more, narrower vectors per broadcast are faster.
+        Op::Conv(c) if !c.is_pointwise() && !c.is_depthwise() => isa.narrow(),
         Op::Conv(c) => isa.for_channels(c.cout),
         Op::Linear { cout, .. } => isa.for_channels(*cout),
         Op::Add(_) | Op::UpsampleMul | Op::ChannelMul => isa,

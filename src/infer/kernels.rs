@@ -269,9 +269,61 @@ unsafe fn dw_rows<V: Vf>(
 
 simd_fn!(pub fn depthwise => dw_rows(g: &ConvGeom, x: *const f32, y: *mut f32, wt: *const f32, bias: *const f32, r0: usize, r1: usize));
 
+/// `NB` output vectors (channels c0..) of `P` pixels from column `ox`, taps [ky.0, ky.1) x all
+/// kx inside the input row: each input value is broadcast once for all NB vectors.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dense_run<V: Vf, const P: usize, const NB: usize>(
+    g: &ConvGeom,
+    xrow0: *const f32,
+    wt: *const f32,
+    bias: *const f32,
+    yr: *mut f32,
+    ox: usize,
+    c0: usize,
+    ky: (usize, usize),
+) {
+    let (l, cp, s) = (V::L, g.cp, g.stride);
+    let mut acc = [[V::zero(); NB]; P];
+    for j in 0..NB {
+        let b = V::load(bias.add(c0 + j * l));
+        for a in acc.iter_mut() {
+            a[j] = b;
+        }
+    }
+    let ix0 = ox * s - g.pw;
+    for ky in ky.0..ky.1 {
+        let xr = xrow0.wrapping_add((ky * g.w + ix0) * g.ldx);
+        for kx in 0..g.kw {
+            let wp = wt.add((ky * g.kw + kx) * g.cin * cp + c0);
+            for ci in 0..g.cin {
+                let mut wv = [V::zero(); NB];
+                for (j, w) in wv.iter_mut().enumerate() {
+                    *w = V::load(wp.add(ci * cp + j * l));
+                }
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let xv = V::splat(*xr.add((kx + p * s) * g.ldx + ci));
+                    for j in 0..NB {
+                        a[j] = V::fma(xv, wv[j], a[j]);
+                    }
+                }
+            }
+        }
+    }
+    for (p, a) in acc.iter().enumerate() {
+        for (j, v) in a.iter().enumerate() {
+            let c = c0 + j * l;
+            if c < g.cout {
+                store_act(*v, g.act, yr.add((ox + p) * g.ldy + c), (g.cout - c).min(l));
+            }
+        }
+    }
+}
+
 /// Dense direct conv (groups 1, any kernel/stride), output rows [r0, r1). Weights packed
-/// [kh][kw][cin][cp], bias [cp]. Used for the stem (3 input channels): four output pixels at a
-/// time where their taps lie inside the row, so four independent FMA chains hide the latency.
+/// [kh][kw][cin][cp], bias [cp]. Used for the stem (3 input channels): four pixels and up to
+/// three output vectors at a time where the taps lie inside the row, so independent FMA chains
+/// hide the latency and each input value is broadcast once.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dense_rows<V: Vf>(
@@ -283,7 +335,6 @@ unsafe fn dense_rows<V: Vf>(
     r0: usize,
     r1: usize,
 ) {
-    const P: usize = 4;
     let (l, cp, s) = (V::L, g.cp, g.stride);
     let ox_lo = g.pw.div_ceil(s).min(g.wo);
     let ox_hi = if g.w + g.pw >= g.kw {
@@ -297,37 +348,37 @@ unsafe fn dense_rows<V: Vf>(
         let yr = y.add(r * g.wo * g.ldy);
         let iy0 = (oy * s) as isize - g.ph as isize;
         let (ky_lo, ky_hi) = taps(iy0, g.kh, g.h);
+        let xrow0 = xi.wrapping_offset(iy0 * (g.w * g.ldx) as isize);
+        let ky = (ky_lo, ky_hi);
         let mut c0 = 0;
         while c0 < g.cout {
-            let n = (g.cout - c0).min(l);
-            let b = V::load(bias.add(c0));
-            let mut ox = 0;
-            while ox < g.wo {
-                if ox >= ox_lo && ox + P <= ox_hi {
-                    let ix0 = ox * s - g.pw;
-                    let mut acc = [b; P];
-                    for ky in ky_lo..ky_hi {
-                        let xrow = xi.offset((iy0 + ky as isize) * (g.w * g.ldx) as isize);
-                        for kx in 0..g.kw {
-                            let wp = wt.add((ky * g.kw + kx) * g.cin * cp + c0);
-                            for ci in 0..g.cin {
-                                let wv = V::load(wp.add(ci * cp));
-                                for (p, a) in acc.iter_mut().enumerate() {
-                                    let xv = *xrow.add((ix0 + p * s + kx) * g.ldx + ci);
-                                    *a = V::fma(V::splat(xv), wv, *a);
-                                }
-                            }
-                        }
-                    }
-                    for (p, a) in acc.iter().enumerate() {
-                        store_act(*a, g.act, yr.add((ox + p) * g.ldy + c0), n);
-                    }
-                    ox += P;
-                    continue;
+            let nb = (g.cout - c0).div_ceil(l).min(3);
+            let mut ox = ox_lo;
+            while ox + 4 <= ox_hi {
+                match nb {
+                    1 => dense_run::<V, 4, 1>(g, xrow0, wt, bias, yr, ox, c0, ky),
+                    2 => dense_run::<V, 4, 2>(g, xrow0, wt, bias, yr, ox, c0, ky),
+                    _ => dense_run::<V, 4, 3>(g, xrow0, wt, bias, yr, ox, c0, ky),
                 }
-                let ix0 = (ox * s) as isize - g.pw as isize;
-                let (kx_lo, kx_hi) = taps(ix0, g.kw, g.w);
-                let mut acc = b;
+                ox += 4;
+            }
+            while ox < ox_hi {
+                match nb {
+                    1 => dense_run::<V, 1, 1>(g, xrow0, wt, bias, yr, ox, c0, ky),
+                    2 => dense_run::<V, 1, 2>(g, xrow0, wt, bias, yr, ox, c0, ky),
+                    _ => dense_run::<V, 1, 3>(g, xrow0, wt, bias, yr, ox, c0, ky),
+                }
+                ox += 1;
+            }
+            c0 += nb * l;
+        }
+        // Border pixels: one pixel, one vector at a time, taps checked.
+        for ox in (0..ox_lo).chain(ox_hi.max(ox_lo)..g.wo) {
+            let ix0 = (ox * s) as isize - g.pw as isize;
+            let (kx_lo, kx_hi) = taps(ix0, g.kw, g.w);
+            let mut c0 = 0;
+            while c0 < g.cout {
+                let mut acc = V::load(bias.add(c0));
                 for ky in ky_lo..ky_hi {
                     for kx in kx_lo..kx_hi {
                         let xp = xi.offset(
@@ -340,10 +391,9 @@ unsafe fn dense_rows<V: Vf>(
                         }
                     }
                 }
-                store_act(acc, g.act, yr.add(ox * g.ldy + c0), n);
-                ox += 1;
+                store_act(acc, g.act, yr.add(ox * g.ldy + c0), (g.cout - c0).min(l));
+                c0 += l;
             }
-            c0 += l;
         }
     }
 }

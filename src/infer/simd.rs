@@ -56,6 +56,15 @@ impl Isa {
         false
     }
 
+    /// 256-bit lanes inside AVX-512VL code where available, else `self`.
+    pub fn narrow(self) -> Isa {
+        if self == Isa::Avx512 && Self::has_avx512vl() {
+            Isa::Avx512Ymm
+        } else {
+            self
+        }
+    }
+
     /// The ISA for a layer of `channels` vector-dimension width on an engine running `self`.
     pub fn for_channels(self, channels: usize) -> Isa {
         if self == Isa::Avx512 && (1..=8).contains(&(channels % 16)) && Self::has_avx512vl() {
