@@ -5,14 +5,14 @@
 # of intra-op threads. Each side is timed twice, alternating (ours, ORT, ours, ORT), and the lower
 # of its two medians is reported, so a burst of load from elsewhere hits both sides alike.
 #
-#   scripts/bench_vs_ort.sh                      # ghostnetv3_050/100/160, batch 1 and 8, 2 threads
+#   scripts/bench_vs_ort.sh                      # ghostnetv3_050/100/160, mobilenetv2_100; b1, b8
 #   MODELS="ghostnetv3_100" BATCHES="1" SECS=5 THREADS=2 SIZE=224 scripts/bench_vs_ort.sh
 #
 # Needs python3 with onnxruntime and numpy (pip install onnxruntime numpy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODELS=${MODELS:-"ghostnetv3_050 ghostnetv3_100 ghostnetv3_160"}
+MODELS=${MODELS:-"ghostnetv3_050 ghostnetv3_100 ghostnetv3_160 mobilenetv2_100"}
 BATCHES=${BATCHES:-"1 8"}
 THREADS=${THREADS:-2}
 SIZE=${SIZE:-224}

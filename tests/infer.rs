@@ -113,14 +113,19 @@ fn fast_path_matches_tape_160() {
     check_width(1.6, &[(1, 224), (8, 224), (2, 97)]);
 }
 
-/// Other registered models the engine lowers: GhostNet V1/V2 (plain conv + BN form) and
-/// MobileNetV2 (relu6), each trained with re-parameterization branches (folded at lowering)
-/// and in the plain form.
+/// Other registered models the engine lowers: GhostNet V1/V2 (plain conv + BN form),
+/// MobileNetV2 (relu6) and ShuffleNetV2 (max pool, channel split and shuffle), each trained with
+/// re-parameterization branches (folded at lowering) and in the plain form.
 #[test]
 fn fast_path_matches_tape_other_models() {
     use ghostv3::models::{self, ModelOptions};
     use ghostv3::nn::RepOptions;
-    for name in ["ghostnet_100", "ghostnetv2_100", "mobilenetv2_100"] {
+    for name in [
+        "ghostnet_100",
+        "ghostnetv2_100",
+        "mobilenetv2_100",
+        "shufflenet_v2_x0_5",
+    ] {
         for (branches, deploy) in [(3, false), (0, false)] {
             let opts = ModelOptions {
                 num_classes: 50,
@@ -275,19 +280,22 @@ fn onnx_export_matches_onnxruntime() {
     let dir = std::env::temp_dir().join(format!("ghostv3-onnx-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ort_tool.py");
-    let mobilenet = || {
+    let other = |name: &str| {
         let opts = ghostv3::models::ModelOptions {
             num_classes: 20,
             ..Default::default()
         };
-        let mut m = ghostv3::models::create("mobilenetv2_100", &opts).unwrap();
+        let mut m = ghostv3::models::create(name, &opts).unwrap();
         randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(8));
         infer::model_engine(&m).unwrap()
     };
-    for (width, n, size) in [(0.5, 2, 97), (1.0, 1, 224), (0.0, 2, 64)] {
-        // width 0: MobileNetV2 (relu6 as Clip).
+    // Width 0: MobileNetV2 (relu6 as Clip); width -1: ShuffleNetV2 (MaxPool, Slice, shuffle as
+    // Reshape + Transpose + Reshape).
+    for (width, n, size) in [(0.5, 2, 97), (1.0, 1, 224), (0.0, 2, 64), (-1.0, 2, 75)] {
         let engine = if width == 0.0 {
-            mobilenet()
+            other("mobilenetv2_100")
+        } else if width < 0.0 {
+            other("shufflenet_v2_x0_5")
         } else {
             infer::ghostnet_engine(&train_form(width, 7), "ghostnet").unwrap()
         };

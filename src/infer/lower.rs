@@ -7,6 +7,7 @@
 use super::graph::{Act, ConvSpec, Graph, Op, ValueId};
 use crate::models::ghostnet::GhostNet;
 use crate::models::mobilenetv2::MobileNetV2;
+use crate::models::shufflenetv2::ShuffleNetV2;
 use crate::models::{Model, Net};
 use crate::nn::ghost::{GhostBottleneck, GhostModule};
 use crate::nn::{BatchNorm2d, Conv2d, Linear, RepConv, State};
@@ -158,12 +159,15 @@ fn has_branches(convs: &[&RepConv]) -> bool {
 
 /// Whether `lower::model` handles this architecture.
 pub fn supports(m: &Model) -> bool {
-    matches!(m.net, Net::GhostNet(_) | Net::MobileNetV2(_))
+    matches!(
+        m.net,
+        Net::GhostNet(_) | Net::MobileNetV2(_) | Net::ShuffleNetV2(_)
+    )
 }
 
 /// Any supported registered model, in either form (a model trained with branches is folded
-/// first). GhostNet V1/V2/V3 and MobileNetV2; ShuffleNetV2 and ResNet are not lowered yet (the
-/// IR has their ops: channel split/shuffle, max pool).
+/// first). GhostNet V1/V2/V3, MobileNetV2 and ShuffleNetV2; ResNet is not lowered yet (its
+/// dense 3x3 convs would need an im2col/GEMM kernel to be fast).
 pub fn model(m: &Model) -> Result<Graph> {
     if has_branches(&m.rep_convs()) {
         let folded = crate::reparam::fold(m)?;
@@ -172,8 +176,9 @@ pub fn model(m: &Model) -> Result<Graph> {
     match &m.net {
         Net::GhostNet(g) => ghostnet_deploy(g, &g.state, m.name()),
         Net::MobileNetV2(mb) => mobilenetv2(mb, &mb.state, m.name()),
+        Net::ShuffleNetV2(sn) => shufflenetv2(sn, &sn.state, m.name()),
         _ => bail!(
-            "{}: the fast inference path lowers GhostNet and MobileNetV2 models only",
+            "{}: the fast inference path lowers GhostNet, MobileNetV2 and ShuffleNetV2 only",
             m.name()
         ),
     }
@@ -223,6 +228,74 @@ pub fn mobilenetv2(net: &MobileNetV2, state: &State, name: &str) -> Result<Graph
         linear(state, &net.classifier, Act::None),
         &[h],
     );
+    Ok(g)
+}
+
+/// torchvision's ShuffleNetV2 in its plain (folded) form.
+pub fn shufflenetv2(net: &ShuffleNetV2, state: &State, name: &str) -> Result<Graph> {
+    let mut g = Graph::new(name, 3);
+    let mut h = g.push(
+        "conv1",
+        Op::Conv(conv_bn(
+            state,
+            &net.stem.conv,
+            Some(&net.stem.bn),
+            Act::Relu,
+        )),
+        &[g.input()],
+    );
+    h = g.push(
+        "maxpool",
+        Op::MaxPool {
+            k: 3,
+            stride: 2,
+            pad: 1,
+        },
+        &[h],
+    );
+    for (i, blk) in net.blocks.iter().enumerate() {
+        let p = format!("blocks.{i}");
+        let c = |r: &RepConv, act| rep_conv(state, r, act);
+        let (left, right) = match &blk.branch1 {
+            Some([dw, pw]) => {
+                let l = g.push(format!("{p}.branch1.0"), Op::Conv(c(dw, Act::None)?), &[h]);
+                let l = g.push(format!("{p}.branch1.1"), Op::Conv(c(pw, Act::Relu)?), &[l]);
+                (l, h)
+            }
+            None => {
+                let ch = c(&blk.branch2[0], Act::None)?.cin;
+                let l = g.push(format!("{p}.left"), Op::Slice { start: 0, len: ch }, &[h]);
+                let r = g.push(format!("{p}.right"), Op::Slice { start: ch, len: ch }, &[h]);
+                (l, r)
+            }
+        };
+        let [pw1, dw, pw2] = &blk.branch2;
+        let mut r = g.push(
+            format!("{p}.branch2.0"),
+            Op::Conv(c(pw1, Act::Relu)?),
+            &[right],
+        );
+        r = g.push(format!("{p}.branch2.1"), Op::Conv(c(dw, Act::None)?), &[r]);
+        r = g.push(format!("{p}.branch2.2"), Op::Conv(c(pw2, Act::Relu)?), &[r]);
+        h = g.push(format!("{p}.concat"), Op::Concat, &[left, r]);
+        h = g.push(
+            format!("{p}.shuffle"),
+            Op::ChannelShuffle { groups: 2 },
+            &[h],
+        );
+    }
+    h = g.push(
+        "conv5",
+        Op::Conv(conv_bn(
+            state,
+            &net.conv5.conv,
+            Some(&net.conv5.bn),
+            Act::Relu,
+        )),
+        &[h],
+    );
+    h = g.push("global_pool", Op::GlobalAvgPool, &[h]);
+    g.push("fc", linear(state, &net.fc, Act::None), &[h]);
     Ok(g)
 }
 
