@@ -567,7 +567,37 @@ impl Engine {
                 };
                 let dw = cs.is_depthwise();
                 let per_row = wo * co * cs.kh * cs.kw * if dw { 1 } else { c };
-                split(par, nb * ho, MIN_TASK * 4 / per_row.max(1), |r0, r1| {
+                let rows = nb * ho;
+                let threads = if par { rayon::current_num_threads() } else { 1 };
+                if dw && threads > 1 && rows < 4 * threads && rows * per_row >= 4 * MIN_TASK {
+                    // Few rows (7x7 maps): split channel groups instead (depth-wise channels are
+                    // independent; whole 16-channel blocks keep the vectors full).
+                    let blocks = co.div_ceil(16);
+                    let groups = (2 * threads).min(blocks);
+                    let per = blocks.div_ceil(groups) * 16;
+                    (0..groups).into_par_iter().for_each(|i| {
+                        let (c0, c1) = (i * per, ((i + 1) * per).min(co));
+                        if c0 >= c1 {
+                            return;
+                        }
+                        let gi = ConvGeom { cout: c1 - c0, ..g };
+                        // SAFETY: as below, on the channel range [c0, c1).
+                        unsafe {
+                            kernels::depthwise(
+                                isa,
+                                &gi,
+                                arena.at(sx.base + c0),
+                                arena.at(sy.base + c0),
+                                wt.as_ptr().add(c0),
+                                bias.as_ptr().add(c0),
+                                0,
+                                rows,
+                            )
+                        }
+                    });
+                    return;
+                }
+                split(par, rows, MIN_TASK * 4 / per_row.max(1), |r0, r1| {
                     let (xp, yp) = (arena.at(sx.base), arena.at(sy.base));
                     // SAFETY: slots lie in the arena, weights are padded to `cp`.
                     unsafe {
@@ -776,24 +806,28 @@ fn run_pw(
     };
     if t <= 1 || work < 64 * MIN_TASK {
         go(0, m, 0, np);
-    } else if m >= 24 * t {
-        // Split rows (multiples of 12 keep the register tiles full).
-        let chunks = (m / 24).min(2 * t);
-        let per = m.div_ceil(chunks).div_ceil(12) * 12;
-        (0..chunks).into_par_iter().for_each(|i| {
-            let (a, b) = (i * per, ((i + 1) * per).min(m));
-            if a < b {
-                go(a, b, 0, np)
-            }
-        });
-    } else {
-        let chunks = np.min(2 * t);
-        let per = np.div_ceil(chunks);
-        (0..chunks).into_par_iter().for_each(|i| {
-            let (a, b) = (i * per, ((i + 1) * per).min(np));
-            if a < b {
-                go(0, m, a, b)
-            }
-        });
+        return;
     }
+    // A grid of row blocks (whole 12-row tiles) x panel groups, about two tasks per thread,
+    // balanced: small maps (7x7 = 49 rows) split the weight panels instead of leaving one
+    // thread a single leftover tile.
+    let want = 2 * t;
+    let tiles = m.div_ceil(12);
+    let (rc, pc) = if tiles >= want {
+        (want, 1)
+    } else if np >= want {
+        (1, want)
+    } else {
+        (tiles, (want / tiles).clamp(1, np))
+    };
+    let rows = tiles.div_ceil(rc) * 12;
+    let panels = np.div_ceil(pc);
+    (0..rc * pc).into_par_iter().for_each(|i| {
+        let (ri, pi) = (i / pc, i % pc);
+        let (m0, m1) = (ri * rows, ((ri + 1) * rows).min(m));
+        let (p0, p1) = (pi * panels, ((pi + 1) * panels).min(np));
+        if m0 < m1 && p0 < p1 {
+            go(m0, m1, p0, p1)
+        }
+    });
 }
