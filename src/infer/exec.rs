@@ -285,6 +285,9 @@ fn split(par: bool, total: usize, min_chunk: usize, f: impl Fn(usize, usize) + S
 
 /// Work per task below which splitting a layer across threads costs more than it saves.
 const MIN_TASK: usize = 8192;
+/// The same for memory-bound element-wise nodes (values per task): smaller tasks measured
+/// slower on two threads than one.
+const EW_TASK: usize = 65536;
 
 /// A compiled inference engine for one graph.
 pub struct Engine {
@@ -617,7 +620,7 @@ impl Engine {
                     ldb: sb.ld,
                     ldy: sy.ld,
                 };
-                split(par, nb * h * w, MIN_TASK / c.max(1), |p0, p1| unsafe {
+                split(par, nb * h * w, EW_TASK / c.max(1), |p0, p1| unsafe {
                     kernels::add(
                         isa,
                         &g,
@@ -665,7 +668,7 @@ impl Engine {
                     ldb: sg.ld,
                     ldy: sy.ld,
                 };
-                split(par, nb * h, MIN_TASK / (w * c).max(1), |r0, r1| unsafe {
+                split(par, nb * h, EW_TASK / (w * c).max(1), |r0, r1| unsafe {
                     kernels::gate(
                         isa,
                         &e,
@@ -689,7 +692,7 @@ impl Engine {
                     ldb: 0,
                     ldy: sy.ld,
                 };
-                split(par, nb * ho, MIN_TASK / (wo * c).max(1), |r0, r1| unsafe {
+                split(par, nb * ho, EW_TASK / (wo * c).max(1), |r0, r1| unsafe {
                     kernels::avgpool2x2(isa, &e, h, w, arena.at(sx.base), arena.at(sy.base), r0, r1)
                 });
             }
