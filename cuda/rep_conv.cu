@@ -10,7 +10,7 @@
 //   y = conv(x, sum_b s_b W_b) + sum_b (beta_b - s_b mean_b),  s_b = gamma_b / sigma_b,
 // with the scale and identity branches on the centre tap; (3) dw_fwd (conv.cu) with that
 // kernel and bias writes y once.
-// Backward: dz_b = A_b gy + B_b z_b + C_b per channel (BN backward with batch statistics), so
+// Backward: dz_b = A_b gy + B_b (z_b - mean_b) + C_b per channel (BN backward), so
 // (4) one reduction pass gives sum gy and sum gy z_b, (5) a finalize gives dgamma_b, dbeta_b and
 // A, B, C, (6) dx gathers sum_b W_b^T dz_b recomputing z_b at the outputs each input feeds, and
 // (7) the weight gradients sum dz_b * x per tap (grid (C, S, kh): one kernel row per block).
@@ -183,8 +183,10 @@ extern "C" __global__ void repdw_bwd_partial(const float* __restrict__ gy,
   if (threadIdx.x == 0) partial[o + MAXB] = sg;
 }
 
-// (5) dgamma_b = sum gy (z_b - mean_b) * inv_b, dbeta_b = sum gy, and dz_b = A gy + B z_b + Cc:
-// with k = gamma_b inv_b: A = k, B = -k inv_b dgamma_b / M, Cc = -k dbeta_b / M - B mean_b.
+// (5) dgamma_b = sum gy (z_b - mean_b) * inv_b, dbeta_b = sum gy, and the BN backward
+// dz_b = A gy + B (z_b - mean_b) + Cc with k = gamma_b inv_b: A = k, B = -k inv_b dgamma_b / M,
+// Cc = -k dbeta_b / M. z_b is centred before the product (as the CPU BN backward does): with a
+// large mean next to a small spread, B z_b and B mean_b would cancel to a few digits.
 extern "C" __global__ void repdw_bwd_coef(const double* __restrict__ partial, int S, int C,
                                           int NB, int has_scale, int has_id, double count,
                                           double eps, const float* __restrict__ gamma,
@@ -192,7 +194,7 @@ extern "C" __global__ void repdw_bwd_coef(const double* __restrict__ partial, in
                                           const double* __restrict__ var,
                                           float* __restrict__ dgamma, float* __restrict__ dbeta,
                                           float* __restrict__ ka, float* __restrict__ kb,
-                                          float* __restrict__ kc) {
+                                          float* __restrict__ kc, float* __restrict__ km) {
   const int nbt = NB + has_scale + has_id;
   GS_LOOP(c, C) {
     double sg = 0.0;
@@ -210,7 +212,8 @@ extern "C" __global__ void repdw_bwd_coef(const double* __restrict__ partial, in
       dbeta[o] = (float)sg;
       ka[o] = (float)k;
       kb[o] = (float)B;
-      kc[o] = (float)(-k * sg / count - B * mu);
+      kc[o] = (float)(-k * sg / count);
+      km[o] = (float)mu;
     }
   }
 }
@@ -222,7 +225,8 @@ extern "C" __global__ void repdw_bwd_dx(const float* __restrict__ gy, const floa
                                         const float* __restrict__ ws, REP_ARGS,
                                         const float* __restrict__ ka,
                                         const float* __restrict__ kb,
-                                        const float* __restrict__ kc, float* __restrict__ dx) {
+                                        const float* __restrict__ kc,
+                                        const float* __restrict__ km, float* __restrict__ dx) {
   const RepGeom g = REP_GEOM;
   const int kk = kh * kw;
   const long long total = (long long)N * C * H * W;
@@ -252,7 +256,7 @@ extern "C" __global__ void repdw_bwd_dx(const float* __restrict__ gy, const floa
         for (int b = 0; b < MAXB; ++b) {
           if (b < NB) {
             const int o = b * C + c;
-            acc += wk[((long long)b * C + c) * kk + t] * (ka[o] * gv + kb[o] * z[b] + kc[o]);
+            acc += wk[((long long)b * C + c) * kk + t] * (ka[o] * gv + kb[o] * (z[b] - km[o]) + kc[o]);
           }
         }
       }
@@ -263,12 +267,12 @@ extern "C" __global__ void repdw_bwd_dx(const float* __restrict__ gy, const floa
       int b = NB;
       if (has_scale) {
         const int o = b * C + c;
-        acc += ws[c] * (ka[o] * gv + kb[o] * (ws[c] * xc) + kc[o]);
+        acc += ws[c] * (ka[o] * gv + kb[o] * (ws[c] * xc - km[o]) + kc[o]);
         ++b;
       }
       if (has_id) {
         const int o = b * C + c;
-        acc += ka[o] * gv + kb[o] * xc + kc[o];
+        acc += ka[o] * gv + kb[o] * (xc - km[o]) + kc[o];
       }
     }
     dx[i] = acc;
@@ -285,6 +289,7 @@ extern "C" __global__ void repdw_bwd_dw_partial(const float* __restrict__ gy,
                                                 const float* __restrict__ ka,
                                                 const float* __restrict__ kb,
                                                 const float* __restrict__ kc,
+                                                const float* __restrict__ km,
                                                 double* __restrict__ partial) {
   const RepGeom g = REP_GEOM;
   const int c = blockIdx.x;
@@ -317,14 +322,14 @@ extern "C" __global__ void repdw_bwd_dw_partial(const float* __restrict__ gy,
       for (int b = 0; b < MAXB - 2; ++b) {
         if (b < NB) {
           const int o = b * C + c;
-          acc[b][kx] += (ka[o] * gv + kb[o] * z[b] + kc[o]) * xv;
+          acc[b][kx] += (ka[o] * gv + kb[o] * (z[b] - km[o]) + kc[o]) * xv;
         }
       }
     }
     if (has_scale && ky == 0) {
       const int o = NB * C + c;
       const float xc = xp[(oy * s) * W + ox * s];
-      accs += (ka[o] * gv + kb[o] * (ws[c] * xc) + kc[o]) * xc;
+      accs += (ka[o] * gv + kb[o] * (ws[c] * xc - km[o]) + kc[o]) * xc;
     }
   }
   const long long o = ((long long)c * gridDim.y + blockIdx.y) * (NB * kk + 1);

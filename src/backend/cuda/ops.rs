@@ -1435,7 +1435,8 @@ impl Gpu {
         args.push(ptr(&part));
         self.launch("rep_conv", "repdw_bwd_partial", blocks(g.c, s, 1), &args)?;
         let (dgamma, dbeta) = (self.alloc(nbt * g.c)?, self.alloc(nbt * g.c)?);
-        let (ka, kb, kc) = (
+        let (ka, kb, kc, km) = (
+            self.alloc(nbt * g.c)?,
             self.alloc(nbt * g.c)?,
             self.alloc(nbt * g.c)?,
             self.alloc(nbt * g.c)?,
@@ -1461,19 +1462,20 @@ impl Gpu {
                 ptr(&ka),
                 ptr(&kb),
                 ptr(&kc),
+                ptr(&km),
             ],
         )?;
         let xs = g.n * g.c * g.h * g.w;
         let dx = self.alloc(xs)?;
         let mut args = vec![ptr(gy), ptr(x), ptr(wk), opt_ptr(ws)];
         args.extend(g.args());
-        args.extend([ptr(&ka), ptr(&kb), ptr(&kc), ptr(&dx)]);
+        args.extend([ptr(&ka), ptr(&kb), ptr(&kc), ptr(&km), ptr(&dx)]);
         self.launch("rep_conv", "repdw_bwd_dx", self.grid(xs), &args)?;
         let per = g.branches * kk + 1;
         let part2 = self.alloc_f64(g.c * s * per)?;
         let mut args = vec![ptr(gy), ptr(x), ptr(wk), opt_ptr(ws)];
         args.extend(g.args());
-        args.extend([ptr(&ka), ptr(&kb), ptr(&kc), ptr(&part2)]);
+        args.extend([ptr(&ka), ptr(&kb), ptr(&kc), ptr(&km), ptr(&part2)]);
         self.launch(
             "rep_conv",
             "repdw_bwd_dw_partial",
