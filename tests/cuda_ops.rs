@@ -410,6 +410,9 @@ fn depthwise_convs() {
         }
     }
     conv_case(&g, &mut rng, [2, 7, 10, 10], 7, (3, 3), 1, 7, true);
+    // Weight gradients split over several blocks per channel (> 1024 outputs per channel).
+    conv_case(&g, &mut rng, [2, 4, 40, 40], 4, (3, 3), 1, 4, true);
+    conv_case(&g, &mut rng, [2, 4, 66, 64], 4, (5, 5), 2, 4, false);
 }
 
 #[test]
@@ -644,6 +647,9 @@ fn fused_rep_conv_matches_explicit_branches() {
         (5, 1, 1, false, true, [2, 6, 9, 7]),
         (3, 1, 5, false, false, [2, 4, 7, 8]),
         (5, 1, 6, true, true, [2, 3, 6, 6]),
+        // More than 1024 outputs per channel: the statistics split each channel over blocks.
+        (3, 1, 3, true, true, [2, 4, 40, 40]),
+        (5, 2, 3, true, false, [2, 4, 66, 64]),
     ] {
         let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
         let geom = RepDwGeom {

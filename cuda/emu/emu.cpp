@@ -161,7 +161,7 @@ CUresult cuDeviceGetName(char* name, int len, int) {
 }
 CUresult cuDeviceGetAttribute(int* v, int attrib, int) {
   switch (attrib) {
-    case 16: *v = 1; break;   // multiprocessors: keeps grids small
+    case 16: *v = 32; break;  // multiprocessors: enough that reductions split channels (S > 1)
     case 75: *v = 9; break;   // compute capability 9.0
     case 76: *v = 0; break;
     case 1: *v = kMaxThreads; break;
