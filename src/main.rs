@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 #[command(
     name = "ghostv3",
     version,
-    about = "GhostNetV3 training and deployment engine (CPU backend)"
+    about = "GhostNetV3 training and deployment engine (CPU backend; CUDA kernels with NVRTC)"
 )]
 struct Cli {
     #[command(subcommand)]
