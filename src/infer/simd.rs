@@ -288,114 +288,72 @@ mod x86 {
         _mm256_loadu_si256(MASKS.as_ptr().add(8 - n) as *const __m256i)
     }
 
-    impl Vf for Avx2 {
-        const L: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Avx2(_mm256_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> Self {
-            Avx2(_mm256_set1_ps(v))
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            Avx2(_mm256_loadu_ps(p))
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm256_storeu_ps(p, self.0)
-        }
-        #[inline(always)]
-        unsafe fn store_n(self, p: *mut f32, n: usize) {
-            _mm256_maskstore_ps(p, mask8(n), self.0)
-        }
-        #[inline(always)]
-        unsafe fn load_n(p: *const f32, n: usize) -> Self {
-            Avx2(_mm256_maskload_ps(p, mask8(n)))
-        }
-        #[inline(always)]
-        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
-            Avx2(_mm256_fmadd_ps(a.0, b.0, c.0))
-        }
-        #[inline(always)]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            Avx2(_mm256_add_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn mul(a: Self, b: Self) -> Self {
-            Avx2(_mm256_mul_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn div(a: Self, b: Self) -> Self {
-            Avx2(_mm256_div_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn max(a: Self, b: Self) -> Self {
-            Avx2(_mm256_max_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn min(a: Self, b: Self) -> Self {
-            Avx2(_mm256_min_ps(a.0, b.0))
-        }
+    /// The same `Vf` over 256-bit registers for AVX2 (16 registers) and for 256-bit lanes
+    /// inside AVX-512VL code (32 registers): only the register count differs.
+    macro_rules! impl_vf_m256 {
+        ($t:ident, $regs:expr) => {
+            impl Vf for $t {
+                const REGS: usize = $regs;
+                const L: usize = 8;
+                #[inline(always)]
+                unsafe fn zero() -> Self {
+                    $t(_mm256_setzero_ps())
+                }
+                #[inline(always)]
+                unsafe fn splat(v: f32) -> Self {
+                    $t(_mm256_set1_ps(v))
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const f32) -> Self {
+                    $t(_mm256_loadu_ps(p))
+                }
+                #[inline(always)]
+                unsafe fn store(self, p: *mut f32) {
+                    _mm256_storeu_ps(p, self.0)
+                }
+                #[inline(always)]
+                unsafe fn store_n(self, p: *mut f32, n: usize) {
+                    _mm256_maskstore_ps(p, mask8(n), self.0)
+                }
+                #[inline(always)]
+                unsafe fn load_n(p: *const f32, n: usize) -> Self {
+                    $t(_mm256_maskload_ps(p, mask8(n)))
+                }
+                #[inline(always)]
+                unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+                    $t(_mm256_fmadd_ps(a.0, b.0, c.0))
+                }
+                #[inline(always)]
+                unsafe fn add(a: Self, b: Self) -> Self {
+                    $t(_mm256_add_ps(a.0, b.0))
+                }
+                #[inline(always)]
+                unsafe fn mul(a: Self, b: Self) -> Self {
+                    $t(_mm256_mul_ps(a.0, b.0))
+                }
+                #[inline(always)]
+                unsafe fn div(a: Self, b: Self) -> Self {
+                    $t(_mm256_div_ps(a.0, b.0))
+                }
+                #[inline(always)]
+                unsafe fn max(a: Self, b: Self) -> Self {
+                    $t(_mm256_max_ps(a.0, b.0))
+                }
+                #[inline(always)]
+                unsafe fn min(a: Self, b: Self) -> Self {
+                    $t(_mm256_min_ps(a.0, b.0))
+                }
+            }
+        };
     }
+
+    impl_vf_m256!(Avx2, 16);
 
     /// 256-bit vectors used inside AVX-512VL code (32 registers).
     #[derive(Clone, Copy)]
     pub struct Ymm32(__m256);
 
-    impl Vf for Ymm32 {
-        const REGS: usize = 32;
-        const L: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Ymm32(_mm256_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> Self {
-            Ymm32(_mm256_set1_ps(v))
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            Ymm32(_mm256_loadu_ps(p))
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            _mm256_storeu_ps(p, self.0)
-        }
-        #[inline(always)]
-        unsafe fn store_n(self, p: *mut f32, n: usize) {
-            _mm256_maskstore_ps(p, mask8(n), self.0)
-        }
-        #[inline(always)]
-        unsafe fn load_n(p: *const f32, n: usize) -> Self {
-            Ymm32(_mm256_maskload_ps(p, mask8(n)))
-        }
-        #[inline(always)]
-        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
-            Ymm32(_mm256_fmadd_ps(a.0, b.0, c.0))
-        }
-        #[inline(always)]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            Ymm32(_mm256_add_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn mul(a: Self, b: Self) -> Self {
-            Ymm32(_mm256_mul_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn div(a: Self, b: Self) -> Self {
-            Ymm32(_mm256_div_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn max(a: Self, b: Self) -> Self {
-            Ymm32(_mm256_max_ps(a.0, b.0))
-        }
-        #[inline(always)]
-        unsafe fn min(a: Self, b: Self) -> Self {
-            Ymm32(_mm256_min_ps(a.0, b.0))
-        }
-    }
+    impl_vf_m256!(Ymm32, 32);
 }
 
 /// Defines `pub fn $name(isa: Isa, args...)` that runs the generic `unsafe fn $generic<V>(args...)`
