@@ -53,13 +53,7 @@ pub fn conv2d<T: Elem>(
     let mut inputs = vec![x, w];
     inputs.extend(b);
     let has_bias = b.is_some();
-    let op = if geom.is_depthwise() {
-        "conv2d_depthwise"
-    } else if geom.is_pointwise() {
-        "conv2d_1x1"
-    } else {
-        "conv2d_im2col"
-    };
+    let op = geom.op_name();
     tape.push(
         op,
         out,

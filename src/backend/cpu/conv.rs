@@ -85,6 +85,17 @@ impl ConvGeom {
         self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
     }
 
+    /// The tape's name for this conv (the profiler groups by it): which kernel family runs it.
+    pub fn op_name(&self) -> &'static str {
+        if self.is_depthwise() {
+            "conv2d_depthwise"
+        } else if self.is_pointwise() {
+            "conv2d_1x1"
+        } else {
+            "conv2d_im2col"
+        }
+    }
+
     pub fn out_shape(&self) -> [usize; 4] {
         [self.n, self.cout, self.ho, self.wo]
     }
