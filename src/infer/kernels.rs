@@ -92,6 +92,21 @@ pub struct ConvGeom {
     pub act: Act,
 }
 
+impl ConvGeom {
+    /// Output columns `lo..hi` whose `kw` taps all lie inside the input row (no padding checks
+    /// needed there): the fast interior of a row.
+    fn interior_cols(&self, kw: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = self.pw.div_ceil(s).min(self.wo);
+        let hi = if self.w + self.pw >= kw {
+            ((self.w + self.pw - kw) / s + 1).clamp(lo, self.wo)
+        } else {
+            lo
+        };
+        (lo, hi)
+    }
+}
+
 /// Valid tap range [lo, hi) of a kernel of size `k` at input start `i0` over `n` inputs.
 #[inline(always)]
 fn taps(i0: isize, k: usize, n: usize) -> (usize, usize) {
@@ -181,13 +196,7 @@ unsafe fn dw_rows_k<V: Vf>(
     r1: usize,
 ) {
     let (l, cp, s) = (V::L, g.cp, g.stride);
-    // Output columns whose taps all lie inside the input.
-    let ox_lo = g.pw.div_ceil(s).min(g.wo);
-    let ox_hi = if g.w + g.pw >= kw {
-        ((g.w + g.pw - kw) / s + 1).clamp(ox_lo, g.wo)
-    } else {
-        ox_lo
-    };
+    let (ox_lo, ox_hi) = g.interior_cols(kw);
     for r in r0..r1 {
         let (img, oy) = (r / g.ho, r % g.ho);
         let xi = x.add(img * g.h * g.w * g.ldx);
@@ -336,12 +345,7 @@ unsafe fn dense_rows<V: Vf>(
     r1: usize,
 ) {
     let (l, cp, s) = (V::L, g.cp, g.stride);
-    let ox_lo = g.pw.div_ceil(s).min(g.wo);
-    let ox_hi = if g.w + g.pw >= g.kw {
-        ((g.w + g.pw - g.kw) / s + 1).clamp(ox_lo, g.wo)
-    } else {
-        ox_lo
-    };
+    let (ox_lo, ox_hi) = g.interior_cols(g.kw);
     for r in r0..r1 {
         let (img, oy) = (r / g.ho, r % g.ho);
         let xi = x.add(img * g.h * g.w * g.ldx);
