@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod cuda;
+
 /// The fixtures folder: `$GHOSTV3_FIXTURES`, else `../shared/fixtures` beside the checkout.
 pub fn fixtures_dir() -> PathBuf {
     match std::env::var_os("GHOSTV3_FIXTURES") {
