@@ -5,6 +5,14 @@
 // .cu source compiled by g++ with shim.h: blocks one after another, the threads of a block as
 // fibers switched at __syncthreads and warp shuffles (real barriers, deterministic order). Device pointers are host
 // addresses. Only what the engine calls is here; anything else is a missing symbol.
+//
+// Streams: work on the null stream (kernels, copies, memsets, GEMMs) runs at call time. Work on a
+// created stream (cuStreamCreate) is queued and runs lazily, only when something waits for it
+// (cuEventSynchronize, cuStreamWaitEvent, cuStreamSynchronize, cuCtxSynchronize, cuMemFree,
+// stream destroy; a query runs one queued operation and says "not ready"), so a program that
+// forgets an event wait, or reuses a pinned buffer an asynchronous copy still reads, sees stale
+// data instead of passing by luck. Created streams with flags 0 (blocking) also run before any
+// null-stream work, as with the legacy default stream; non-blocking ones do not.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +23,10 @@
 #include <string>
 #include <ucontext.h>
 #include <algorithm>
+#include <deque>
+#include <functional>
+#include <map>
+#include <unordered_map>
 #include <vector>
 
 #include "shim.h"
@@ -177,8 +189,233 @@ CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = (void*)0x1; return 0
 CUresult cuDevicePrimaryCtxRelease_v2(int) { return 0; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = t_ctx; return 0; }
 CUresult cuCtxSetCurrent(void* ctx) { t_ctx = ctx; return 0; }
-CUresult cuCtxSynchronize() { return 0; }
-CUresult cuStreamSynchronize(void*) { return 0; }
+
+}  // extern "C"
+
+// ---- streams, events and page-locked host memory (see the top of the file) ----
+namespace {
+
+constexpr CUresult kInvalidValue = 1, kInvalidContext = 201, kInvalidHandle = 400,
+                   kNotReady = 600;
+
+struct Op {
+  std::function<void()> run;
+  // Page-locked host bytes the operation reads or writes when it runs (for cuMemFreeHost).
+  const char* host = nullptr;
+  size_t host_bytes = 0;
+};
+
+struct Stream {
+  unsigned flags = 0;
+  std::deque<Op> q;
+  uint64_t queued = 0, done = 0;  // operations enqueued / run so far
+};
+
+struct Event {
+  std::shared_ptr<Stream> s;  // the stream of the last record (null: complete)
+  uint64_t target = 0;        // complete once s->done reaches it
+};
+
+std::recursive_mutex g_st;
+std::unordered_map<void*, std::shared_ptr<Stream>> g_streams;
+std::unordered_map<void*, std::unique_ptr<Event>> g_events;
+std::map<const char*, size_t> g_pinned;  // page-locked host allocations: start -> bytes
+
+bool is_null_stream(void* h) { return h == nullptr || h == (void*)0x1 || h == (void*)0x2; }
+
+void run_one(Stream& s) {
+  Op op = std::move(s.q.front());
+  s.q.pop_front();
+  op.run();
+  s.done++;
+}
+
+void run_until(Stream& s, uint64_t target) {
+  while (s.done < target && !s.q.empty()) run_one(s);
+}
+
+void run_all(Stream& s) { run_until(s, s.queued); }
+
+// The legacy null stream waits for the earlier work of every blocking stream.
+void flush_blocking() {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  for (auto& kv : g_streams)
+    if (kv.second->flags == 0) run_all(*kv.second);
+}
+
+void flush_everything() {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  for (auto& kv : g_streams) run_all(*kv.second);
+}
+
+// Runs `op` at once (null stream) or queues it on a created stream.
+CUresult enqueue(void* h, std::function<void()> op, const char* host = nullptr, size_t host_bytes = 0) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  if (is_null_stream(h)) {
+    flush_blocking();
+    op();
+    return 0;
+  }
+  auto it = g_streams.find(h);
+  if (it == g_streams.end()) return kInvalidHandle;
+  it->second->q.push_back(Op{std::move(op), host, host_bytes});
+  it->second->queued++;
+  return 0;
+}
+
+// Work that must run now (kernels: their parameters live only during the call): first everything
+// the stream `h` already holds (or, for the null stream, the blocking streams).
+CUresult drain_for_immediate(void* h) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  if (is_null_stream(h)) {
+    flush_blocking();
+    return 0;
+  }
+  auto it = g_streams.find(h);
+  if (it == g_streams.end()) return kInvalidHandle;
+  run_all(*it->second);
+  return 0;
+}
+
+bool is_pinned(const void* p, size_t n) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto it = g_pinned.upper_bound((const char*)p);
+  if (it == g_pinned.begin()) return false;
+  --it;
+  return (const char*)p + n <= it->first + it->second;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuCtxSynchronize() {
+  flush_everything();
+  return 0;
+}
+
+CUresult cuStreamCreate(void** h, unsigned flags) {
+  if (!t_ctx) return kInvalidContext;
+  if (!h || flags > 1) return kInvalidValue;
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto s = std::make_shared<Stream>();
+  s->flags = flags;
+  *h = s.get();
+  g_streams[*h] = s;
+  return 0;
+}
+CUresult cuStreamCreateWithPriority(void** h, unsigned flags, int) { return cuStreamCreate(h, flags); }
+
+// Pending work completes, then the stream goes away.
+CUresult cuStreamDestroy_v2(void* h) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto it = g_streams.find(h);
+  if (it == g_streams.end()) return kInvalidHandle;
+  run_all(*it->second);
+  g_streams.erase(it);
+  return 0;
+}
+
+CUresult cuStreamSynchronize(void* h) { return drain_for_immediate(h); }
+
+CUresult cuStreamQuery(void* h) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  if (is_null_stream(h)) return 0;
+  auto it = g_streams.find(h);
+  if (it == g_streams.end()) return kInvalidHandle;
+  if (it->second->q.empty()) return 0;
+  run_one(*it->second);  // progress, so that polling ends
+  return kNotReady;
+}
+
+CUresult cuEventCreate(void** e, unsigned flags) {
+  if (!t_ctx) return kInvalidContext;
+  if (!e || flags > 0xF) return kInvalidValue;
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto ev = std::make_unique<Event>();
+  *e = ev.get();
+  g_events[*e] = std::move(ev);
+  return 0;
+}
+
+CUresult cuEventDestroy_v2(void* e) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  return g_events.erase(e) ? 0 : kInvalidHandle;
+}
+
+CUresult cuEventRecord(void* e, void* h) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto ev = g_events.find(e);
+  if (ev == g_events.end()) return kInvalidHandle;
+  if (is_null_stream(h)) {
+    flush_blocking();  // null-stream work is done at call time
+    ev->second->s = nullptr;
+    return 0;
+  }
+  auto it = g_streams.find(h);
+  if (it == g_streams.end()) return kInvalidHandle;
+  ev->second->s = it->second;
+  ev->second->target = it->second->queued;
+  return 0;
+}
+
+CUresult cuEventSynchronize(void* e) {
+  if (!t_ctx) return kInvalidContext;
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto ev = g_events.find(e);
+  if (ev == g_events.end()) return kInvalidHandle;
+  if (ev->second->s) run_until(*ev->second->s, ev->second->target);
+  return 0;
+}
+
+CUresult cuEventQuery(void* e) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto ev = g_events.find(e);
+  if (ev == g_events.end()) return kInvalidHandle;
+  Event& x = *ev->second;
+  if (!x.s || x.s->done >= x.target) return 0;
+  run_one(*x.s);  // progress, so that polling ends
+  return kNotReady;
+}
+
+// Work queued on `h` after this call waits for the work the event recorded.
+CUresult cuStreamWaitEvent(void* h, void* e, unsigned) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto ev = g_events.find(e);
+  if (ev == g_events.end()) return kInvalidHandle;
+  std::shared_ptr<Stream> s = ev->second->s;
+  const uint64_t target = ev->second->target;
+  if (!s || s->done >= target) return is_null_stream(h) || g_streams.count(h) ? 0 : kInvalidHandle;
+  return enqueue(h, [s, target] { run_until(*s, target); });
+}
+
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
+  if (!t_ctx) return kInvalidContext;
+  if (!p || flags > 0x7) return kInvalidValue;
+  void* m = aligned_alloc(4096, (std::max<size_t>(bytes, 1) + 4095) / 4096 * 4096);
+  if (!m) return 2;
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  g_pinned[(const char*)m] = bytes;
+  *p = m;
+  return 0;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
+
+CUresult cuMemFreeHost(void* p) {
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  auto it = g_pinned.find((const char*)p);
+  if (it == g_pinned.end()) return kInvalidValue;
+  for (auto& kv : g_streams)
+    for (const Op& op : kv.second->q)
+      if (op.host && op.host < it->first + it->second && it->first < op.host + op.host_bytes) {
+        fprintf(stderr, "CUDA emulator: cuMemFreeHost of page-locked memory that a queued "
+                        "asynchronous copy still uses\n");
+        abort();
+      }
+  g_pinned.erase(it);
+  free(p);
+  return 0;
+}
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
   void* m = aligned_alloc(256, (bytes + 255) / 256 * 256 + 256);
@@ -186,15 +423,46 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
   *p = (CUdeviceptr)m;
   return 0;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) { free((void*)p); return 0; }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { memcpy((void*)d, s, n); return 0; }
-CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { memcpy(d, (void*)s, n); return 0; }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { memmove((void*)d, (void*)s, n); return 0; }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { memcpy((void*)d, s, n); return 0; }
-CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { memcpy(d, (void*)s, n); return 0; }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { memset((void*)d, v, n); return 0; }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* h) {
+  CUresult r = drain_for_immediate(h);
+  return r ? r : cuMemAlloc_v2(p, bytes);
+}
+// cuMemFree waits for all work (queued work may still use the memory).
+CUresult cuMemFree_v2(CUdeviceptr p) {
+  flush_everything();
+  free((void*)p);
+  return 0;
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, void* h) {
+  return enqueue(h, [p] { free((void*)p); });
+}
+
+// An asynchronous copy from pageable memory takes the data at call time (the driver stages it);
+// from page-locked memory it reads the host bytes when it runs.
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void* h) {
+  if (is_null_stream(h) || is_pinned(s, n))
+    return enqueue(h, [d, s, n] { memcpy((void*)d, s, n); }, (const char*)s, n);
+  auto staged = std::make_shared<std::vector<char>>((const char*)s, (const char*)s + n);
+  return enqueue(h, [d, staged] { memcpy((void*)d, staged->data(), staged->size()); });
+}
+// To pageable memory the copy is synchronous; to page-locked memory it runs when it is its turn.
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void* h) {
+  if (!is_null_stream(h) && !is_pinned(d, n)) {
+    CUresult r = drain_for_immediate(h);
+    if (r) return r;
+    memcpy(d, (void*)s, n);
+    return 0;
+  }
+  return enqueue(h, [d, s, n] { memcpy(d, (void*)s, n); }, (const char*)d, n);
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* h) {
+  return enqueue(h, [d, s, n] { memmove((void*)d, (void*)s, n); });
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { return cuMemcpyHtoDAsync_v2(d, s, n, nullptr); }
+CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { return cuMemcpyDtoHAsync_v2(d, s, n, nullptr); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* h) {
+  return enqueue(h, [d, v, n] { memset((void*)d, v, n); });
+}
 
 CUresult cuModuleLoadData(void** m, const void*) { *m = (void*)0x2; return 0; }
 CUresult cuModuleUnload(void*) { return 0; }
@@ -213,9 +481,11 @@ CUresult cuModuleGetFunction(void** f, void*, const char* name) {
 }
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                        unsigned bz, unsigned, void*, void** params, void**) {
+                        unsigned bz, unsigned, void* stream, void** params, void**) {
   const unsigned n = bx * by * bz;
   if (n == 0 || n > kMaxThreads || gx == 0 || gy == 0 || gz == 0) return 1;
+  // Runs now (the parameters live only during this call), after the stream's earlier work.
+  if (CUresult r = drain_for_immediate(stream)) return r;
   std::lock_guard<std::mutex> lock(g_launch);
   static Block* block = [] {
     Block* b = new Block();
@@ -251,7 +521,8 @@ CUresult cuGetErrorName(int, const char** s) { *s = "EMULATOR_ERROR"; return 0; 
 typedef int cublasStatus_t;
 cublasStatus_t cublasCreate_v2(void** h) { *h = (void*)0x3; return 0; }
 cublasStatus_t cublasDestroy_v2(void*) { return 0; }
-cublasStatus_t cublasSetStream_v2(void*, void*) { return 0; }
+static void* g_blas_stream = nullptr;
+cublasStatus_t cublasSetStream_v2(void*, void* s) { g_blas_stream = s; return 0; }
 cublasStatus_t cublasSetMathMode(void*, int) { return 0; }
 const char* cublasGetStatusString(int) { return "cuBLAS emulator error"; }
 
@@ -273,6 +544,7 @@ static void sgemm(int ta, int tb, int m, int n, int k, float alpha, const float*
 cublasStatus_t cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha,
                               const float* A, int lda, const float* B, int ldb, const float* beta,
                               float* C, int ldc) {
+  if (drain_for_immediate(g_blas_stream)) return 7;  // CUBLAS_STATUS_INVALID_VALUE
   sgemm(ta, tb, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);
   return 0;
 }
@@ -282,6 +554,7 @@ cublasStatus_t cublasSgemmStridedBatched(void*, int ta, int tb, int m, int n, in
                                          long long sa, const float* B, int ldb, long long sb,
                                          const float* beta, float* C, int ldc, long long sc,
                                          int batch) {
+  if (drain_for_immediate(g_blas_stream)) return 7;
   for (int i = 0; i < batch; ++i)
     sgemm(ta, tb, m, n, k, *alpha, A + i * sa, lda, B + i * sb, ldb, *beta, C + i * sc, ldc);
   return 0;
