@@ -12,6 +12,7 @@ pub mod launch;
 pub mod nvrtc;
 pub mod ops;
 pub mod pool;
+pub mod rep_1x1;
 pub mod prefetch;
 pub mod sources;
 pub mod train;

@@ -14,6 +14,10 @@ pub const MODULES: &[(&str, &str)] = &[
     ("pool", include_str!("../../../cuda/pool.cu")),
     ("loss", include_str!("../../../cuda/loss.cu")),
     ("rep_conv", include_str!("../../../cuda/rep_conv.cu")),
+    (
+        "rep_conv_1x1",
+        include_str!("../../../cuda/rep_conv_1x1.cu"),
+    ),
     ("dfc", include_str!("../../../cuda/dfc.cu")),
     ("optim", include_str!("../../../cuda/optim.cu")),
 ];

@@ -1,0 +1,424 @@
+//! Launchers of the fused re-parameterized 1x1 conv in training (cuda/rep_conv_1x1.cu, whose
+//! header has the math and the cost against the unfused branches): NB 1x1 branches (groups 1,
+//! stride 1) each with its batch-statistics BN, plus an optional BN identity, computed as one
+//! 1x1 conv whose kernel comes from the input's per-channel mean and covariance.
+
+use super::device::{DBuf, Gpu};
+use super::launch::{i32a, i64a, opt_ptr, ptr, Arg};
+use super::pool::DevBuf;
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
+
+/// Batch entries per chunk of the batched GEMMs that reduce over the batch (the chunk partials
+/// are summed in f64); bounds their scratch to CHUNK * Cout * (Cin + 1) floats.
+const CHUNK: usize = 8;
+
+/// Shape of a fused 1x1 rep_conv: input [n, cin, hw], `branches` weights [cout, cin], and the
+/// BN identity (cin == cout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rep1x1Geom {
+    pub n: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub hw: usize,
+    pub branches: usize,
+    pub identity: bool,
+}
+
+impl Rep1x1Geom {
+    /// Branches with a BN: the 1x1 convs, then the identity.
+    pub fn nbt(&self) -> usize {
+        self.branches + self.identity as usize
+    }
+
+    /// Positions per channel (the BN count).
+    pub fn m(&self) -> usize {
+        self.n * self.hw
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(
+            self.n > 0 && self.cin > 0 && self.cout > 0 && self.hw > 0,
+            "rep_1x1: empty shape {self:?}"
+        );
+        ensure!(self.branches >= 1, "rep_1x1: needs a conv branch");
+        ensure!(
+            !self.identity || self.cin == self.cout,
+            "rep_1x1: identity branch needs Cin == Cout"
+        );
+        Ok(())
+    }
+
+    /// Estimated cost per position of (fused, unfused) forward + backward in byte equivalents:
+    /// floats moved x 4 + FLOPs / 10 (about a current GPU's f32 FLOP-per-byte ratio). Counts as
+    /// in cuda/rep_conv_1x1.cu's header.
+    pub fn costs(&self) -> (f64, f64) {
+        let (ci, co, nb) = (self.cin as f64, self.cout as f64, self.branches as f64);
+        let id = f64::from(u8::from(self.identity));
+        let ca = ci + 1.0;
+        let sums = nb + id - 1.0;
+        let fused_floats = (4.0 * ci + 2.0 * ca + co) + (co + ca) + (ca + ci) + (co + 2.0 * ci);
+        let fused_flops = 2.0 * ci * ci + 4.0 * co * ca + 2.0 * ci * ca + 2.0 * ci * co;
+        let unfused_floats = nb * (ci + 4.0 * co)
+            + id * 3.0 * co
+            + sums * 3.0 * co
+            + nb * (7.0 * co + 2.0 * ci)
+            + id * 5.0 * co
+            + sums * 3.0 * ci;
+        let unfused_flops = 6.0 * nb * ci * co;
+        (
+            4.0 * fused_floats + fused_flops / 10.0,
+            4.0 * unfused_floats + unfused_flops / 10.0,
+        )
+    }
+
+    /// Whether the fused form is estimated to cost less than the explicit branches.
+    pub fn fused_pays(&self) -> bool {
+        let (f, u) = self.costs();
+        f < u
+    }
+}
+
+/// What the backward needs from the forward.
+pub struct Rep1x1Saved {
+    /// [N, Cin + 1, HW]: the centred input and a row of ones.
+    pub xc: DBuf,
+    /// Per branch and output channel [NBT, Cout] (f64): batch mean, biased variance, 1/sqrt(var
+    /// + eps), gamma * invstd.
+    pub mean: DevBuf<f64>,
+    pub var: DevBuf<f64>,
+    pub invstd: DevBuf<f64>,
+    pub a: DevBuf<f64>,
+    /// The folded kernel K [Cout, Cin].
+    pub k: DBuf,
+    /// W_b Sigma [NB, Cout, Cin].
+    pub ws: DBuf,
+}
+
+pub struct Rep1x1Grads {
+    pub dx: DBuf,
+    /// [NB, Cout, Cin]
+    pub dw: DBuf,
+    /// [NBT, Cout]
+    pub dgamma: DBuf,
+    pub dbeta: DBuf,
+}
+
+fn need<T>(what: &str, b: &DevBuf<T>, n: usize) -> Result<()> {
+    ensure!(
+        b.len() >= n,
+        "{what}: buffer holds {} values, needs {n}",
+        b.len()
+    );
+    Ok(())
+}
+
+impl Gpu {
+    /// `scale * sum_n A_n B_n^T` in f64 [m, k2] (and in f32 into `out32` when given), for
+    /// A_n [m, p] at element `n * sa` of `a` and B_n [k2, p] at `n * sb` of `b`: batched f32
+    /// GEMMs over chunks of the batch accumulate into CHUNK partials, summed in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn r1_outer_sum(
+        &self,
+        (a, sa): (&DBuf, usize),
+        (b, sb): (&DBuf, usize),
+        (m, k2, p, n): (usize, usize, usize, usize),
+        scale: f64,
+        out32: Option<&DBuf>,
+    ) -> Result<DevBuf<f64>> {
+        let g = n.min(CHUNK);
+        let part = self.alloc(g * m * k2)?;
+        for (j, start) in (0..n).step_by(g).enumerate() {
+            let cnt = g.min(n - start);
+            let av = a.view(start * sa, (cnt - 1) * sa + m * p);
+            let bv = b.view(start * sb, (cnt - 1) * sb + k2 * p);
+            let beta = if j == 0 { 0.0 } else { 1.0 };
+            self.gemm_rm(
+                (m, k2, p),
+                &av,
+                false,
+                sa,
+                &bv,
+                true,
+                sb,
+                &part,
+                m * k2,
+                beta,
+                cnt,
+            )?;
+        }
+        let out = self.alloc_f64(m * k2)?;
+        self.launch(
+            "rep_conv_1x1",
+            "r1_sum_parts",
+            self.grid(m * k2),
+            &[
+                ptr(&part),
+                i32a(g),
+                i64a(m * k2),
+                Arg::F64(scale),
+                ptr(&out),
+                opt_ptr(out32),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    /// Train-mode forward: `x` [N, Cin, HW], `w` the stacked branch weights [NB, Cout, Cin],
+    /// `gamma`/`beta` [NBT, Cout] (branches, then the identity). Returns y [N, Cout, HW].
+    pub fn rep_1x1_forward(
+        &self,
+        g: &Rep1x1Geom,
+        x: &DBuf,
+        w: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        eps: f64,
+    ) -> Result<(DBuf, Rep1x1Saved)> {
+        g.check()?;
+        let (n, ci, co, hw, nb, nbt) = (g.n, g.cin, g.cout, g.hw, g.branches, g.nbt());
+        let ca = ci + 1;
+        need("rep_1x1 x", x, n * ci * hw)?;
+        need("rep_1x1 w", w, nb * co * ci)?;
+        need("rep_1x1 gamma", gamma, nbt * co)?;
+        need("rep_1x1 beta", beta, nbt * co)?;
+        let m = g.m();
+        // Per-channel mean (f64), then the centred input with a row of ones.
+        let s = self.splits(ci, m);
+        let part = self.alloc_f64(ci * s)?;
+        self.launch(
+            "rep_conv_1x1",
+            "r1_sum_partial",
+            LaunchConfig {
+                grid_dim: (ci as u32, s as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[ptr(x), i32a(n), i32a(ci), i32a(hw), ptr(&part)],
+        )?;
+        let mu = self.alloc_f64(ci)?;
+        self.launch(
+            "rep_conv_1x1",
+            "r1_mean_finalize",
+            self.grid(ci),
+            &[ptr(&part), i32a(s), i32a(ci), Arg::F64(m as f64), ptr(&mu)],
+        )?;
+        let total = n * ca * hw;
+        let xc = self.alloc(total)?;
+        self.launch(
+            "rep_conv_1x1",
+            "r1_center",
+            self.grid(total),
+            &[ptr(x), ptr(&mu), ptr(&xc), i32a(ci), i32a(hw), i64a(total)],
+        )?;
+        // Sigma = xc xc^T / M (f64, and f32 for the GEMM below).
+        let cov32 = self.alloc(ci * ci)?;
+        let cov = self.r1_outer_sum(
+            (&xc, ca * hw),
+            (&xc, ca * hw),
+            (ci, ci, hw, n),
+            1.0 / m as f64,
+            Some(&cov32),
+        )?;
+        // W_b Sigma for every branch in one GEMM ([NB * Cout, Cin] x [Cin, Cin]).
+        let ws = self.alloc(nb * co * ci)?;
+        self.gemm_rm(
+            (nb * co, ci, ci),
+            w,
+            false,
+            0,
+            &cov32,
+            false,
+            0,
+            &ws,
+            0,
+            0.0,
+            1,
+        )?;
+        let saved_stat = || self.alloc_f64(nbt * co);
+        let (mean, var, invstd, a) = (saved_stat()?, saved_stat()?, saved_stat()?, saved_stat()?);
+        self.launch(
+            "rep_conv_1x1",
+            "r1_branch_stats",
+            self.grid(nbt * co),
+            &[
+                ptr(w),
+                ptr(&ws),
+                ptr(&mu),
+                ptr(&cov),
+                ptr(gamma),
+                i32a(nb),
+                i32a(g.identity as usize),
+                i32a(co),
+                i32a(ci),
+                Arg::F64(eps),
+                ptr(&mean),
+                ptr(&var),
+                ptr(&invstd),
+                ptr(&a),
+            ],
+        )?;
+        let k = self.alloc(co * ci)?;
+        let kaug = self.alloc(co * ca)?;
+        self.launch(
+            "rep_conv_1x1",
+            "r1_fold",
+            self.grid(co * ca),
+            &[
+                ptr(w),
+                ptr(&a),
+                ptr(beta),
+                i32a(nb),
+                i32a(g.identity as usize),
+                i32a(co),
+                i32a(ci),
+                ptr(&k),
+                ptr(&kaug),
+            ],
+        )?;
+        // y_n = [K | sum beta] [xc_n; 1]: the one activation-sized GEMM.
+        let y = self.alloc(n * co * hw)?;
+        self.gemm_rm(
+            (co, hw, ca),
+            &kaug,
+            false,
+            0,
+            &xc,
+            false,
+            ca * hw,
+            &y,
+            co * hw,
+            0.0,
+            n,
+        )?;
+        Ok((
+            y,
+            Rep1x1Saved {
+                xc,
+                mean,
+                var,
+                invstd,
+                a,
+                k,
+                ws,
+            },
+        ))
+    }
+
+    /// Backward of [`Gpu::rep_1x1_forward`]: gradients of x, every branch weight and every BN's
+    /// gamma and beta, for the output gradient `gy` [N, Cout, HW].
+    pub fn rep_1x1_backward(
+        &self,
+        g: &Rep1x1Geom,
+        w: &DBuf,
+        saved: &Rep1x1Saved,
+        gy: &DBuf,
+    ) -> Result<Rep1x1Grads> {
+        g.check()?;
+        let (n, ci, co, hw, nb, nbt) = (g.n, g.cin, g.cout, g.hw, g.branches, g.nbt());
+        let ca = ci + 1;
+        need("rep_1x1 gy", gy, n * co * hw)?;
+        need("rep_1x1 w", w, nb * co * ci)?;
+        // R = sum_n gy_n [xc_n; 1]^T [Cout, Cin + 1] (f64); its last column is sum gy.
+        let r = self.r1_outer_sum(
+            (gy, co * hw),
+            (&saved.xc, ca * hw),
+            (co, ca, hw, n),
+            1.0,
+            None,
+        )?;
+        let (dgamma, dbeta) = (self.alloc(nbt * co)?, self.alloc(nbt * co)?);
+        let e = self.alloc_f64(nbt * co)?;
+        self.launch(
+            "rep_conv_1x1",
+            "r1_bwd_coef",
+            self.grid(nbt * co),
+            &[
+                ptr(w),
+                ptr(&r),
+                ptr(&saved.invstd),
+                ptr(&saved.a),
+                i32a(nb),
+                i32a(g.identity as usize),
+                i32a(co),
+                i32a(ci),
+                ptr(&dgamma),
+                ptr(&dbeta),
+                ptr(&e),
+            ],
+        )?;
+        let (dw, ew) = (self.alloc(nb * co * ci)?, self.alloc(nb * co * ci)?);
+        self.launch(
+            "rep_conv_1x1",
+            "r1_bwd_dw",
+            self.grid(nb * co * ci),
+            &[
+                ptr(w),
+                ptr(&saved.ws),
+                ptr(&r),
+                ptr(&saved.a),
+                ptr(&e),
+                i32a(nb),
+                i32a(co),
+                i32a(ci),
+                ptr(&dw),
+                ptr(&ew),
+            ],
+        )?;
+        // Q = sum_b W_b^T diag(e_b) W_b = W^T ew over the stacked [NB * Cout, Cin].
+        let q = self.alloc(ci * ci)?;
+        self.gemm_rm((ci, ci, nb * co), w, true, 0, &ew, false, 0, &q, 0, 0.0, 1)?;
+        let am = self.alloc(ci * ca)?;
+        self.launch(
+            "rep_conv_1x1",
+            "r1_dx_coef",
+            self.grid(ci * ca),
+            &[
+                ptr(&q),
+                ptr(&saved.k),
+                ptr(&r),
+                ptr(&e),
+                i32a(nb),
+                i32a(g.identity as usize),
+                i32a(co),
+                i32a(ci),
+                Arg::F64(g.m() as f64),
+                ptr(&am),
+            ],
+        )?;
+        // dx_n = A [xc_n; 1] + K^T gy_n.
+        let dx = self.alloc(n * ci * hw)?;
+        self.gemm_rm(
+            (ci, hw, ca),
+            &am,
+            false,
+            0,
+            &saved.xc,
+            false,
+            ca * hw,
+            &dx,
+            ci * hw,
+            0.0,
+            n,
+        )?;
+        self.gemm_rm(
+            (ci, hw, co),
+            &saved.k,
+            true,
+            0,
+            gy,
+            false,
+            co * hw,
+            &dx,
+            ci * hw,
+            1.0,
+            n,
+        )?;
+        Ok(Rep1x1Grads {
+            dx,
+            dw,
+            dgamma,
+            dbeta,
+        })
+    }
+}
