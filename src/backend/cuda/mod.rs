@@ -12,8 +12,8 @@ pub mod launch;
 pub mod nvrtc;
 pub mod ops;
 pub mod pool;
-pub mod rep_1x1;
 pub mod prefetch;
+pub mod rep_1x1;
 pub mod sources;
 pub mod train;
 
