@@ -225,6 +225,54 @@ fn device_tensors_from_the_source_are_an_error() {
     assert!(pf.next().is_none());
 }
 
+/// The emulator's stream semantics that the tests above rely on: a copy on a created stream from
+/// page-locked memory has not happened until something waits for it, and then it reads the host
+/// bytes as they are at that time. (On a GPU only the waited-for result is checked.)
+#[test]
+fn copy_stream_work_happens_only_once_waited_for() {
+    use cudarc::driver::result as cu;
+    let Some(g) = gpu() else { return };
+    let emulated = std::env::var_os("GHOSTV3_EMU_CHILD").is_some();
+    let ctx = g.stream().context().clone();
+    ctx.bind_to_thread().unwrap();
+    let copy = ctx.new_stream().unwrap();
+    let n = 64;
+    let dst = g.alloc(n).unwrap(); // poisoned: NaN bytes
+                                   // SAFETY: a fresh pinned buffer of n f32, freed below after the copy has completed.
+    let pinned = unsafe { cu::malloc_host(n * 4, 0) }.unwrap() as *mut f32;
+    let host = unsafe { std::slice::from_raw_parts_mut(pinned, n) };
+    host.fill(1.0);
+    unsafe { cu::memcpy_htod_async(dst.device_ptr(), &host[..], copy.cu_stream()) }.unwrap();
+    let done = copy.record_event(None).unwrap();
+    if emulated {
+        assert!(
+            g.download(&dst).unwrap().iter().all(|v| v.is_nan()),
+            "the copy ran before anything waited for it"
+        );
+    }
+    host.fill(2.0); // a refill before the wait: the copy reads these bytes on the emulator
+    if emulated {
+        // A query says "not ready" (and makes progress, so that polling ends).
+        assert!(
+            !done.is_complete(),
+            "the event of a queued copy is complete"
+        );
+    }
+    g.stream().wait(&done).unwrap();
+    let got = g.download(&dst).unwrap();
+    let ok = |v: f32| {
+        if emulated {
+            v == 2.0
+        } else {
+            v == 1.0 || v == 2.0
+        }
+    };
+    assert!(got.iter().all(|&v| ok(v)), "{:?}", &got[..4]);
+    done.synchronize().unwrap();
+    // SAFETY: the copy is complete.
+    unsafe { cu::free_host(pinned as *mut std::ffi::c_void) }.unwrap();
+}
+
 #[test]
 fn without_cuda_constructing_is_an_error_not_a_panic() {
     let Some(why) = unavailable_reason() else {
