@@ -225,6 +225,31 @@ fn device_tensors_from_the_source_are_an_error() {
     assert!(pf.next().is_none());
 }
 
+/// The way the trainer feeds it: the loader's epoch iterator, labels and indices as the payload.
+#[test]
+fn loader_epochs_through_the_prefetcher() {
+    use ghostv3::data::{Dataset, Loader, Synthetic, TransformConfig};
+    use std::sync::Arc;
+    let Some(g) = gpu() else { return };
+    let ds: Arc<dyn Dataset> = Arc::new(Synthetic::new(23, 24, 0));
+    let loader = Loader::new(ds, TransformConfig::eval(16), 5, false, false, 2, 0).unwrap();
+    let host: Vec<_> = loader.epoch(0).map(|b| b.unwrap()).collect();
+    let src = loader
+        .epoch(0)
+        .map(|b| b.map(|b| (b.images, (b.labels, b.indices))));
+    let mut pf = DevicePrefetcher::new(&g, src).unwrap();
+    let mut k = 0;
+    for item in pf.by_ref() {
+        let (images, (labels, indices)) = item.unwrap();
+        let h = &host[k];
+        assert_eq!((&labels, &indices), (&h.labels, &h.indices), "batch {k}");
+        assert_eq!(images.shape(), h.images.shape());
+        assert!(g.download(&images.cuda().unwrap().buf).unwrap() == h.images.data());
+        k += 1;
+    }
+    assert_eq!(k, 5);
+}
+
 /// The emulator's stream semantics that the tests above rely on: a copy on a created stream from
 /// page-locked memory has not happened until something waits for it, and then it reads the host
 /// bytes as they are at that time. (On a GPU only the waited-for result is checked.)
