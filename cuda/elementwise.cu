@@ -40,6 +40,17 @@ extern "C" __global__ void hard_sigmoid_bwd(const float* __restrict__ x, const f
   GS_LOOP(i, n) gx[i] = (x[i] > -3.0f && x[i] < 3.0f) ? gy[i] * sixth : 0.0f;
 }
 
+// relu6 = min(max(x, 0), 6) (MobileNetV2).
+extern "C" __global__ void relu6_fwd(const float* __restrict__ x, float* __restrict__ y, long long n) {
+  GS_LOOP(i, n) y[i] = fminf(fmaxf(x[i], 0.0f), 6.0f);
+}
+
+// PyTorch's hardtanh backward: gradient 1 strictly inside (0, 6), 0 elsewhere (also at the kinks).
+extern "C" __global__ void relu6_bwd(const float* __restrict__ x, const float* __restrict__ gy,
+                                     float* __restrict__ gx, long long n) {
+  GS_LOOP(i, n) gx[i] = (x[i] > 0.0f && x[i] < 6.0f) ? gy[i] : 0.0f;
+}
+
 extern "C" __global__ void add_fwd(const float* __restrict__ a, const float* __restrict__ b,
                                    float* __restrict__ y, long long n) {
   GS_LOOP(i, n) y[i] = a[i] + b[i];

@@ -104,3 +104,69 @@ extern "C" __global__ void concat2_bwd(const float* __restrict__ gy, float* __re
     }
   }
 }
+
+// max_pool2d (src/ops/max_pool.rs): k x k windows, stride s, padding p (padding counts as
+// -inf). Each output keeps the flat in-plane index of its window's first maximum in row-major
+// order (a NaN always takes over), the CPU op's rule, so the backward routes the same way.
+extern "C" __global__ void max_pool2d_fwd(const float* __restrict__ x, float* __restrict__ y,
+                                          int* __restrict__ arg, long long NC, int H, int W,
+                                          int Ho, int Wo, int k, int s, int p) {
+  const long long total = NC * Ho * Wo;
+  GS_LOOP(i, total) {
+    const int ox = (int)(i % Wo);
+    const int oy = (int)((i / Wo) % Ho);
+    const long long nc = i / ((long long)Ho * Wo);
+    const float* plane = x + nc * H * W;
+    const int y0 = oy * s - p, x0 = ox * s - p;
+    // `at < 0` takes the first in-bounds value, so best needs no -inf start.
+    float best = 0.0f;
+    int at = -1;
+    for (int ky = 0; ky < k; ++ky) {
+      const int iy = y0 + ky;
+      if (iy < 0 || iy >= H) continue;
+      for (int kx = 0; kx < k; ++kx) {
+        const int ix = x0 + kx;
+        if (ix < 0 || ix >= W) continue;
+        const int j = iy * W + ix;
+        const float v = plane[j];
+        if (v > best || v != v || at < 0) {
+          best = v;
+          at = j;
+        }
+      }
+    }
+    y[i] = best;
+    arg[i] = at;
+  }
+}
+
+// Gather: one thread per input element sums gy over the outputs whose window holds it and
+// chose it, in row-major output order (the CPU op's order of additions).
+extern "C" __global__ void max_pool2d_bwd(const float* __restrict__ gy, const int* __restrict__ arg,
+                                          float* __restrict__ dx, long long NC, int H, int W,
+                                          int Ho, int Wo, int k, int s, int p) {
+  const long long total = NC * H * W;
+  GS_LOOP(i, total) {
+    const int ix = (int)(i % W);
+    const int iy = (int)((i / W) % H);
+    const long long nc = i / ((long long)H * W);
+    const int j = iy * W + ix;
+    // Outputs o with o*s - p <= i <= o*s - p + k - 1.
+    // ceil((i + p - k + 1) / s) clamped at 0 (C division truncates: only a negative start,
+    // clamped anyway, differs from the ceiling), and floor((i + p) / s) clamped at Ho - 1.
+    int oy0 = (iy + p - k + s) / s, oy1 = (iy + p) / s;
+    int ox0 = (ix + p - k + s) / s, ox1 = (ix + p) / s;
+    oy0 = oy0 < 0 ? 0 : oy0;
+    ox0 = ox0 < 0 ? 0 : ox0;
+    oy1 = oy1 > Ho - 1 ? Ho - 1 : oy1;
+    ox1 = ox1 > Wo - 1 ? Wo - 1 : ox1;
+    const long long base = nc * Ho * Wo;
+    float acc = 0.0f;
+    for (int oy = oy0; oy <= oy1; ++oy)
+      for (int ox = ox0; ox <= ox1; ++ox) {
+        const long long o = base + (long long)oy * Wo + ox;
+        if (arg[o] == j) acc += gy[o];
+      }
+    dx[i] = acc;
+  }
+}

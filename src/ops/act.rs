@@ -82,6 +82,9 @@ pub fn hard_sigmoid<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
 /// relu6 = min(max(x, 0), 6) (MobileNetV2). PyTorch's hardtanh backward: gradient 1 strictly
 /// inside (0, 6), 0 elsewhere (also at the kinks).
 pub fn relu6<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::relu6(tape, x);
+    }
     let six = T::from_f64(6.0);
     unary(
         "relu6",

@@ -5,6 +5,9 @@ use crate::tensor::{Elem, Tensor};
 
 /// Channels `start..start + len` of x [N, C, H, W] (one half of `torch.chunk(x, 2, dim=1)`).
 pub fn slice_channels<T: Elem>(tape: &mut Tape<T>, x: Var, start: usize, len: usize) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::slice_channels(tape, x, start, len);
+    }
     let (n, c, h, w) = tape.value(x).dims4();
     assert!(
         len > 0 && start + len <= c,
@@ -35,6 +38,9 @@ pub fn slice_channels<T: Elem>(tape: &mut Tape<T>, x: Var, start: usize, len: us
 
 /// Splits x into two equal channel halves (`x.chunk(2, dim=1)`).
 pub fn split_channels<T: Elem>(tape: &mut Tape<T>, x: Var) -> (Var, Var) {
+    if tape.value(x).is_cuda() {
+        return super::cuda::split_channels(tape, x);
+    }
     let c = tape.shape(x)[1];
     assert!(c.is_multiple_of(2), "split_channels: odd channel count {c}");
     let a = slice_channels(tape, x, 0, c / 2);
@@ -51,6 +57,9 @@ fn shuffle_src(c: usize, groups: usize) -> Vec<usize> {
 
 /// torchvision's `channel_shuffle(x, groups)`.
 pub fn channel_shuffle<T: Elem>(tape: &mut Tape<T>, x: Var, groups: usize) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::channel_shuffle(tape, x, groups);
+    }
     let (n, c, h, w) = tape.value(x).dims4();
     assert!(
         groups > 0 && c % groups == 0,

@@ -607,3 +607,86 @@ pub fn rep_conv_dw<T: Elem>(
     );
     (v, stats)
 }
+
+// ---- relu6, max_pool2d, channel slicing and shuffle (MobileNetV2, ShuffleNetV2, ResNet) ----
+
+pub fn relu6<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
+    unary(tape, "relu6", x, Gpu::relu6, |g, x, _, gy| {
+        g.relu6_backward(x, gy)
+    })
+}
+
+pub fn max_pool2d<T: Elem>(
+    tape: &mut Tape<T>,
+    x: Var,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Var {
+    let xt = tape.value(x).clone();
+    let (n, c, h, w) = xt.dims4();
+    let geom = crate::backend::cuda::shape_ops::MaxPoolGeom {
+        n,
+        c,
+        h,
+        w,
+        k: kernel,
+        s: stride,
+        p: padding,
+    };
+    let (y, arg) = ok(gpu().max_pool2d(&dev(&xt), &geom));
+    let (ho, wo) = geom.out_hw();
+    tape.push(
+        "max_pool2d",
+        out(&[n, c, ho, wo], y),
+        &[x],
+        Box::new(move |gy, _| {
+            let gy = as_dev(gy);
+            let dx = ok(gpu().max_pool2d_backward(&dev(&gy), &arg, &geom));
+            vec![Some(out(&[n, c, h, w], dx))]
+        }),
+    )
+}
+
+pub fn slice_channels<T: Elem>(tape: &mut Tape<T>, x: Var, start: usize, len: usize) -> Var {
+    let xt = tape.value(x).clone();
+    let (n, c, h, w) = xt.dims4();
+    let dims = (n, c, h * w);
+    let y = ok(gpu().slice_channels(&dev(&xt), dims, start, len));
+    tape.push(
+        "slice_channels",
+        out(&[n, len, h, w], y),
+        &[x],
+        Box::new(move |gy, _| {
+            let gy = as_dev(gy);
+            let dx = ok(gpu().slice_channels_backward(&dev(&gy), dims, start, len));
+            vec![Some(out(&[n, c, h, w], dx))]
+        }),
+    )
+}
+
+/// `x.chunk(2, dim=1)`: two slices, as the CPU op records it.
+pub fn split_channels<T: Elem>(tape: &mut Tape<T>, x: Var) -> (Var, Var) {
+    let c = tape.shape(x)[1];
+    assert!(c.is_multiple_of(2), "split_channels: odd channel count {c}");
+    let a = slice_channels(tape, x, 0, c / 2);
+    let b = slice_channels(tape, x, c / 2, c / 2);
+    (a, b)
+}
+
+pub fn channel_shuffle<T: Elem>(tape: &mut Tape<T>, x: Var, groups: usize) -> Var {
+    let xt = tape.value(x).clone();
+    let (n, c, h, w) = xt.dims4();
+    let dims = (n, c, h * w);
+    let y = ok(gpu().channel_shuffle(&dev(&xt), dims, groups));
+    tape.push(
+        "channel_shuffle",
+        out(&[n, c, h, w], y),
+        &[x],
+        Box::new(move |gy, _| {
+            let gy = as_dev(gy);
+            let dx = ok(gpu().channel_shuffle_backward(&dev(&gy), dims, groups));
+            vec![Some(out(&[n, c, h, w], dx))]
+        }),
+    )
+}

@@ -14,6 +14,9 @@ pub fn max_pool2d<T: Elem>(
     stride: usize,
     padding: usize,
 ) -> Var {
+    if tape.value(x).is_cuda() {
+        return super::cuda::max_pool2d(tape, x, kernel, stride, padding);
+    }
     let (n, c, h, w) = tape.value(x).dims4();
     assert!(
         kernel > 0 && stride > 0 && 2 * padding <= kernel,

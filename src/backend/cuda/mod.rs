@@ -14,6 +14,7 @@ pub mod ops;
 pub mod pool;
 pub mod prefetch;
 pub mod rep_1x1;
+pub mod shape_ops;
 pub mod sources;
 pub mod train;
 

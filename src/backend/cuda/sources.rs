@@ -19,6 +19,7 @@ pub const MODULES: &[(&str, &str)] = &[
         include_str!("../../../cuda/rep_conv_1x1.cu"),
     ),
     ("dfc", include_str!("../../../cuda/dfc.cu")),
+    ("channel", include_str!("../../../cuda/channel.cu")),
     ("optim", include_str!("../../../cuda/optim.cu")),
 ];
 
