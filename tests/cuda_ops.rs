@@ -1008,6 +1008,9 @@ fn whole_training_step_matches_cpu() {
         .unwrap();
     close("step logits", out.logits.data(), logits_cpu.data(), 1e-4);
     close("step loss", &[out.loss], &[loss_cpu], 1e-5);
+    // Running statistics were updated on the device; the host copy is stale until synced.
+    assert_ne!(dev.state().buffers.flat(), cpu.state().buffers.flat());
+    dev.state_mut().sync_from_cuda().unwrap();
     close(
         "step running stats",
         dev.state().buffers.flat(),
@@ -1029,7 +1032,6 @@ fn whole_training_step_matches_cpu() {
     );
     // LAMB's first step is lr * trust * sign(g): a gradient whose sign is rounding noise (the
     // scale-invariant convs above) moves its weight either way, hence the same envelope.
-    dev.state_mut().params_from_cuda().unwrap();
     within_spread(
         "parameter",
         entries,

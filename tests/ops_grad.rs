@@ -730,6 +730,7 @@ fn batch_norm_unbiased_var_of_one_sample() {
         mean: vec![0.5],
         var: vec![0.25],
         count: 1,
+        device: None,
     };
     assert_eq!(stats.unbiased_var(), vec![0.25]);
 }

@@ -5,6 +5,7 @@ use crate::autograd::{Grads, Tape, Var};
 use crate::ops::{self, Conv2dArgs};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
+use std::sync::Arc;
 
 pub const BN_EPS: f64 = 1e-5;
 pub const BN_MOMENTUM: f64 = 0.1;
@@ -175,6 +176,14 @@ impl BatchNorm2d {
             let (y, stats) = ops::batch_norm_train(ctx.tape, x, g, b, BN_EPS);
             self.update_running(ctx.state, &stats);
             y
+        } else if let (Some(bufs), true) = (&ctx.state.cuda_buffers, ctx.tape.value(x).is_cuda()) {
+            // Running statistics on the device: viewed there, no upload per call.
+            let view = |id: Id| {
+                let e = ctx.state.buffers.entry(id);
+                Tensor::cuda_view(bufs, e.offset, &e.shape)
+            };
+            let (rm, rv) = (view(self.running_mean), view(self.running_var));
+            ops::cuda::batch_norm_eval_dev(ctx.tape, x, g, b, &rm, &rv, BN_EPS)
         } else {
             let rm = ctx.state.buffers.slice(self.running_mean).to_vec();
             let rv = ctx.state.buffers.slice(self.running_var).to_vec();
@@ -183,9 +192,29 @@ impl BatchNorm2d {
     }
 
     /// PyTorch's running-stat update from one batch (momentum, unbiased variance) and the
-    /// batch counter.
+    /// batch counter. Statistics from the GPU update the device copy of the running statistics
+    /// when the state has one (`State::place_on_cuda`), else they come to the host.
     pub fn update_running(&self, state: &mut State, stats: &ops::BatchStats) {
         let m = BN_MOMENTUM;
+        state.counters[self.counter].1 += 1;
+        if let (Some(d), Some(bufs)) = (&stats.device, state.cuda_buffers.as_mut()) {
+            let gpu = crate::backend::cuda::global().expect("device statistics without a GPU");
+            let bufs = Arc::get_mut(bufs).expect("running statistics still viewed by a tape");
+            let (rm, rv) = (
+                state.buffers.entry(self.running_mean),
+                state.buffers.entry(self.running_var),
+            );
+            gpu.bn_running_update_at(bufs, (rm.offset, rv.offset, rm.numel()), d, stats.count, m)
+                .unwrap_or_else(|e| panic!("CUDA: {e:#}"));
+            return;
+        }
+        let host;
+        let stats = if stats.device.is_some() {
+            host = stats.to_host().unwrap_or_else(|e| panic!("CUDA: {e:#}"));
+            &host
+        } else {
+            stats
+        };
         let unbiased = stats.unbiased_var();
         let bufs = &mut state.buffers;
         for (r, &v) in bufs
@@ -198,7 +227,6 @@ impl BatchNorm2d {
         for (r, &v) in bufs.slice_mut(self.running_var).iter_mut().zip(&unbiased) {
             *r = ((1.0 - m) * *r as f64 + m * v) as f32;
         }
-        state.counters[self.counter].1 += 1;
     }
 
     /// The eval-mode affine map y = t * x + s per channel: (t, s), in f64.

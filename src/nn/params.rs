@@ -118,6 +118,9 @@ pub struct State {
     /// The parameters on the CUDA device (same layout as `params`) when training there: the
     /// forward pass then views these, and the device optimizer updates them in place.
     pub cuda_params: Option<Arc<crate::backend::cuda::DBuf>>,
+    /// The BN running statistics on the device (same layout as `buffers`), set by
+    /// [`State::place_on_cuda`]: train-mode BNs update them there, eval-mode BNs read them there.
+    pub cuda_buffers: Option<Arc<crate::backend::cuda::DBuf>>,
 }
 
 impl State {
@@ -134,6 +137,44 @@ impl State {
             let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
             let v = gpu.download(buf)?;
             self.params.flat_mut().copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
+    /// Parameters and BN running statistics to the device: the whole state lives there from
+    /// then on (forward passes view it, BNs update their statistics there).
+    pub fn place_on_cuda(&mut self) -> anyhow::Result<()> {
+        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.params_to_cuda()?;
+        self.cuda_buffers = Some(Arc::new(gpu.upload(self.buffers.flat())?));
+        Ok(())
+    }
+
+    /// Copies the device parameters and running statistics back to the host copies (which
+    /// checkpoints, `fold` and the CPU paths read); the device copies stay.
+    pub fn sync_from_cuda(&mut self) -> anyhow::Result<()> {
+        self.params_from_cuda()?;
+        if let Some(buf) = &self.cuda_buffers {
+            let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let v = gpu.download(buf)?;
+            self.buffers.flat_mut().copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
+    /// Uploads the host parameters and running statistics into the existing device copies
+    /// (after the host copies changed, e.g. loading a checkpoint or the EMA weights).
+    pub fn sync_to_cuda(&mut self) -> anyhow::Result<()> {
+        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (dev, host) in [
+            (&mut self.cuda_params, &self.params),
+            (&mut self.cuda_buffers, &self.buffers),
+        ] {
+            if let Some(buf) = dev {
+                let buf = Arc::get_mut(buf)
+                    .ok_or_else(|| anyhow::anyhow!("device state is still in use by a tape"))?;
+                gpu.upload_into(host.flat(), buf)?;
+            }
         }
         Ok(())
     }

@@ -9,14 +9,31 @@ use crate::tensor::{Elem, Tensor};
 use rayon::prelude::*;
 
 /// Per-channel batch statistics of a train-mode BN: mean and biased variance, and the count.
+/// On the GPU they stay there (`device`; `mean` and `var` are then empty) so that the running
+/// statistics update on the device without a round trip to the host per BN.
 #[derive(Clone, Debug)]
 pub struct BatchStats {
     pub mean: Vec<f64>,
     pub var: Vec<f64>,
     pub count: usize,
+    pub device: Option<std::sync::Arc<crate::backend::cuda::DeviceStats>>,
 }
 
 impl BatchStats {
+    /// The statistics on the host (downloads device statistics).
+    pub fn to_host(&self) -> anyhow::Result<BatchStats> {
+        let Some(d) = &self.device else {
+            return Ok(self.clone());
+        };
+        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(BatchStats {
+            mean: gpu.download_f64(&d.mean)?,
+            var: gpu.download_f64(&d.var)?,
+            count: self.count,
+            device: None,
+        })
+    }
+
     /// The unbiased variance PyTorch puts into `running_var`.
     pub fn unbiased_var(&self) -> Vec<f64> {
         let m = self.count as f64;
@@ -163,6 +180,7 @@ pub fn batch_norm_train<T: Elem>(
         mean: mean.clone(),
         var,
         count: n * hw,
+        device: None,
     };
     let out = tape.push(
         "batch_norm_train",

@@ -256,7 +256,8 @@ pub fn batch_norm_train<T: Elem>(
     let dims = bn_dims(&xt);
     assert_eq!(gt.shape(), [dims.1], "batch_norm weight shape");
     let (y, saved) = ok(gpu().batch_norm_train(&dev(&xt), &dev(&gt), &dev(&bt), dims, eps));
-    let stats = ok(gpu().batch_stats(&saved));
+    let var = saved.var.as_ref().expect("train-mode statistics");
+    let stats = ok(gpu().batch_stats_device(&saved.mean, var, 0, dims.1, saved.count));
     let v = bn_record(
         tape,
         "batch_norm_train",
@@ -486,6 +487,35 @@ pub fn dropout_masked<T: Elem>(tape: &mut Tape<T>, x: Var, mask: Vec<f32>) -> Va
     )
 }
 
+/// Eval-mode BN whose running statistics are device tensors (views into the device copy of
+/// the model's buffers): nothing is uploaded per call.
+pub fn batch_norm_eval_dev<T: Elem>(
+    tape: &mut Tape<T>,
+    x: Var,
+    gamma: Var,
+    beta: Var,
+    running_mean: &Tensor<T>,
+    running_var: &Tensor<T>,
+    eps: f64,
+) -> Var {
+    let xt = as_dev(tape.value(x));
+    let (gt, bt) = (as_dev(tape.value(gamma)), as_dev(tape.value(beta)));
+    let dims = bn_dims(&xt);
+    let (rm, rv) = (dev(running_mean), dev(running_var));
+    let (y, saved) =
+        ok(gpu().batch_norm_eval(&dev(&xt), &dev(&gt), &dev(&bt), &rm, &rv, dims, eps));
+    drop((rm, rv));
+    bn_record(
+        tape,
+        "batch_norm_eval",
+        (x, gamma, beta),
+        (xt, gt),
+        y,
+        saved,
+        false,
+    )
+}
+
 /// The fused re-parameterized depth-wise conv in training (cuda/rep_conv.rs): `x` the input,
 /// `kxk` the branch weights [C, 1, kh, kw] each, `scale` the 1x1 branch weight [C, 1, 1, 1],
 /// `bn` the (gamma, beta) of every branch (kxk branches, scale, identity); returns the output
@@ -549,14 +579,8 @@ pub fn rep_conv_dw<T: Elem>(
         let (ho, wo) = geom.out_hw();
         n * ho * wo
     };
-    let mean = ok(g.download_f64(&saved.mean));
-    let var = ok(g.download_f64(&saved.var));
     let stats = (0..nbt)
-        .map(|b| BatchStats {
-            mean: mean[b * c..(b + 1) * c].to_vec(),
-            var: var[b * c..(b + 1) * c].to_vec(),
-            count,
-        })
+        .map(|b| ok(g.batch_stats_device(&saved.mean, &saved.var, b * c, c, count)))
         .collect();
     let (ho, wo) = geom.out_hw();
     let mut inputs = vec![x];
@@ -689,4 +713,93 @@ pub fn channel_shuffle<T: Elem>(tape: &mut Tape<T>, x: Var, groups: usize) -> Va
             vec![Some(out(&[n, c, h, w], dx))]
         }),
     )
+}
+
+// ---- the fused DFC gate (src/nn/ghost.rs) ----
+
+/// Where the DFC gate's last BN takes its statistics from.
+pub enum DfcBn<'a, T: Elem> {
+    /// Train mode: batch statistics of `g` (returned, for the running-stat update).
+    Batch,
+    /// Eval mode: the running mean and variance (host or device tensors).
+    Running(&'a Tensor<T>, &'a Tensor<T>),
+}
+
+/// GhostNet's DFC gate `out * upsample(sigmoid(BN(g)))` as one tape op (cuda/dfc.cu): `o` the
+/// module output [N, C, H, W], `g` the half-resolution output of the DFC's last conv, (`gamma`,
+/// `beta`) its BN. Forward: the BN's statistics (or its running ones), then the BN apply,
+/// sigmoid, nearest upsample and product in one pass; backward: the fused gate backward, then
+/// the BN backward. Returns the batch statistics in train mode.
+pub fn dfc_gate<T: Elem>(
+    tape: &mut Tape<T>,
+    (o, g): (Var, Var),
+    (gamma, beta): (Var, Var),
+    bn: DfcBn<'_, T>,
+    eps: f64,
+) -> (Var, Option<BatchStats>) {
+    let (ot, gt) = (as_dev(tape.value(o)), as_dev(tape.value(g)));
+    let (gam, bet) = (as_dev(tape.value(gamma)), as_dev(tape.value(beta)));
+    let (n, c, h, w) = ot.dims4();
+    let (gn, gc, gh, gw) = gt.dims4();
+    assert!(
+        gn == n && gc == c && gam.shape() == [c],
+        "dfc_gate: output {:?}, gate {:?}, BN weight {:?}",
+        ot.shape(),
+        gt.shape(),
+        gam.shape()
+    );
+    let bdims = (n, c, gh * gw);
+    let gp = gpu();
+    let (saved, stats, train) = match bn {
+        DfcBn::Batch => {
+            let s = ok(gp.batch_norm_stats(&dev(&gt), &dev(&gam), &dev(&bet), bdims, eps));
+            let var = s.var.as_ref().expect("train-mode statistics");
+            let st = ok(gp.batch_stats_device(&s.mean, var, 0, c, s.count));
+            (s, Some(st), true)
+        }
+        DfcBn::Running(rm, rv) => {
+            let (rm, rv) = (as_dev(rm), as_dev(rv));
+            // The eval coefficients; the applied BN (a quarter-size tensor) is not needed.
+            let (_, s) = ok(gp.batch_norm_eval(
+                &dev(&gt),
+                &dev(&gam),
+                &dev(&bet),
+                &dev(&rm),
+                &dev(&rv),
+                bdims,
+                eps,
+            ));
+            (s, None, false)
+        }
+    };
+    let y = ok(gp.dfc_gate(&dev(&ot), &dev(&gt), &saved, (n, c, h, w), (gh, gw)));
+    let v = tape.push(
+        "dfc_gate",
+        out(&[n, c, h, w], y),
+        &[o, g, gamma, beta],
+        Box::new(move |gy, needs| {
+            let gy = as_dev(gy);
+            let gp = gpu();
+            let (d_out, d_a) = ok(gp.dfc_gate_backward(
+                &dev(&gy),
+                &dev(&ot),
+                &dev(&gt),
+                &saved,
+                (n, c, h, w),
+                (gh, gw),
+            ));
+            let d_out = needs[0].then(|| out(ot.shape(), d_out));
+            if !(needs[1] || needs[2] || needs[3]) {
+                return vec![d_out, None, None, None];
+            }
+            let b = ok(gp.batch_norm_backward(&d_a, &dev(&gt), &dev(&gam), &saved, bdims, train));
+            vec![
+                d_out,
+                needs[1].then(|| out(gt.shape(), b.dx)),
+                needs[2].then(|| out(&[c], b.dgamma)),
+                needs[3].then(|| out(&[c], b.dbeta)),
+            ]
+        }),
+    );
+    (v, stats)
 }

@@ -11,6 +11,7 @@ mod device;
 pub mod launch;
 pub mod nvrtc;
 pub mod ops;
+pub mod optim;
 pub mod pool;
 pub mod prefetch;
 pub mod rep_1x1;
@@ -19,7 +20,9 @@ pub mod sources;
 pub mod train;
 
 pub use device::{cublas_present, driver_present, unavailable_reason, DBuf, Gpu};
-pub use ops::{BnGrads, BnSaved, ConvGradsGpu, LambGpu, RepDwGeom, RepDwGrads, RepDwSaved};
+pub use ops::{
+    BnGrads, BnSaved, ConvGradsGpu, DeviceStats, LambGpu, RepDwGeom, RepDwGrads, RepDwSaved,
+};
 pub use pool::{DevBuf, PoolStats, View, ViewMut};
 
 /// The process-wide GPU (device 0) that device tensors and the dispatching ops use, opened on

@@ -43,6 +43,18 @@ pub struct BnSaved {
     pub count: usize,
 }
 
+/// Batch statistics of a train-mode BN left on the device: f64 mean and biased variance.
+pub struct DeviceStats {
+    pub mean: DevBuf<f64>,
+    pub var: DevBuf<f64>,
+}
+
+impl std::fmt::Debug for DeviceStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceStats[{}]", self.mean.len())
+    }
+}
+
 pub struct BnGrads {
     pub dx: DBuf,
     pub dgamma: DBuf,
@@ -608,7 +620,80 @@ impl Gpu {
             mean: self.download_f64(&saved.mean)?,
             var: self.download_f64(var)?,
             count: saved.count,
+            device: None,
         })
+    }
+
+    /// The batch statistics, kept on the device (`BatchStats::device`): copies of `c` channels
+    /// from channel `at` of the saved f64 mean and variance (a BN's own, or one branch of a fused
+    /// rep_conv's stacked statistics), so they outlive the saved buffers' backward closure.
+    pub fn batch_stats_device(
+        &self,
+        mean: &DevBuf<f64>,
+        var: &DevBuf<f64>,
+        at: usize,
+        c: usize,
+        count: usize,
+    ) -> Result<crate::ops::BatchStats> {
+        ensure!(
+            mean.len() >= at + c && var.len() >= at + c,
+            "batch statistics: channels {at}..{} of {}",
+            at + c,
+            mean.len()
+        );
+        let copy = |src: &DevBuf<f64>| -> Result<DevBuf<f64>> {
+            let dst = self.alloc_f64(c)?;
+            if c > 0 {
+                // SAFETY: both buffers hold c f64 from these addresses; same stream as every use.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst.device_ptr(),
+                        src.view(at, c).device_ptr(),
+                        c * std::mem::size_of::<f64>(),
+                        self.stream.cu_stream(),
+                    )
+                }?;
+            }
+            Ok(dst)
+        };
+        let device = DeviceStats {
+            mean: copy(mean)?,
+            var: copy(var)?,
+        };
+        Ok(crate::ops::BatchStats {
+            mean: Vec::new(),
+            var: Vec::new(),
+            count,
+            device: Some(std::sync::Arc::new(device)),
+        })
+    }
+
+    /// PyTorch's running-stat update (momentum, unbiased variance) of one BN whose running mean
+    /// and variance are `c` values at `mean_at` and `var_at` of the flat device buffers.
+    pub fn bn_running_update_at(
+        &self,
+        buffers: &mut DBuf,
+        (mean_at, var_at, c): (usize, usize, usize),
+        stats: &DeviceStats,
+        count: usize,
+        momentum: f64,
+    ) -> Result<()> {
+        need("running statistics", buffers, mean_at.max(var_at) + c)?;
+        ensure!(stats.mean.len() == c, "running-stat update: {c} channels");
+        self.launch(
+            "batch_norm",
+            "bn_running_update",
+            self.grid(c),
+            &[
+                ptr(&buffers.view(mean_at, c)),
+                ptr(&buffers.view(var_at, c)),
+                ptr(&stats.mean),
+                ptr(&stats.var),
+                i32a(c),
+                Arg::F64(momentum),
+                Arg::F64(count as f64),
+            ],
+        )
     }
 
     // ---- GEMM (row-major, through column-major cuBLAS) ----
@@ -1673,6 +1758,11 @@ impl LambGpu {
 
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Sets the step counter (bias corrections), when moments are loaded from a checkpoint.
+    pub fn set_steps(&mut self, step: u64) {
+        self.step = step;
     }
 
     /// One step: `params -= lr * trust * update`, and when `ema` is given, `ema = d ema +

@@ -2,7 +2,8 @@
 //! with device tensors: every op dispatches to its CUDA kernels, depth-wise re-parameterized
 //! convs run fused), cross-entropy with label smoothing, backward, the flat device gradient
 //! and the fused LAMB + EMA step on the flat device parameters. BN running statistics are
-//! updated on the host from each BN's batch statistics.
+//! updated on the device. (`train::Trainer` runs the full recipe on the GPU; this is the bare
+//! step that the whole-step test and the throughput bench time and check.)
 
 use super::device::{DBuf, Gpu};
 use super::ops::LambGpu;
@@ -31,11 +32,12 @@ pub struct StepOut {
 }
 
 impl CudaTrainer {
-    /// Moves the model's parameters to the device (`State::params_to_cuda`) and sets up LAMB
+    /// Moves the model's parameters and running statistics to the device (`State::place_on_cuda`)
+    /// and sets up LAMB
     /// (and the EMA, starting at the current weights, when `ema` is true).
     pub fn new(gpu: &Gpu, model: &mut Model, opts: LambOptions, ema: bool) -> Result<Self> {
         let state = model.state_mut();
-        state.params_to_cuda()?;
+        state.place_on_cuda()?;
         let layout = Layout::from_store(&state.params);
         let lamb = LambGpu::new(gpu, &layout, opts)?;
         let ema = if ema {
