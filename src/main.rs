@@ -57,6 +57,9 @@ struct TrainArgs {
     /// Run directory for a new run (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// `cuda`: the whole step on GPU 0 (same as --set train.device=cuda; default: the recipe's).
+    #[arg(long, value_enum)]
+    device: Option<Device>,
 }
 
 #[derive(Args)]
@@ -80,6 +83,9 @@ struct EvalArgs {
     /// Decoding threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// `cuda`: run on GPU 0 (the CUDA backend's kernels) instead of the CPU.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -96,6 +102,9 @@ struct PredictArgs {
     /// Image files (JPEG or PNG).
     #[arg(required = true)]
     images: Vec<PathBuf>,
+    /// `cuda`: run on GPU 0 (the CUDA backend's kernels) instead of the CPU.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -250,6 +259,9 @@ struct ForwardArgs {
     /// BN running stats after it.
     #[arg(long)]
     grads: bool,
+    /// `cuda`: run on GPU 0 (the CUDA backend's kernels) instead of the CPU.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -353,8 +365,28 @@ fn load_model(args: &ModelArgs, weights: &Path, deploy: bool) -> Result<Model> {
     Ok(m)
 }
 
+/// Puts a model's parameters and running statistics on GPU 0 for `--device cuda`.
+fn to_device(m: &mut Model, device: Device) -> Result<()> {
+    if device == Device::Cuda {
+        m.state_mut().place_on_cuda().context(
+            "--device cuda: CUDA is not usable here (`ghostv3 info --device cuda` says why)",
+        )?;
+    }
+    Ok(())
+}
+
+/// Eval-mode logits of a host batch on the model's device (a model placed by `to_device`).
+fn predict_on(m: &mut Model, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+    if m.state().cuda_params.is_some() {
+        Ok(m.predict(&x.to_cuda()?).to_host())
+    } else {
+        Ok(m.predict(x))
+    }
+}
+
 fn forward(a: ForwardArgs) -> Result<()> {
     let mut m = load_model(&a.model, &a.weights, a.deploy)?;
+    to_device(&mut m, a.device)?;
     let inputs = read_tensors(&a.inputs)?;
     let x = match inputs.get("input") {
         Some(TensorData::F32(s, v)) if s.len() == 4 && s[1] == 3 => Tensor::new(s, v.clone()),
@@ -368,7 +400,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         bail!("the input holds NaN or Inf");
     }
     let mut out = BTreeMap::new();
-    let logits = m.predict(&x);
+    let logits = predict_on(&mut m, &x)?;
     out.insert(
         "logits".to_string(),
         TensorData::F32(logits.shape().to_vec(), logits.to_vec()),
@@ -392,14 +424,24 @@ fn forward(a: ForwardArgs) -> Result<()> {
         if labels.len() != x.shape()[0] {
             bail!("{} labels for a batch of {}", labels.len(), x.shape()[0]);
         }
+        let cuda = m.state().cuda_params.is_some();
         let mut tape = Tape::new();
-        let xv = tape.constant(x);
+        let xv = tape.constant(if cuda { x.to_cuda()? } else { x });
         let (y, leaves) = m.forward(&mut tape, xv, Mode::Train { dropout: false }, None);
         let loss = ops::cross_entropy(&mut tape, y, &labels, 0.0);
-        let yv = tape.value(y).clone();
-        let lv = tape.value(loss).data()[0];
+        let yv = tape.value(y).to_host();
+        let lv = tape.value(loss).to_host().data()[0];
         let grads = tape.backward(loss);
-        let flat = leaves.flat_grads(m.state(), &grads);
+        let flat = if cuda {
+            let g = leaves.flat_grads_cuda(m.state(), &grads)?;
+            ghostv3::backend::cuda::global()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .download(&g)?
+        } else {
+            leaves.flat_grads(m.state(), &grads)
+        };
+        drop(tape);
+        m.state_mut().sync_from_cuda()?;
         out.insert(
             "train_logits".into(),
             TensorData::F32(yv.shape().to_vec(), yv.to_vec()),
@@ -462,8 +504,12 @@ fn fold(a: FoldArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn train(mut a: TrainArgs) -> Result<()> {
     use ghostv3::train::{config::TrainConfig, Trainer};
+    if let Some(d) = a.device {
+        let name = if d == Device::Cuda { "cuda" } else { "cpu" };
+        a.sets.push(format!("train.device=\"{name}\""));
+    }
     let mut t = match &a.resume {
         Some(dir) => {
             let t = Trainer::resume(dir, &a.sets)?;
@@ -510,7 +556,13 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     let loader = Loader::new(ds.clone(), tf, a.batch, false, false, a.workers, 0)?;
     let t0 = std::time::Instant::now();
-    let fast = fast_engine(&m)?;
+    to_device(&mut m, a.device)?;
+    // The CPU's fast path for folded weights; on the GPU (and for train-form weights) the
+    // engine's own forward pass.
+    let fast = match a.device {
+        Device::Cpu => fast_engine(&m)?,
+        Device::Cuda => None,
+    };
     let (top1, top5, loss) = match &fast {
         Some(e) => ghostv3::train::evaluate_with(&loader, |x| e.predict(x))?,
         None => ghostv3::train::evaluate(&mut m, &loader)?,
@@ -546,7 +598,11 @@ fn predict(a: PredictArgs) -> Result<()> {
         crop_pct: a.crop_pct,
         ..TransformConfig::eval(a.size)
     })?;
-    let fast = fast_engine(&m)?;
+    to_device(&mut m, a.device)?;
+    let fast = match a.device {
+        Device::Cpu => fast_engine(&m)?,
+        Device::Cuda => None,
+    };
     for path in &a.images {
         let img = ghostv3::data::dataset::decode_rgb(path)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -554,7 +610,7 @@ fn predict(a: PredictArgs) -> Result<()> {
         let x = Tensor::new(&[1, 3, a.size, a.size], x);
         let logits = match &fast {
             Some(e) => e.predict(&x)?,
-            None => m.predict(&x),
+            None => predict_on(&mut m, &x)?,
         };
         let z = logits.data();
         let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));

@@ -144,6 +144,14 @@ impl Ema {
         self.updates += 1;
     }
 
+    /// Counts one update made elsewhere (on the GPU) and returns the decay it used; the host
+    /// copies go stale until [`Ema::set`] brings the device average back.
+    pub fn advance(&mut self) -> f64 {
+        let d = self.decay();
+        self.updates += 1;
+        d
+    }
+
     /// Overwrites the average with the given weights (timm `set`); the update count is kept.
     pub fn set(&mut self, params: &[f32], buffers: &[f32]) {
         self.params.copy_from_slice(params);

@@ -150,6 +150,19 @@ pub struct TrainSection {
     pub seed: u64,
     #[serde(default = "eval_batch")]
     pub eval_batch_size: usize,
+    /// Where the step runs: `cpu`, or `cuda` (the whole step on GPU 0: forward, backward,
+    /// optimizer, EMA and evaluation; batches reach it through pinned buffers).
+    #[serde(default)]
+    pub device: Device,
+}
+
+/// The device a run trains on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
 }
 
 fn eval_batch() -> usize {

@@ -7,10 +7,17 @@
 //!
 //! Every random stream derives from (seed, epoch, step or sample index), so resuming from the
 //! checkpoint of epoch k continues exactly as the uninterrupted run would.
+//!
+//! With `train.device = "cuda"` the same step runs on the GPU: parameters, BN running statistics,
+//! optimizer moments and the EMA (held by the EMA model's device state) live there; batches go up
+//! through pinned buffers one step ahead; evaluation runs there. The host copies are brought back
+//! before anything is written (best weights, checkpoint), in the CPU run's format, so a run can
+//! resume on either device.
 
 pub mod config;
 
 use crate::autograd::Tape;
+use crate::backend::cuda::{self, optim::DeviceOptimizer, Gpu};
 use crate::data::{self, Batch, Cifar10, Dataset, ImageFolder, Loader, Mixup, Subset, Synthetic};
 use crate::io::weights::state_tensors;
 use crate::io::{load_state, load_state_from, read_tensors, write_tensors, TensorData};
@@ -19,7 +26,7 @@ use crate::nn::{Mode, RepOptions};
 use crate::optim::{Ema, Layout, Optimizer};
 use crate::{ops, reparam, Tensor};
 use anyhow::{bail, ensure, Context, Result};
-use config::{DatasetKind, TrainConfig};
+use config::{DatasetKind, Device, TrainConfig};
 use rand::rngs::StdRng;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -68,6 +75,22 @@ pub struct Trainer {
     pub epoch: usize,
     best_top1: f64,
     pub quiet: bool,
+    /// Set when training on the GPU.
+    cuda: Option<CudaRun>,
+}
+
+/// The device side of a GPU run: the GPU and the optimizer whose state lives there.
+struct CudaRun {
+    gpu: &'static Gpu,
+    optimizer: Box<dyn DeviceOptimizer>,
+}
+
+/// One training step's batch besides its images: the step index, the (soft) targets (None for a
+/// batch whose every image was unreadable) and the skipped images.
+struct StepBatch {
+    step: usize,
+    targets: Option<Tensor<f32>>,
+    skipped: Vec<String>,
 }
 
 /// A deterministic random stream for (seed, epoch, step, purpose).
@@ -130,7 +153,8 @@ impl Trainer {
         }
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
-        let t = Self::build(cfg, run_dir)?;
+        let mut t = Self::build(cfg, run_dir)?;
+        t.move_to_device()?;
         crate::io::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml()?.as_bytes())?;
         Ok(t)
     }
@@ -178,6 +202,7 @@ impl Trainer {
         }
         t.epoch = info["epoch"].as_u64().context("epoch")? as usize;
         t.best_top1 = info["best_top1"].as_f64().unwrap_or(0.0);
+        t.move_to_device()?;
         Ok(t)
     }
 
@@ -275,7 +300,47 @@ impl Trainer {
             epoch: 0,
             best_top1: -1.0,
             quiet: false,
+            cuda: None,
         })
+    }
+
+    /// For `train.device = "cuda"`: the model, its EMA and the teacher to the GPU, and the
+    /// optimizer state (fresh, or loaded from the checkpoint) onto the device optimizer.
+    fn move_to_device(&mut self) -> Result<()> {
+        if self.cfg.train.device != Device::Cuda {
+            return Ok(());
+        }
+        let gpu = cuda::global().map_err(|e| anyhow::anyhow!("train.device = \"cuda\": {e}"))?;
+        self.model.state_mut().place_on_cuda()?;
+        if let (Some(ema), Some(em)) = (&self.ema, self.ema_model.as_mut()) {
+            let st = em.state_mut();
+            st.params.flat_mut().copy_from_slice(ema.params());
+            st.buffers.flat_mut().copy_from_slice(ema.buffers());
+            st.place_on_cuda()?;
+        }
+        if let Some(t) = self.teacher.as_mut() {
+            t.state_mut().place_on_cuda()?;
+        }
+        let layout = Layout::from_store(&self.model.state().params);
+        let mut optimizer = cuda::optim::build(gpu, &self.cfg.optimizer, &layout)?;
+        optimizer.load_from(gpu, self.optimizer.as_ref())?;
+        self.cuda = Some(CudaRun { gpu, optimizer });
+        Ok(())
+    }
+
+    /// Brings the device state back to the host copies (model, optimizer, EMA) before they are
+    /// written; nothing to do on the CPU.
+    fn sync_to_host(&mut self) -> Result<()> {
+        let Some(run) = &self.cuda else {
+            return Ok(());
+        };
+        self.model.state_mut().sync_from_cuda()?;
+        run.optimizer.save_into(run.gpu, self.optimizer.as_mut())?;
+        if let (Some(ema), Some(em)) = (self.ema.as_mut(), self.ema_model.as_mut()) {
+            em.state_mut().sync_from_cuda()?;
+            ema.set(em.state().params.flat(), em.state().buffers.flat());
+        }
+        Ok(())
     }
 
     /// The KD teacher, if the recipe has one (run in eval mode, never updated).
@@ -292,6 +357,15 @@ impl Trainer {
     /// Trains until `train.epochs`, evaluating and checkpointing after every epoch.
     pub fn run(&mut self) -> Result<Summary> {
         let mut epochs = Vec::new();
+        if let Some(run) = &self.cuda {
+            self.say(&format!(
+                "device: CUDA {} (sm_{}{}); optimizer: {}",
+                run.gpu.name(),
+                run.gpu.compute_capability().0,
+                run.gpu.compute_capability().1,
+                run.optimizer.describe()
+            ));
+        }
         self.say(&format!(
             "training {} (train form, {} params) for {} epochs on {} images, {} classes; run dir {}",
             self.cfg.model.name,
@@ -322,14 +396,17 @@ impl Trainer {
         let (top1, top5, val_loss) = evaluate(&mut self.model, &self.val_loader)?;
         let (ema_top1, ema_top5) = match (&self.ema, self.ema_model.as_mut()) {
             (Some(ema), Some(em)) => {
-                em.state_mut()
-                    .params
-                    .flat_mut()
-                    .copy_from_slice(ema.params());
-                em.state_mut()
-                    .buffers
-                    .flat_mut()
-                    .copy_from_slice(ema.buffers());
+                // On the GPU the EMA model's device state is the average itself.
+                if em.state().cuda_params.is_none() {
+                    em.state_mut()
+                        .params
+                        .flat_mut()
+                        .copy_from_slice(ema.params());
+                    em.state_mut()
+                        .buffers
+                        .flat_mut()
+                        .copy_from_slice(ema.buffers());
+                }
                 let (a, b, _) = evaluate(em, &self.val_loader)?;
                 (Some(a), Some(b))
             }
@@ -374,6 +451,7 @@ impl Trainer {
         };
         if best_now > self.best_top1 {
             self.best_top1 = best_now;
+            self.sync_to_host()?;
             let state = if from_ema {
                 self.ema_model.as_ref().expect("ema model").state()
             } else {
@@ -404,37 +482,57 @@ impl Trainer {
         };
         let num_classes = self.model.num_classes();
         let mixup = self.mixup(num_classes);
+        let (seed, smoothing) = (self.cfg.train.seed, self.cfg.train.label_smoothing);
+        // Batches with their targets (Mixup/CutMix drawn from the step's own stream), in step
+        // order; on the GPU they go up through pinned buffers one step ahead of the compute.
+        let host = self.train_loader.epoch(epoch).enumerate().map(
+            move |(step, batch)| -> Result<(Tensor<f32>, StepBatch)> {
+                let Batch {
+                    mut images,
+                    labels,
+                    skipped,
+                    ..
+                } = batch?;
+                let targets = match &mixup {
+                    _ if labels.is_empty() => None,
+                    Some(mx) => {
+                        let mut rng = stream(seed, epoch, step, 1);
+                        Some(mx.apply(&mut images, &labels, &mut rng)?.targets)
+                    }
+                    None => Some(data::one_hot_smoothed(&labels, num_classes, smoothing)),
+                };
+                Ok((
+                    images,
+                    StepBatch {
+                        step,
+                        targets,
+                        skipped,
+                    },
+                ))
+            },
+        );
+        let batches: Box<dyn Iterator<Item = Result<(Tensor<f32>, StepBatch)>>> = match &self.cuda {
+            Some(_) => Box::new(cuda::prefetch::DevicePrefetcher::on_global_gpu(host)?),
+            None => Box::new(host),
+        };
         let (mut loss_sum, mut images, mut skipped, mut lr) = (0.0, 0usize, 0usize, 0.0);
         let t0 = Instant::now();
-        for (step, batch) in self.train_loader.epoch(epoch).enumerate() {
-            let mut batch: Batch = batch?;
+        for item in batches {
+            let (batch_images, batch) = item?;
+            let step = batch.step;
             skipped += batch.skipped.len();
             for s in &batch.skipped {
                 bar.suspend(|| eprintln!("warning: skipped unreadable image {s}"));
             }
-            if batch.is_empty() {
+            let Some(targets) = batch.targets else {
                 continue;
-            }
+            };
+            let batch_len = targets.shape()[0];
             lr = self
                 .cfg
                 .schedule
                 .lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
-            let targets = match &mixup {
-                Some(mx) => {
-                    mx.apply(
-                        &mut batch.images,
-                        &batch.labels,
-                        &mut stream(self.cfg.train.seed, epoch, step, 1),
-                    )?
-                    .targets
-                }
-                None => data::one_hot_smoothed(
-                    &batch.labels,
-                    num_classes,
-                    self.cfg.train.label_smoothing,
-                ),
-            };
-            let loss = self.train_step(&batch.images, &targets, epoch, step, lr)?;
+            let loss = self.train_step(&batch_images, &targets, epoch, step, lr)?;
             if !loss.is_finite() {
                 bail!(
                     "the loss became {loss} at epoch {} step {step} (lr {lr:.3e}); stopping. The last good \
@@ -444,8 +542,8 @@ impl Trainer {
                     self.epoch
                 );
             }
-            loss_sum += loss * batch.len() as f64;
-            images += batch.len();
+            loss_sum += loss * batch_len as f64;
+            images += batch_len;
             bar.inc(1);
             bar.set_message(format!(
                 "loss {loss:.4} lr {lr:.2e} {:.1} img/s",
@@ -480,10 +578,15 @@ impl Trainer {
         step: usize,
         lr: f64,
     ) -> Result<f64> {
-        let teacher_logits = self.teacher.as_mut().map(|t| t.predict(images));
+        // On the GPU the batch goes up here (and every op below dispatches to its kernels).
+        let x = match &self.cuda {
+            Some(_) => images.to_cuda()?,
+            None => images.clone(),
+        };
+        let teacher_logits = self.teacher.as_mut().map(|t| t.predict(&x));
         let mut rng = stream(self.cfg.train.seed, epoch, step, 2);
         let mut tape = Tape::new();
-        let x = tape.constant(images.clone());
+        let x = tape.constant(x);
         let (logits, leaves) =
             self.model
                 .forward(&mut tape, x, Mode::Train { dropout: true }, Some(&mut rng));
@@ -499,11 +602,32 @@ impl Trainer {
             }
             _ => ce,
         };
-        let value = tape.value(loss).data()[0] as f64;
+        let value = tape.value(loss).to_host().data()[0] as f64;
         if !value.is_finite() {
             return Ok(value);
         }
         let grads = tape.backward(loss);
+        if let Some(run) = self.cuda.as_mut() {
+            let flat = leaves.flat_grads_cuda(self.model.state(), &grads)?;
+            drop(grads);
+            drop(tape); // the tape's views of the device parameters go: the update is in place
+            let params = device_mut(&mut self.model.state_mut().cuda_params, "parameters")?;
+            match (self.ema.as_mut(), self.ema_model.as_mut()) {
+                (Some(ema), Some(em)) => {
+                    let d = ema.advance();
+                    let st = em.state_mut();
+                    let ema_params = device_mut(&mut st.cuda_params, "EMA parameters")?;
+                    run.optimizer
+                        .step(run.gpu, params, &flat, lr, Some((ema_params, d)))?;
+                    let ema_buffers = device_mut(&mut st.cuda_buffers, "EMA buffers")?;
+                    let buffers = self.model.state().cuda_buffers.as_ref();
+                    let buffers = buffers.context("running statistics are not on the device")?;
+                    run.gpu.ema_blend(ema_buffers, buffers, d)?;
+                }
+                _ => run.optimizer.step(run.gpu, params, &flat, lr, None)?,
+            }
+            return Ok(value);
+        }
         let flat = leaves.flat_grads(self.model.state(), &grads);
         drop(tape); // releases the tape's views of the parameters, so the update is in place
         self.optimizer
@@ -532,7 +656,8 @@ impl Trainer {
     }
 
     /// Model, optimizer and EMA state in one atomically written file.
-    fn save_checkpoint(&self) -> Result<()> {
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.sync_to_host()?;
         let mut t = state_tensors(self.model.state());
         for (k, v) in self.optimizer.state() {
             t.insert(format!("optim.{k}"), TensorData::F32(vec![v.len()], v));
@@ -573,8 +698,24 @@ impl Trainer {
 }
 
 /// Top-1, top-5 (top-k with k = min(5, classes)) and mean CE of a model on a loader, eval mode.
+/// A model whose state is on the GPU (`State::place_on_cuda`) is evaluated there.
 pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<(f64, f64, f64)> {
-    evaluate_with(loader, |x| Ok(model.predict(x)))
+    if model.state().cuda_params.is_some() {
+        evaluate_with(loader, |x| Ok(model.predict(&x.to_cuda()?).to_host()))
+    } else {
+        evaluate_with(loader, |x| Ok(model.predict(x)))
+    }
+}
+
+/// The device buffer of a state on the GPU, for an in-place update (no tape may view it).
+fn device_mut<'a>(
+    buf: &'a mut Option<Arc<crate::backend::cuda::DBuf>>,
+    what: &str,
+) -> Result<&'a mut crate::backend::cuda::DBuf> {
+    let b = buf
+        .as_mut()
+        .with_context(|| format!("{what} are not on the device"))?;
+    Arc::get_mut(b).with_context(|| format!("{what} on the device are still in use"))
 }
 
 /// `evaluate` with any function from an image batch to logits (e.g. the fast inference path).
