@@ -59,6 +59,8 @@ struct Block {
   Tramp fn = nullptr;
   void** params = nullptr;
   emu_dim3 block{};
+  unsigned yields = 0;  // barrier waits so far in this block
+  bool direct = false;  // threads run as plain calls (see run_block)
 };
 
 Block* B = nullptr;
@@ -85,7 +87,16 @@ void check_barriers(unsigned warp) {
   }
 }
 
-void yield_to_scheduler() { swapcontext(&B->f[B->cur].ctx, &B->main); }
+void yield_to_scheduler() {
+  if (B->direct) {
+    // Barriers are block-uniform (warp-uniform for shuffles) in valid CUDA: thread 0 met none.
+    fprintf(stderr, "CUDA emulator: thread %u met a barrier that thread 0 of its block did not\n",
+            B->cur);
+    abort();
+  }
+  B->yields++;
+  swapcontext(&B->f[B->cur].ctx, &B->main);
+}
 
 void warp_barrier() {
   const unsigned w = B->cur / 32;
@@ -121,6 +132,23 @@ void run_block(unsigned n) {
     f.ctx.uc_link = &B->main;
     makecontext(&f.ctx, (void (*)())fiber_entry, 1, (int)i);
     f.state = READY;
+  }
+  // Thread 0 first. If it ends without meeting a barrier, so do the others (a __syncthreads or
+  // shuffle must be reached by the whole block or warp), and running them in order to the end
+  // is what the fiber scheduler would do: run them as plain calls, no context switch each.
+  B->yields = 0;
+  B->cur = 0;
+  set_thread_idx(0);
+  swapcontext(&B->main, &B->f[0].ctx);
+  if (B->f[0].state == DONE && B->yields == 0) {
+    B->direct = true;
+    for (unsigned i = 1; i < n; ++i) {
+      B->cur = i;
+      set_thread_idx(i);
+      B->fn(B->params);
+    }
+    B->direct = false;
+    return;
   }
   for (unsigned done = 0; done < n;) {
     bool progressed = false;
