@@ -201,6 +201,37 @@ impl RepConv {
                 y
             }
             RepConv::Train {
+                kxk,
+                scale: None,
+                skip,
+                cin,
+                groups: 1,
+            } if ctx.train()
+                && ctx.tape.value(x).is_cuda()
+                && Self::fused_1x1(ctx, x, kxk, *cin, skip.is_some()) =>
+            {
+                // 1x1 on the GPU: one folded conv from the input's mean and covariance.
+                let ws: Vec<Var> = kxk.iter().map(|cb| ctx.param(cb.conv.weight)).collect();
+                let bns: Vec<&BatchNorm2d> =
+                    kxk.iter().map(|cb| &cb.bn).chain(skip.as_ref()).collect();
+                let bn: Vec<(Var, Var)> = bns
+                    .iter()
+                    .map(|b| (ctx.param(b.weight), ctx.param(b.bias)))
+                    .collect();
+                let (y, stats) = ops::cuda_rep_1x1::rep_conv_1x1(
+                    ctx.tape,
+                    x,
+                    &ws,
+                    skip.is_some(),
+                    &bn,
+                    super::layers::BN_EPS,
+                );
+                for (b, st) in bns.iter().zip(&stats) {
+                    b.update_running(ctx.state, st);
+                }
+                y
+            }
+            RepConv::Train {
                 kxk, scale, skip, ..
             } => {
                 // Same summation order as timm: identity + scale, then the kxk branches.
@@ -226,6 +257,27 @@ impl RepConv {
                 acc.expect("a RepConv has at least one branch")
             }
         }
+    }
+
+    /// Whether a train-form RepConv with groups 1 runs as the fused 1x1 conv on the GPU: 1x1
+    /// kernels, stride 1, and the fused form estimated to cost less than the branches
+    /// (`Rep1x1Geom::fused_pays`).
+    fn fused_1x1(ctx: &Ctx, x: Var, kxk: &[ConvBn], cin: usize, identity: bool) -> bool {
+        let shape = &ctx.state.params.entry(kxk[0].conv.weight).shape;
+        let xs = ctx.tape.shape(x);
+        if shape[2..] != [1, 1] || kxk[0].conv.args.stride != (1, 1) || xs.len() != 4 {
+            return false;
+        }
+        crate::backend::cuda::rep_1x1::Rep1x1Geom {
+            n: xs[0],
+            cin,
+            cout: shape[0],
+            hw: xs[2] * xs[3],
+            branches: kxk.len(),
+            identity,
+            chunk: 0,
+        }
+        .fused_pays()
     }
 
     /// The deploy-form kernel [cout, cin/g, k, k] and bias [cout] of a train-form RepConv, from its

@@ -7,6 +7,7 @@ pub mod channel;
 pub mod concat;
 pub mod conv;
 pub mod cuda;
+pub mod cuda_rep_1x1;
 pub mod dropout;
 pub mod elementwise;
 pub mod linear;

@@ -9,9 +9,10 @@ use super::pool::DevBuf;
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 
-/// Batch entries per chunk of the batched GEMMs that reduce over the batch (the chunk partials
-/// are summed in f64); bounds their scratch to CHUNK * Cout * (Cin + 1) floats.
-const CHUNK: usize = 8;
+/// Scratch (floats) of the batched GEMMs that reduce over the batch: as many batch entries per
+/// GEMM as fit, each writing its own partial (the partials are then summed in f64), and the
+/// chunks of the batch accumulated into them.
+const SCRATCH: usize = 1 << 22;
 
 /// Shape of a fused 1x1 rep_conv: input [n, cin, hw], `branches` weights [cout, cin], and the
 /// BN identity (cin == cout).
@@ -23,6 +24,9 @@ pub struct Rep1x1Geom {
     pub hw: usize,
     pub branches: usize,
     pub identity: bool,
+    /// Most batch entries per GEMM of the reductions over the batch (0: as many as fit the
+    /// scratch; tests set it to exercise the chunked accumulation).
+    pub chunk: usize,
 }
 
 impl Rep1x1Geom {
@@ -116,17 +120,18 @@ fn need<T>(what: &str, b: &DevBuf<T>, n: usize) -> Result<()> {
 impl Gpu {
     /// `scale * sum_n A_n B_n^T` in f64 [m, k2] (and in f32 into `out32` when given), for
     /// A_n [m, p] at element `n * sa` of `a` and B_n [k2, p] at `n * sb` of `b`: batched f32
-    /// GEMMs over chunks of the batch accumulate into CHUNK partials, summed in f64.
-    #[allow(clippy::too_many_arguments)]
+    /// GEMMs of up to `chunk` entries (0: as many as fit SCRATCH) write one partial each, later
+    /// chunks accumulate into them, and the partials are summed in f64.
     fn r1_outer_sum(
         &self,
         (a, sa): (&DBuf, usize),
         (b, sb): (&DBuf, usize),
-        (m, k2, p, n): (usize, usize, usize, usize),
+        (m, k2, p, n, chunk): (usize, usize, usize, usize, usize),
         scale: f64,
         out32: Option<&DBuf>,
     ) -> Result<DevBuf<f64>> {
-        let g = n.min(CHUNK);
+        let fit = (SCRATCH / (m * k2)).max(1);
+        let g = n.min(if chunk == 0 { fit } else { chunk });
         let part = self.alloc(g * m * k2)?;
         for (j, start) in (0..n).step_by(g).enumerate() {
             let cnt = g.min(n - start);
@@ -216,7 +221,7 @@ impl Gpu {
         let cov = self.r1_outer_sum(
             (&xc, ca * hw),
             (&xc, ca * hw),
-            (ci, ci, hw, n),
+            (ci, ci, hw, n, g.chunk),
             1.0 / m as f64,
             Some(&cov32),
         )?;
@@ -323,7 +328,7 @@ impl Gpu {
         let r = self.r1_outer_sum(
             (gy, co * hw),
             (&saved.xc, ca * hw),
-            (co, ca, hw, n),
+            (co, ca, hw, n, g.chunk),
             1.0,
             None,
         )?;
