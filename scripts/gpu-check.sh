@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA backend in one bounded call: the device report, every CUDA launcher
-# against the CPU backend (tests/cuda_ops.rs), the kernel benchmarks (benches/cuda.rs) and the
-# PyTorch eager + timm training throughput (scripts/bench_torch_train.py), then a short table.
+# and fused kernel against the CPU backend (tests/cuda_*.rs: ops, the whole training step, the
+# fused 1x1 rep_conv, the pinned-buffer prefetcher), a short `train --device cuda` run of the
+# default recipe, the kernel benchmarks (benches/cuda.rs) and the PyTorch eager + timm training
+# throughput (scripts/bench_torch_train.py), then a short table.
 #
 #   scripts/gpu-check.sh prepare   here (with cargo): build the test, bench and CLI binaries and
 #                                  copy them, stripped, to .gpu/bin (git-ignored, carried)
@@ -15,6 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu/bin
+TESTS="cuda_ops cuda_ops_more cuda_rep_1x1 cuda_prefetch"
 LOG="${OUT:-target/gpu-check}"
 mkdir -p "$LOG"
 
@@ -34,10 +37,11 @@ prepare() {
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   cargo build --release --bin ghostv3
   local t b
-  t=$(cargo test --release --no-run --test cuda_ops --message-format=json | exe_of cuda_ops)
+  for t in $TESTS; do
+    strip -o "$BIN/$t" "$(cargo test --release --no-run --test "$t" --message-format=json | exe_of "$t")"
+  done
   b=$(cargo bench --no-run --bench cuda --message-format=json | exe_of cuda)
   strip -o "$BIN/ghostv3" target/release/ghostv3
-  strip -o "$BIN/cuda_ops" "$t"
   strip -o "$BIN/cuda_bench" "$b"
   du -sh "$BIN"/*
   set +e
@@ -61,9 +65,17 @@ run() {
   timeout 60 "$BIN/ghostv3" info --model ghostnetv3_100 --device cuda 2>&1 | tee "$LOG/info.log"
   local info_rc=${PIPESTATUS[0]}
 
-  echo "== CUDA ops vs CPU (tests/cuda_ops.rs)"
-  timeout 180 "$BIN/cuda_ops" --test-threads=1 --nocapture 2>&1 | tee "$LOG/cuda_ops.log"
-  local test_rc=${PIPESTATUS[0]}
+  local test_rc=0 t
+  for t in $TESTS; do
+    echo "== CUDA vs CPU: tests/$t.rs"
+    timeout 120 "$BIN/$t" --test-threads=1 --nocapture 2>&1 | tee "$LOG/$t.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || test_rc=1
+  done
+
+  echo "== ghostv3 train --device cuda (default recipe: synthetic, 64 px, 6 epochs; CPU: 27.54%)"
+  rm -rf "$LOG/train-cuda"
+  timeout 120 "$BIN/ghostv3" train --device cuda --out "$LOG/train-cuda" 2>&1 | tee "$LOG/train.log"
+  local train_rc=${PIPESTATUS[0]}
 
   echo "== CUDA kernel benches"
   timeout 180 "$BIN/cuda_bench" 2>&1 | tee "$LOG/bench.log"
@@ -77,14 +89,17 @@ run() {
   echo "================ gpu-check summary ================"
   head -1 "$LOG/nvidia-smi.txt"
   printf '%-34s %s\n' "info --device cuda (rc $info_rc)" "$(grep -E '^kernels:|^CUDA:' "$LOG/info.log" | head -1)"
-  printf '%-34s %s\n' "CUDA ops vs CPU (rc $test_rc)" "$(grep -E '^test result' "$LOG/cuda_ops.log" | tail -1)"
-  grep -E "^test .* FAILED|panicked at|max err .* >" "$LOG/cuda_ops.log" | head -8
+  for t in $TESTS; do
+    printf '%-34s %s\n' "$t vs CPU (rc $test_rc)" "$(grep -E '^test result' "$LOG/$t.log" | tail -1)"
+    grep -E "^test .* FAILED|panicked at|max err .* >" "$LOG/$t.log" | head -8
+  done
+  printf '%-34s %s\n' "train --device cuda (rc $train_rc)" "$(grep -E '^best val|^epoch 6' "$LOG/train.log" | tr '\n' ' ')"
   echo "-- kernels (bench rc $bench_rc)"
   sed -n '/^kernel /,$p' "$LOG/bench.log" | head -20
   echo "-- training throughput, ghostnetv3_100 train form, 224x224 (bench rc $bench_rc, torch rc $torch_rc)"
   grep -E "CUDA train step" "$LOG/bench.log"
   grep -E "images/s|skipped" "$LOG/torch.log"
-  [ "$test_rc" -eq 0 ] && [ "$info_rc" -eq 0 ]
+  [ "$test_rc" -eq 0 ] && [ "$info_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
 }
 
 case "${1:-all}" in

@@ -301,3 +301,75 @@ fn eval_and_predict_on_an_image_folder() {
     ]);
     assert!(!o.status.success());
 }
+
+/// A recipe the model cannot run is refused before anything is written.
+#[test]
+fn train_refuses_an_input_too_small_for_the_model() {
+    let dir = tmp("too-small");
+    let o = ghostv3(&[
+        "train",
+        "--set",
+        "augment.size=32",
+        "--set",
+        "eval.size=32",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("augment.size = 32 is too small for ghostnetv3_050") && e.contains("33 px"),
+        "{e}"
+    );
+    assert!(!dir.exists(), "a refused run left {}", dir.display());
+}
+
+/// `train --device cuda`: without CUDA a one-line reason and no run directory; with a GPU a
+/// two-step run on it (checkpoint, best and deploy weights written, loss finite).
+#[test]
+fn train_on_cuda_or_a_clear_error() {
+    let dir = tmp("train-cuda");
+    let o = ghostv3(&[
+        "train",
+        "--device",
+        "cuda",
+        "--set",
+        "data.synthetic_train=8",
+        "--set",
+        "data.synthetic_val=4",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "schedule.epochs=1",
+        "--set",
+        "train.batch_size=4",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    match ghostv3::backend::cuda::unavailable_reason() {
+        Some(reason) => {
+            println!("skipped: no CUDA device ({reason}); checked the error instead");
+            assert!(!o.status.success());
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                e.contains("train.device = \"cuda\"") && !e.contains("panicked"),
+                "{e}"
+            );
+            assert!(!dir.exists(), "a refused run left {}", dir.display());
+        }
+        None => {
+            let out = stdout(&o);
+            assert!(out.contains("device: CUDA"), "{out}");
+            for f in [
+                "checkpoint.safetensors",
+                "best.safetensors",
+                "deploy.safetensors",
+            ] {
+                assert!(dir.join(f).is_file(), "{f} missing");
+            }
+            let m = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+            assert!(v["train_loss"].as_f64().unwrap().is_finite(), "{m}");
+        }
+    }
+}

@@ -232,6 +232,15 @@ impl Model {
         self.opts.num_classes
     }
 
+    /// The smallest square input the network runs on: GhostNet V2/V3's DFC attention pools its
+    /// stride-32 maps 2x2, so they must be at least 2x2 (33 px and up).
+    pub fn min_input_size(&self) -> usize {
+        match self.info.arch {
+            Arch::GhostNet(GhostVersion::V2 | GhostVersion::V3, _) => 33,
+            _ => 1,
+        }
+    }
+
     pub fn network(&self) -> &dyn Network {
         match &self.net {
             Net::GhostNet(m) => m,

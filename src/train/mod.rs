@@ -151,10 +151,11 @@ impl Trainer {
                 run_dir.display()
             );
         }
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        // Everything that can fail on the recipe fails before the run directory exists.
         let mut t = Self::build(cfg, run_dir)?;
         t.move_to_device()?;
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
         crate::io::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml()?.as_bytes())?;
         Ok(t)
     }
@@ -227,6 +228,17 @@ impl Trainer {
             seed: cfg.train.seed,
         };
         let mut model = models::create(&m.name, &opts)?;
+        for (key, size) in [
+            ("augment.size", cfg.augment.size),
+            ("eval.size", cfg.eval.size),
+        ] {
+            ensure!(
+                size >= model.min_input_size(),
+                "{key} = {size} is too small for {}: it needs inputs of at least {} px",
+                m.name,
+                model.min_input_size()
+            );
+        }
         if let Some(init) = &m.init {
             load_state(model.state_mut(), init)?;
         }
