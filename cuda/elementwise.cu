@@ -138,3 +138,17 @@ extern "C" __global__ void ema_blend(float* __restrict__ e, const float* __restr
                                      float w, long long n) {
   GS_LOOP(i, n) e[i] = __fadd_rn(__fmul_rn(d, e[i]), __fmul_rn(w, x[i]));
 }
+
+// Many small copies in one launch (e.g. every parameter's gradient into the flat gradient
+// buffer): segment s copies len[s] floats from the address src[s] to dst + off[s]; one block per
+// segment at a time.
+extern "C" __global__ void copy_segments(const long long* __restrict__ src,
+                                         const long long* __restrict__ off,
+                                         const long long* __restrict__ len,
+                                         float* __restrict__ dst, int nseg) {
+  for (int s = blockIdx.x; s < nseg; s += gridDim.x) {
+    const float* p = (const float*)src[s];
+    float* q = dst + off[s];
+    for (long long i = threadIdx.x; i < len[s]; i += blockDim.x) q[i] = p[i];
+  }
+}

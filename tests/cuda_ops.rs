@@ -9,7 +9,7 @@ mod common;
 use common::cuda::*;
 use ghostv3::backend::cpu::conv::ConvGeom;
 use ghostv3::backend::cuda::train::CudaTrainer;
-use ghostv3::backend::cuda::{unavailable_reason, Gpu, LambGpu, RepDwGeom};
+use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, LambGpu, RepDwGeom};
 use ghostv3::models::{self, ModelOptions};
 use ghostv3::nn::Mode;
 use ghostv3::ops::{self, Conv2dArgs};
@@ -897,6 +897,39 @@ fn views_into_flat_buffers() {
     g.upload_into(w.data(), &mut grads.view_mut(17, w.numel()))
         .unwrap();
     close("upload into a view", &down(&g, &grads), &flat, 0.0);
+}
+
+/// Many tensors (whole buffers and views, odd lengths) into places of one flat buffer in one
+/// launch, as the flat gradient is gathered; untouched places keep their values.
+#[test]
+fn segments_copy_into_a_flat_buffer() {
+    let Some(g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(91);
+    let lens = [1usize, 7, 300, 1025, 33, 4096, 5];
+    let srcs: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&n| rand_vec(&mut rng, n + 3, -1.0, 1.0))
+        .collect();
+    let bufs: Vec<DBuf> = srcs.iter().map(|v| g.upload(v).unwrap()).collect();
+    // Views from element 2 of each source, placed with gaps between them.
+    let mut offs = Vec::new();
+    let mut at = 4;
+    for &n in &lens {
+        offs.push(at);
+        at += n + 2;
+    }
+    let base = rand_vec(&mut rng, at + 4, -1.0, 1.0);
+    let mut flat = g.upload(&base).unwrap();
+    let views: Vec<_> = bufs.iter().zip(&lens).map(|(b, &n)| b.view(2, n)).collect();
+    let segs: Vec<(&DBuf, usize)> = views.iter().zip(&offs).map(|(v, &o)| (&**v, o)).collect();
+    g.copy_segments(&segs, &mut flat).unwrap();
+    let mut want = base.clone();
+    for ((src, &n), &o) in srcs.iter().zip(&lens).zip(&offs) {
+        want[o..o + n].copy_from_slice(&src[2..2 + n]);
+    }
+    close("copy_segments", &down(&g, &flat), &want, 0.0);
+    let too_far = [(&*views[0], at + 4)];
+    assert!(g.copy_segments(&too_far, &mut flat).is_err());
 }
 
 /// One CPU training step's loss, logits and flat parameter gradient (train mode, no dropout).

@@ -99,6 +99,7 @@ impl ParamLeaves {
     ) -> anyhow::Result<crate::backend::cuda::DBuf> {
         let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut flat = gpu.zeros(state.params.numel())?;
+        let mut views = Vec::new();
         for (i, leaf) in self.0.iter().enumerate() {
             let (Some(v), e) = (leaf, &state.params.entries()[i]) else {
                 continue;
@@ -107,12 +108,12 @@ impl ParamLeaves {
                 let d = g
                     .cuda()
                     .ok_or_else(|| anyhow::anyhow!("{}: gradient on the host", e.name))?;
-                gpu.copy_into(
-                    &d.buf.view(d.offset, e.numel()),
-                    &mut flat.view_mut(e.offset, e.numel()),
-                )?;
+                views.push((d.buf.view(d.offset, e.numel()), e.offset));
             }
         }
+        let segments: Vec<(&crate::backend::cuda::DBuf, usize)> =
+            views.iter().map(|(v, off)| (&**v, *off)).collect();
+        gpu.copy_segments(&segments, &mut flat)?;
         Ok(flat)
     }
 }

@@ -221,6 +221,41 @@ impl Gpu {
         )
     }
 
+    /// Copies many buffers (or views) into places of one buffer in a single launch:
+    /// `dst[off..off + src.len()] = src` for every `(src, off)`. The flat gradient of a network
+    /// of ~2,000 tensors is one launch, not one each.
+    pub fn copy_segments(&self, segments: &[(&DBuf, usize)], dst: &mut DBuf) -> Result<()> {
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let mut table = vec![0i64; 3 * segments.len()];
+        let n = segments.len();
+        for (i, (src, off)) in segments.iter().enumerate() {
+            need("copy_segments destination", dst, off + src.len())?;
+            table[i] = src.device_ptr() as i64;
+            table[n + i] = *off as i64;
+            table[2 * n + i] = src.len() as i64;
+        }
+        let t = self.upload_i64(&table)?;
+        let blocks = n.min(self.multiprocessors() as usize * 16).max(1);
+        self.launch(
+            "elementwise",
+            "copy_segments",
+            LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                ptr(&t.view(0, n)),
+                ptr(&t.view(n, n)),
+                ptr(&t.view(2 * n, n)),
+                ptr(dst),
+                i32a(n),
+            ],
+        )
+    }
+
     pub fn fill(&self, y: &mut DBuf, v: f32) -> Result<()> {
         let n = y.len();
         self.launch(
