@@ -1,8 +1,8 @@
 //! The CUDA ops MobileNetV2, ShuffleNetV2 and ResNet need beyond the GhostNet set (relu6,
-//! max_pool2d, channel slicing/splitting/shuffle), each through the tape dispatch (device
-//! tensors in, device tensors out) against the CPU op on fresh random inputs at several shapes
-//! including odd ones: forward values and every gradient. The test GPU's buffers are poisoned
-//! with NaN, so an unwritten element fails.
+//! max_pool2d, channel slicing/splitting/shuffle) and the fused DFC gate inside the Ghost
+//! module, each through the tape dispatch (device tensors in, device tensors out) against the
+//! CPU op on fresh random inputs at several shapes including odd ones: forward values and every
+//! gradient. The test GPU's buffers are poisoned with NaN, so an unwritten element fails.
 //! Without a GPU each test prints `skipped: no CUDA device (...)`, and the last test runs them
 //! all on the CPU emulator (tests/common/cuda.rs).
 
@@ -11,6 +11,8 @@ mod common;
 use common::cuda::*;
 use ghostv3::backend::cuda::shape_ops::MaxPoolGeom;
 use ghostv3::backend::cuda::Gpu;
+use ghostv3::nn::ghost::{BottleneckCfg, GhostBottleneck, GhostModule};
+use ghostv3::nn::{Builder, Ctx, Mode, RepForm, RepOptions, State};
 use ghostv3::ops::{self, Conv2dArgs};
 use ghostv3::{Tape, Tensor, Var};
 use rand::rngs::StdRng;
@@ -148,6 +150,188 @@ fn channel_slice_split_shuffle_match_cpu() {
             ops::concat_channels(t, b, a)
         });
     }
+}
+
+/// A model's state with random BN affine parameters and running statistics (the builder's are
+/// 1, 0, 0, 1), so that every BN term matters.
+fn randomize_bns(state: &mut State, rng: &mut StdRng) {
+    use rand::Rng;
+    let entries = state.params.entries().to_vec();
+    for e in entries.iter().filter(|e| e.shape.len() == 1) {
+        let id = state.params.find(&e.name).unwrap();
+        let (lo, hi) = if e.name.ends_with(".weight") {
+            (0.5, 1.5)
+        } else {
+            (-0.5, 0.5)
+        };
+        for v in state.params.slice_mut(id) {
+            *v = rng.random_range(lo..hi);
+        }
+    }
+    let entries = state.buffers.entries().to_vec();
+    for e in &entries {
+        let id = state.buffers.find(&e.name).unwrap();
+        let (lo, hi) = if e.name.ends_with("running_var") {
+            (0.5, 2.0)
+        } else {
+            (-0.5, 0.5)
+        };
+        for v in state.buffers.slice_mut(id) {
+            *v = rng.random_range(lo..hi);
+        }
+    }
+}
+
+/// Where a module step runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    Cpu,
+    /// Parameters on the device, BN running statistics on the host (`params_to_cuda`).
+    DeviceParams,
+    /// Parameters and running statistics on the device (`place_on_cuda`, as training does).
+    DeviceState,
+}
+
+/// One forward + backward of a module: output, input gradient, flat parameter gradient, and
+/// the state after (running statistics updated in train mode) on the host.
+fn module_step(
+    forward: &dyn Fn(&mut Ctx, Var) -> Var,
+    state: &State,
+    (x, gy): (&Tensor, &Tensor),
+    mode: Mode,
+    side: Side,
+) -> (Tensor, Tensor, Vec<f32>, State) {
+    let mut st = state.clone();
+    match side {
+        Side::Cpu => {}
+        Side::DeviceParams => st.params_to_cuda().unwrap(),
+        Side::DeviceState => st.place_on_cuda().unwrap(),
+    }
+    let cuda = side != Side::Cpu;
+    let mut tape = Tape::new();
+    let xin = if cuda {
+        x.to_cuda().unwrap()
+    } else {
+        x.clone()
+    };
+    let xv = tape.leaf(xin, true);
+    let mut ctx = Ctx::new(&mut tape, &mut st, mode, None);
+    let y = forward(&mut ctx, xv);
+    let leaves = ctx.into_leaves();
+    assert_eq!(
+        tape.value(y).is_cuda(),
+        cuda,
+        "forward ran on the wrong side"
+    );
+    let yt = tape.value(y).to_host();
+    let grads = tape.backward_with(y, gy.clone());
+    let dx = grads.get(xv).unwrap().to_host();
+    let flat = if cuda {
+        let g = ghostv3::backend::cuda::global().unwrap();
+        g.download(&leaves.flat_grads_cuda(&st, &grads).unwrap())
+            .unwrap()
+    } else {
+        leaves.flat_grads(&st, &grads)
+    };
+    drop(tape);
+    if cuda {
+        st.sync_from_cuda().unwrap();
+    }
+    (yt, dx, flat, st)
+}
+
+/// A module on the device against the CPU in train and eval mode: output, input and parameter
+/// gradients, running statistics and batch counters.
+fn check_module(
+    case: &str,
+    forward: &dyn Fn(&mut Ctx, Var) -> Var,
+    state: &State,
+    x: &Tensor,
+    gy: &Tensor,
+    tol: f64,
+) {
+    for (mode, side) in [
+        (Mode::Train { dropout: false }, Side::DeviceParams),
+        (Mode::Train { dropout: false }, Side::DeviceState),
+        (Mode::Eval, Side::DeviceParams),
+        (Mode::Eval, Side::DeviceState),
+    ] {
+        let case = format!("{case} {mode:?} {side:?}");
+        let (y, dx, gp, st) = module_step(forward, state, (x, gy), mode, Side::Cpu);
+        let (yg, dxg, gpg, stg) = module_step(forward, state, (x, gy), mode, side);
+        close(&case, yg.data(), y.data(), tol);
+        close(&format!("{case} dx"), dxg.data(), dx.data(), tol);
+        close(&format!("{case} dparams"), &gpg, &gp, tol);
+        close(
+            &format!("{case} running stats"),
+            stg.buffers.flat(),
+            st.buffers.flat(),
+            tol,
+        );
+        assert_eq!(stg.counters, st.counters, "{case}: batch counters");
+    }
+}
+
+/// GhostNetV3's Ghost module with DFC attention (train form: 3 kxk branches + scale +
+/// identity): on the device the DFC gate is the fused op; everything else as on the CPU.
+#[test]
+fn ghost_module_with_fused_dfc_gate_matches_cpu() {
+    let Some(_g) = gpu() else { return };
+    global_gpu();
+    let mut rng = StdRng::seed_from_u64(230);
+    for (inp, oup, s) in [(6, 8, [2, 6, 10, 10]), (4, 12, [2, 4, 9, 7])] {
+        let mut b = Builder::new(231);
+        let form = RepForm::Train(RepOptions::default());
+        let m = GhostModule::new(&mut b, "m", inp, oup, true, true, form);
+        let mut state = b.finish();
+        randomize_bns(&mut state, &mut rng);
+        let x = rand_t(&mut rng, &s, -2.0, 2.0);
+        let gy = rand_t(&mut rng, &[s[0], oup, s[2], s[3]], -1.0, 1.0);
+        let fwd = |ctx: &mut Ctx, v: Var| m.forward(ctx, v);
+        check_module(&format!("ghost module {s:?}"), &fwd, &state, &x, &gy, 1e-3);
+        // The fused op is what ran on the device, in both modes.
+        for mode in [Mode::Train { dropout: false }, Mode::Eval] {
+            let mut st = state.clone();
+            st.place_on_cuda().unwrap();
+            let mut tape = Tape::new();
+            tape.enable_profile();
+            let xv = tape.leaf(x.to_cuda().unwrap(), true);
+            let mut ctx = Ctx::new(&mut tape, &mut st, mode, None);
+            m.forward(&mut ctx, xv);
+            drop(ctx);
+            let p: Vec<&str> = tape.profile().unwrap().ops.keys().copied().collect();
+            assert!(
+                p.contains(&"dfc_gate") && !p.contains(&"sigmoid"),
+                "expected the fused DFC gate on the device in {mode:?}, got {p:?}"
+            );
+        }
+    }
+}
+
+/// A GhostNetV3 bottleneck with DFC, a stride-2 depth-wise conv, SE and the conv shortcut.
+#[test]
+fn ghost_bottleneck_with_dfc_matches_cpu() {
+    let Some(_g) = gpu() else { return };
+    global_gpu();
+    let mut rng = StdRng::seed_from_u64(240);
+    let cfg = BottleneckCfg {
+        inp: 6,
+        mid: 12,
+        out: 8,
+        k: 3,
+        stride: 2,
+        se_rd: Some(4),
+        dfc: true,
+    };
+    let mut b = Builder::new(241);
+    let m = GhostBottleneck::new(&mut b, "blk", cfg, RepForm::Train(RepOptions::default()));
+    let mut state = b.finish();
+    randomize_bns(&mut state, &mut rng);
+    let s = [2, 6, 12, 11];
+    let x = rand_t(&mut rng, &s, -2.0, 2.0);
+    let gy = rand_t(&mut rng, &[2, 8, 6, 6], -1.0, 1.0);
+    let fwd = |ctx: &mut Ctx, v: Var| m.forward(ctx, v);
+    check_module("ghost bottleneck", &fwd, &state, &x, &gy, 1e-3);
 }
 
 /// A small MobileNetV2/ShuffleNetV2/ResNet-like chain of the new ops between convs and BN:

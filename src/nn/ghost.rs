@@ -2,11 +2,12 @@
 //! timm's `ghostnet.py`: V1 (no DFC), V2 (DFC on ghost1 past the first two blocks) and V3 (= V2
 //! topology with re-parameterized convs). Spec sections 3-5.
 
-use super::layers::{BatchNorm2d, Conv2d, Ctx};
+use super::layers::{BatchNorm2d, Conv2d, Ctx, BN_EPS};
 use super::params::Builder;
 use super::rep_conv::{RepConv, RepForm, RepSpec};
 use crate::autograd::Var;
 use crate::ops::{self, Conv2dArgs};
+use crate::tensor::Tensor;
 
 /// DFC attention: avgpool 2x2 -> 1x1 conv+BN -> dw 1x5 conv+BN -> dw 5x1 conv+BN (`short_conv`).
 /// Returns the pre-sigmoid gate at half resolution.
@@ -60,6 +61,51 @@ impl Dfc {
             a = bn.forward(ctx, a);
         }
         a
+    }
+
+    /// On the device: the DFC up to its last conv (the gate before the last BN), for
+    /// [`Dfc::gate_cuda`].
+    fn forward_to_last_conv(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let mut a = ops::avg_pool2x2(ctx.tape, x);
+        let [(c0, b0), (c1, b1), (c2, _)] = &self.convs;
+        a = c0.forward(ctx, a);
+        a = b0.forward(ctx, a);
+        a = c1.forward(ctx, a);
+        a = b1.forward(ctx, a);
+        c2.forward(ctx, a)
+    }
+
+    /// On the device: `out * upsample(sigmoid(BN(g)))` with `g` from
+    /// [`Dfc::forward_to_last_conv`], as one fused op (cuda/dfc.cu). Train mode: the last BN
+    /// normalizes with batch statistics and its running statistics are updated exactly as
+    /// `BatchNorm2d::forward` does; eval mode: its running statistics.
+    fn gate_cuda(&self, ctx: &mut Ctx, out: Var, g: Var) -> Var {
+        let bn = &self.convs[2].1;
+        let (gamma, beta) = (ctx.param(bn.weight), ctx.param(bn.bias));
+        if ctx.train() {
+            let (y, stats) = ops::cuda::dfc_gate(
+                ctx.tape,
+                (out, g),
+                (gamma, beta),
+                ops::cuda::DfcBn::Batch,
+                BN_EPS,
+            );
+            bn.update_running(ctx.state, &stats.expect("train-mode statistics"));
+            y
+        } else {
+            // The running statistics where BatchNorm2d::forward reads them: the device copy of
+            // the buffers when the state has one, else the host values.
+            let running = |id| {
+                let e = ctx.state.buffers.entry(id);
+                match &ctx.state.cuda_buffers {
+                    Some(bufs) => Tensor::cuda_view(bufs, e.offset, &e.shape),
+                    None => Tensor::new(&e.shape, ctx.state.buffers.slice(id).to_vec()),
+                }
+            };
+            let (rm, rv) = (running(bn.running_mean), running(bn.running_var));
+            let bn = ops::cuda::DfcBn::Running(&rm, &rv);
+            ops::cuda::dfc_gate(ctx.tape, (out, g), (gamma, beta), bn, BN_EPS).0
+        }
     }
 }
 
@@ -130,7 +176,15 @@ impl GhostModule {
     }
 
     pub fn forward(&self, ctx: &mut Ctx, x: Var) -> Var {
-        let gate = self.dfc.as_ref().map(|d| d.forward(ctx, x));
+        // On the device the gate's last BN, sigmoid, upsample and product are one fused op.
+        let fused = self.dfc.is_some() && ctx.tape.value(x).is_cuda();
+        let gate = self.dfc.as_ref().map(|d| {
+            if fused {
+                d.forward_to_last_conv(ctx, x)
+            } else {
+                d.forward(ctx, x)
+            }
+        });
         let mut x1 = self.primary.forward(ctx, x);
         if self.relu {
             x1 = ops::relu(ctx.tape, x1);
@@ -140,9 +194,10 @@ impl GhostModule {
             x2 = ops::relu(ctx.tape, x2);
         }
         let out = ops::concat_channels(ctx.tape, x1, x2);
-        match gate {
-            None => out,
-            Some(g) => {
+        match (gate, &self.dfc) {
+            (Some(g), Some(d)) if fused => d.gate_cuda(ctx, out, g),
+            (None, _) => out,
+            (Some(g), _) => {
                 let (h, w) = (ctx.tape.shape(out)[2], ctx.tape.shape(out)[3]);
                 let g = ops::sigmoid(ctx.tape, g);
                 let g = ops::upsample_nearest(ctx.tape, g, h, w);
