@@ -145,3 +145,130 @@ extern "C" __global__ void lamb_apply(float* __restrict__ p, const float* __rest
     lamb_write(k, p, ema, j, lamb_update_from(k, wd, p[j], m[j], v[j]), trust);
   }
 }
+
+// ---- AdamW and SGD (torch.optim.AdamW / torch.optim.SGD semantics, src/optim/adamw.rs and
+// src/optim/sgd.rs) with the EMA of the weights in the same pass. Optional global clipping with
+// PyTorch's clip_grad_norm_ factor min(max_norm / (||g|| + 1e-6), 1):
+//   launch 1  torch_gnorm_partial: sum g^2 per chunk, in the order of the CPU's sum_sq (so the
+//             norm, and then every result, has the CPU's bits);
+//   launch 2  torch_clip_coef: one thread sums the chunks' partial sums in chunk order, f64;
+//   launch 3  adamw_step / sgd_step: one block per chunk, the elementwise update.
+// Without clipping only launch 3 runs (clip == nullptr: factor 1).
+
+// sum_sq of src/optim/mod.rs over one chunk (<= 16 blocks of 1024): within a block of 1024, 8
+// f32 lanes over the whole groups of 8 (lane i: elements i, i+8, ...), then the remainder summed
+// in order, then the lanes added in order; f64 across blocks. 128 threads: thread 8b+i is lane i
+// of block b.
+extern "C" __global__ void torch_gnorm_partial(const float* __restrict__ g,
+                                               const long long* __restrict__ chunk_off,
+                                               const int* __restrict__ chunk_len,
+                                               double* __restrict__ gpart) {
+  __shared__ float lanes[128];
+  __shared__ double blocks[16];
+  const int ch = blockIdx.x;
+  const float* gc = g + chunk_off[ch];
+  const int len = chunk_len[ch];
+  const int nb = (len + 1023) / 1024;
+  const int b = threadIdx.x >> 3, lane = threadIdx.x & 7;
+  const int blen = b >= nb ? 0 : (len - b * 1024 < 1024 ? len - b * 1024 : 1024);
+  const float* gb = gc + b * 1024;
+  float acc = 0.0f;
+  for (int k = 0; k < blen / 8; ++k) {
+    const float x = gb[8 * k + lane];
+    acc = __fadd_rn(acc, __fmul_rn(x, x));
+  }
+  lanes[threadIdx.x] = acc;
+  __syncthreads();
+  if (lane == 0 && b < nb) {
+    float s = 0.0f;
+    for (int j = blen / 8 * 8; j < blen; ++j) s = __fadd_rn(s, __fmul_rn(gb[j], gb[j]));
+    float a = 0.0f;
+    for (int i = 0; i < 8; ++i) a = __fadd_rn(a, lanes[8 * b + i]);
+    blocks[b] = (double)__fadd_rn(s, a);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int i = 0; i < nb; ++i) total += blocks[i];
+    gpart[ch] = total;
+  }
+}
+
+// torch_clip_coef of src/optim/mod.rs: the f32 norm of the f64 sum, then
+// min(max_norm / (norm + 1e-6), 1) in f32. One thread.
+extern "C" __global__ void torch_clip_coef(const double* __restrict__ gpart, int nchunks,
+                                           float max_norm, float* __restrict__ coef) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double s = 0.0;
+  for (int i = 0; i < nchunks; ++i) s += gpart[i];
+  const float norm = (float)sqrt(s);
+  coef[0] = fminf(__fdiv_rn(max_norm, __fadd_rn(norm, 1e-6f)), 1.0f);
+}
+
+// tensor_decay[t]: whether tensor t is in the weight-decay group. clip: the factor of
+// torch_clip_coef, or nullptr for none. decay = 1 - lr wd (f32). ema: nullptr for none.
+extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g,
+                                      float* __restrict__ m, float* __restrict__ v,
+                                      float* __restrict__ ema,
+                                      const long long* __restrict__ chunk_off,
+                                      const int* __restrict__ chunk_len,
+                                      const int* __restrict__ chunk_tensor,
+                                      const int* __restrict__ tensor_decay,
+                                      const float* __restrict__ clip, float w1, float b2, float w2,
+                                      float neg_step, float sqrt_bc2, float eps, float decay,
+                                      float ema_d, float ema_w) {
+  const int ch = blockIdx.x;
+  const long long off = chunk_off[ch];
+  const int len = chunk_len[ch];
+  const float c = clip ? clip[0] : 1.0f;
+  // p * 1 is exact: the no-decay group multiplies by 1, as on the CPU.
+  const float dk = tensor_decay[chunk_tensor[ch]] ? decay : 1.0f;
+  for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    const long long j = off + i;
+    const float gj = __fmul_rn(g[j], c);
+    float pj = __fmul_rn(p[j], dk);
+    float mj = m[j], vj = v[j];
+    mj = __fadd_rn(mj, __fmul_rn(w1, __fsub_rn(gj, mj)));
+    vj = __fadd_rn(__fmul_rn(b2, vj), __fmul_rn(__fmul_rn(w2, gj), gj));
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vj), sqrt_bc2), eps);
+    pj = __fadd_rn(pj, __fmul_rn(neg_step, __fdiv_rn(mj, denom)));
+    m[j] = mj;
+    v[j] = vj;
+    p[j] = pj;
+    if (ema) ema[j] = __fadd_rn(__fmul_rn(ema_d, ema[j]), __fmul_rn(ema_w, pj));
+  }
+}
+
+// buf: the momentum buffer, nullptr without momentum; as optim::Sgd's, it holds the chunks back
+// to back (chunk ch from buf_off[ch]; the same as chunk_off when the layout has no gaps).
+// wd: L2 decay of the decay group.
+extern "C" __global__ void sgd_step(float* __restrict__ p, const float* __restrict__ g,
+                                    float* __restrict__ buf, float* __restrict__ ema,
+                                    const long long* __restrict__ chunk_off,
+                                    const long long* __restrict__ buf_off,
+                                    const int* __restrict__ chunk_len,
+                                    const int* __restrict__ chunk_tensor,
+                                    const int* __restrict__ tensor_decay,
+                                    const float* __restrict__ clip, float wd, float mom,
+                                    float neg_lr, int nesterov, float ema_d, float ema_w) {
+  const int ch = blockIdx.x;
+  const long long off = chunk_off[ch];
+  const int len = chunk_len[ch];
+  const float c = clip ? clip[0] : 1.0f;
+  const float wdk = tensor_decay[chunk_tensor[ch]] ? wd : 0.0f;
+  for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    const long long j = off + i;
+    float pj = p[j];
+    const float gj = __fadd_rn(__fmul_rn(g[j], c), __fmul_rn(wdk, pj));
+    float d = gj;
+    if (buf) {
+      const long long jb = buf_off[ch] + i;
+      const float bj = __fadd_rn(__fmul_rn(mom, buf[jb]), gj);
+      buf[jb] = bj;
+      d = nesterov ? __fadd_rn(gj, __fmul_rn(mom, bj)) : bj;
+    }
+    pj = __fadd_rn(pj, __fmul_rn(neg_lr, d));
+    p[j] = pj;
+    if (ema) ema[j] = __fadd_rn(__fmul_rn(ema_d, ema[j]), __fmul_rn(ema_w, pj));
+  }
+}
