@@ -279,7 +279,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let train_line = train_step_bench(batch, &mut rng);
+    // The same step on the deploy (folded) form: what the fused rep_conv should come close to.
+    let (train_line, train_s) = train_step_bench(batch, false, &mut rng);
+    let (deploy_line, deploy_s) = train_step_bench(batch, true, &mut rng);
 
     println!(
         "\n{:<46} {:>10} {:>10} {:>8}",
@@ -307,16 +309,23 @@ fn main() {
     );
     println!("pool: {:?}", g.pool_stats());
     println!("{train_line}");
+    println!("{deploy_line}");
+    println!(
+        "train form step / deploy form step: {:.2}x the time (MACs: 404.1M / 167.0M = 2.42x)",
+        train_s / deploy_s
+    );
 }
 
-/// Images/s of `CudaTrainer::step` on ghostnetv3_100 (train form, 1000 classes, 224x224).
-fn train_step_bench(batch: usize, rng: &mut StdRng) -> String {
+/// Images/s of `CudaTrainer::step` on ghostnetv3_100 (train or deploy form, 1000 classes,
+/// 224x224), and the seconds per step.
+fn train_step_bench(batch: usize, deploy: bool, rng: &mut StdRng) -> (String, f64) {
     use ghostv3::backend::cuda::{global, train::CudaTrainer};
     use ghostv3::models::{self, ModelOptions};
     use ghostv3::Tensor;
     let gg = global().unwrap();
     let opts = ModelOptions {
         drop_rate: 0.0,
+        deploy,
         ..Default::default()
     };
     let mut model = models::create("ghostnetv3_100", &opts).unwrap();
@@ -344,11 +353,13 @@ fn train_step_bench(batch: usize, rng: &mut StdRng) -> String {
     }
     gg.synchronize().unwrap();
     let dt = t.elapsed().as_secs_f64() / reps as f64;
-    format!(
-        "ghostv3 CUDA train step ghostnetv3_100 train form, batch {batch}, 224x224: {:.1} images/s, {:.1} ms/step (loss {loss:.3})",
+    let form = if deploy { "deploy" } else { "train" };
+    let line = format!(
+        "ghostv3 CUDA train step ghostnetv3_100 {form} form, batch {batch}, 224x224: {:.1} images/s, {:.1} ms/step (loss {loss:.3})",
         batch as f64 / dt,
         dt * 1e3
-    )
+    );
+    (line, dt)
 }
 
 /// Branch `b` of the stacked kxk weights as its own buffer (setup of the unfused baseline).

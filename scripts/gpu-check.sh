@@ -97,7 +97,7 @@ run() {
   echo "-- kernels (bench rc $bench_rc)"
   sed -n '/^kernel /,$p' "$LOG/bench.log" | head -20
   echo "-- training throughput, ghostnetv3_100 train form, 224x224 (bench rc $bench_rc, torch rc $torch_rc)"
-  grep -E "CUDA train step" "$LOG/bench.log"
+  grep -E "CUDA train step|deploy form step" "$LOG/bench.log"
   grep -E "images/s|skipped" "$LOG/torch.log"
   [ "$test_rc" -eq 0 ] && [ "$info_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
 }
