@@ -17,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu/bin
-TESTS="cuda_ops cuda_ops_more cuda_rep_1x1 cuda_prefetch"
+TESTS="cuda_ops cuda_ops_more cuda_rep_1x1 cuda_prefetch cuda_optim"
 LOG="${OUT:-target/gpu-check}"
 mkdir -p "$LOG"
 

@@ -28,7 +28,7 @@ for cu in sorted(pathlib.Path("cuda").glob("*.cu")):
     (out / f"{cu.stem}.cpp").write_text(
         '#include "shim.h"\n' + common + f'\n#line 1 "{cu.name}"\n' + src + "\n" + "\n".join(tramps) + "\n")
 PY
-FLAGS="-O2 -std=c++20 -fPIC -ffp-contract=off -Wno-unknown-pragmas -Icuda/emu -pthread"
+FLAGS="-O2 -U_FORTIFY_SOURCE -std=c++20 -fPIC -ffp-contract=off -Wno-unknown-pragmas -Icuda/emu -pthread"
 objs=()
 pids=()
 for f in "$OUT"/src/*.cpp cuda/emu/emu.cpp; do

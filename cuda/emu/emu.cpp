@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <setjmp.h>
 #include <ucontext.h>
 #include <algorithm>
 #include <deque>
@@ -44,13 +45,21 @@ constexpr size_t kStack = 256 * 1024;
 // live thread of its warp. Deterministic, and no OS thread per CUDA thread.
 enum State { READY, WAIT_BLOCK, WAIT_WARP, DONE };
 
+// A fiber starts once with swapcontext (onto its own stack) and from then on switches with
+// _setjmp/_longjmp, which unlike swapcontext make no system call (no signal mask save/restore):
+// reductions switch at every shuffle, and swapcontext's syscalls were most of the run time.
 struct Fiber {
   ucontext_t ctx;
+  jmp_buf jb;
+  bool started;
   State state;
 };
 
 struct Block {
-  ucontext_t main;
+  ucontext_t main;       // the scheduler, for a fiber's first entry
+  ucontext_t templ;      // getcontext once; copied for every fiber (getcontext is a syscall)
+  bool have_templ = false;
+  jmp_buf main_jb;       // the scheduler, for every later switch
   Fiber f[kMaxThreads];
   char* stacks = nullptr;
   unsigned n = 0, cur = 0, live = 0, arrived = 0;
@@ -71,8 +80,11 @@ void set_thread_idx(unsigned t) {
 }
 
 void release(State s, unsigned warp) {
-  for (unsigned i = 0; i < B->n; ++i)
-    if (B->f[i].state == s && (s == WAIT_BLOCK || i / 32 == warp)) B->f[i].state = READY;
+  // A warp barrier looks at its own 32 threads only (shuffles release one warp at a time).
+  const unsigned lo = s == WAIT_WARP ? warp * 32 : 0;
+  const unsigned hi = s == WAIT_WARP ? std::min(B->n, lo + 32) : B->n;
+  for (unsigned i = lo; i < hi; ++i)
+    if (B->f[i].state == s) B->f[i].state = READY;
 }
 
 // Releases a barrier whose arrivals now equal its live threads (also after a thread exits).
@@ -95,7 +107,16 @@ void yield_to_scheduler() {
     abort();
   }
   B->yields++;
-  swapcontext(&B->f[B->cur].ctx, &B->main);
+  if (!_setjmp(B->f[B->cur].jb)) _longjmp(B->main_jb, 1);
+}
+
+// Runs fiber i until it yields or ends (the scheduler's side of a switch).
+void switch_to(unsigned i) {
+  Fiber& f = B->f[i];
+  if (_setjmp(B->main_jb)) return;
+  if (f.started) _longjmp(f.jb, 1);
+  f.started = true;
+  swapcontext(&B->main, &f.ctx);
 }
 
 void warp_barrier() {
@@ -113,7 +134,8 @@ void fiber_entry(int t) {
   B->live--;
   B->warp_live[t / 32]--;
   check_barriers(t / 32);
-  // Returning resumes uc_link (the scheduler).
+  // Back to the scheduler's latest switch (never return: uc_link's saved context is stale).
+  _longjmp(B->main_jb, 1);
 }
 
 void run_block(unsigned n) {
@@ -124,13 +146,18 @@ void run_block(unsigned n) {
     B->warp_live[w] = std::min(32u, n - w * 32);
     B->warp_arrived[w] = 0;
   }
+  if (!B->have_templ) {
+    getcontext(&B->templ);
+    B->have_templ = true;
+  }
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = B->f[i];
-    getcontext(&f.ctx);
+    f.ctx = B->templ;
     f.ctx.uc_stack.ss_sp = B->stacks + i * kStack;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = &B->main;
     makecontext(&f.ctx, (void (*)())fiber_entry, 1, (int)i);
+    f.started = false;
     f.state = READY;
   }
   // Thread 0 first. If it ends without meeting a barrier, so do the others (a __syncthreads or
@@ -139,7 +166,7 @@ void run_block(unsigned n) {
   B->yields = 0;
   B->cur = 0;
   set_thread_idx(0);
-  swapcontext(&B->main, &B->f[0].ctx);
+  switch_to(0);
   if (B->f[0].state == DONE && B->yields == 0) {
     B->direct = true;
     for (unsigned i = 1; i < n; ++i) {
@@ -157,7 +184,7 @@ void run_block(unsigned n) {
       if (B->f[i].state == READY) {
         B->cur = i;
         set_thread_idx(i);
-        swapcontext(&B->main, &B->f[i].ctx);
+        switch_to(i);
         progressed = true;
       }
       done += B->f[i].state == DONE;
