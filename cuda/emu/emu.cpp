@@ -46,11 +46,12 @@ constexpr size_t kStack = 256 * 1024;
 enum State { READY, WAIT_BLOCK, WAIT_WARP, DONE };
 
 // A fiber starts once with swapcontext (onto its own stack) and from then on switches with
-// _setjmp/_longjmp, which unlike swapcontext make no system call (no signal mask save/restore):
-// reductions switch at every shuffle, and swapcontext's syscalls were most of the run time.
+// GCC's __builtin_setjmp/__builtin_longjmp, which unlike swapcontext make no system call (no
+// signal mask save/restore) and, unlike _longjmp, save only what a switch needs: reductions
+// switch at every shuffle, and swapcontext's syscalls were most of the run time.
 struct Fiber {
   ucontext_t ctx;
-  jmp_buf jb;
+  void* jb[5];  // __builtin_setjmp buffer
   bool started;
   State state;
 };
@@ -59,7 +60,7 @@ struct Block {
   ucontext_t main;       // the scheduler, for a fiber's first entry
   ucontext_t templ;      // getcontext once; copied for every fiber (getcontext is a syscall)
   bool have_templ = false;
-  jmp_buf main_jb;       // the scheduler, for every later switch
+  void* main_jb[5];      // the scheduler, for every later switch
   Fiber f[kMaxThreads];
   char* stacks = nullptr;
   unsigned n = 0, cur = 0, live = 0, arrived = 0;
@@ -99,6 +100,9 @@ void check_barriers(unsigned warp) {
   }
 }
 
+// __builtin_longjmp may not share a function with its __builtin_setjmp.
+[[gnu::noinline]] void jump(void** buf) { __builtin_longjmp(buf, 1); }
+
 void yield_to_scheduler() {
   if (B->direct) {
     // Barriers are block-uniform (warp-uniform for shuffles) in valid CUDA: thread 0 met none.
@@ -107,14 +111,14 @@ void yield_to_scheduler() {
     abort();
   }
   B->yields++;
-  if (!_setjmp(B->f[B->cur].jb)) _longjmp(B->main_jb, 1);
+  if (!__builtin_setjmp(B->f[B->cur].jb)) jump(B->main_jb);
 }
 
 // Runs fiber i until it yields or ends (the scheduler's side of a switch).
 void switch_to(unsigned i) {
   Fiber& f = B->f[i];
-  if (_setjmp(B->main_jb)) return;
-  if (f.started) _longjmp(f.jb, 1);
+  if (__builtin_setjmp(B->main_jb)) return;
+  if (f.started) jump(f.jb);
   f.started = true;
   swapcontext(&B->main, &f.ctx);
 }
@@ -135,7 +139,7 @@ void fiber_entry(int t) {
   B->warp_live[t / 32]--;
   check_barriers(t / 32);
   // Back to the scheduler's latest switch (never return: uc_link's saved context is stale).
-  _longjmp(B->main_jb, 1);
+  jump(B->main_jb);
 }
 
 void run_block(unsigned n) {
