@@ -280,23 +280,13 @@ pub fn batch_norm_eval<T: Elem>(
     running_var: &[T],
     eps: f64,
 ) -> Var {
-    let xt = as_dev(tape.value(x));
-    let (gt, bt) = (as_dev(tape.value(gamma)), as_dev(tape.value(beta)));
-    let dims = bn_dims(&xt);
-    let f = |v: &[T]| v.iter().map(|x| x.as_f64() as f32).collect::<Vec<f32>>();
-    let rm = ok(gpu().upload(&f(running_mean)));
-    let rv = ok(gpu().upload(&f(running_var)));
-    let (y, saved) =
-        ok(gpu().batch_norm_eval(&dev(&xt), &dev(&gt), &dev(&bt), &rm, &rv, dims, eps));
-    bn_record(
-        tape,
-        "batch_norm_eval",
-        (x, gamma, beta),
-        (xt, gt),
-        y,
-        saved,
-        false,
-    )
+    // Host running statistics go up as device tensors (models on the GPU keep them there).
+    let up = |v: &[T]| -> Tensor<T> {
+        let f: Vec<f32> = v.iter().map(|x| x.as_f64() as f32).collect();
+        out(&[v.len()], ok(gpu().upload(&f)))
+    };
+    let (rm, rv) = (up(running_mean), up(running_var));
+    batch_norm_eval_dev(tape, x, gamma, beta, &rm, &rv, eps)
 }
 
 pub fn avg_pool2x2<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {

@@ -186,7 +186,8 @@ impl Gpu {
         Ok(y)
     }
 
-    fn binary(&self, name: &'static str, a: &DBuf, b: &DBuf) -> Result<DBuf> {
+    /// An elementwise kernel `name(a, b, y, n)` of two equal-length inputs.
+    pub(crate) fn binary(&self, name: &'static str, a: &DBuf, b: &DBuf) -> Result<DBuf> {
         ensure!(
             a.len() == b.len(),
             "{name}: lengths {} and {}",

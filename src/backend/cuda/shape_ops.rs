@@ -57,24 +57,6 @@ impl MaxPoolGeom {
 }
 
 impl Gpu {
-    fn map2(&self, name: &'static str, a: &DBuf, b: &DBuf) -> Result<DBuf> {
-        ensure!(
-            a.len() == b.len(),
-            "{name}: lengths {} and {}",
-            a.len(),
-            b.len()
-        );
-        let n = a.len();
-        let y = self.alloc(n)?;
-        self.launch(
-            "elementwise",
-            name,
-            self.grid(n),
-            &[ptr(a), ptr(b), ptr(&y), i64a(n)],
-        )?;
-        Ok(y)
-    }
-
     /// min(max(x, 0), 6).
     pub fn relu6(&self, x: &DBuf) -> Result<DBuf> {
         let n = x.len();
@@ -90,7 +72,7 @@ impl Gpu {
 
     /// Gradient of relu6 from its input: gy strictly inside (0, 6), 0 elsewhere.
     pub fn relu6_backward(&self, x: &DBuf, gy: &DBuf) -> Result<DBuf> {
-        self.map2("relu6_bwd", x, gy)
+        self.binary("relu6_bwd", x, gy)
     }
 
     /// The pooled output and, per output, the in-plane index of the input it took.
