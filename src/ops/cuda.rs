@@ -10,17 +10,18 @@ use crate::autograd::{Tape, Var};
 use crate::backend::cpu::conv::ConvGeom;
 use crate::backend::cuda::{global, BnSaved, DBuf, Gpu, RepDwGeom};
 use crate::tensor::{Elem, Tensor};
+use std::sync::Arc;
 
-fn gpu() -> &'static Gpu {
+pub(super) fn gpu() -> &'static Gpu {
     global().unwrap_or_else(|e| panic!("a CUDA tensor without a usable GPU: {e}"))
 }
 
-fn ok<R>(r: anyhow::Result<R>) -> R {
+pub(super) fn ok<R>(r: anyhow::Result<R>) -> R {
     r.unwrap_or_else(|e| panic!("CUDA: {e:#}"))
 }
 
 /// The device view of a tensor's values (the tensor keeps the buffer alive).
-fn dev<T: Elem>(t: &Tensor<T>) -> crate::backend::cuda::View<'_, f32> {
+pub(super) fn dev<T: Elem>(t: &Tensor<T>) -> crate::backend::cuda::View<'_, f32> {
     let d = t
         .cuda()
         .unwrap_or_else(|| panic!("expected a CUDA tensor, got a host tensor {:?}", t.shape()));
@@ -49,12 +50,36 @@ pub fn add_tensors<T: Elem>(a: &Tensor<T>, b: &Tensor<T>) -> Tensor<T> {
 }
 
 /// A device tensor of the same values (uploads a host tensor).
-fn as_dev<T: Elem>(t: &Tensor<T>) -> Tensor<T> {
+pub(super) fn as_dev<T: Elem>(t: &Tensor<T>) -> Tensor<T> {
     if t.is_cuda() {
         t.clone()
     } else {
         out(t.shape(), to_dev(t))
     }
+}
+
+/// The tensors' values one after another in one device buffer (one launch).
+pub(super) fn stack<T: Elem>(ts: &[Tensor<T>]) -> DBuf {
+    let views: Vec<_> = ts.iter().map(|t| dev(t)).collect();
+    let mut segments = Vec::with_capacity(views.len());
+    let mut off = 0;
+    for v in &views {
+        segments.push((&**v, off));
+        off += v.len();
+    }
+    let mut buf = ok(gpu().alloc(off));
+    ok(gpu().copy_segments(&segments, &mut buf));
+    buf
+}
+
+/// `n` tensors of `shape` viewing `b` one after another (a stacked gradient, split without
+/// copies).
+pub(super) fn split_views<T: Elem>(b: DBuf, n: usize, shape: &[usize]) -> Vec<Tensor<T>> {
+    let b = Arc::new(b);
+    let len: usize = shape.iter().product();
+    (0..n)
+        .map(|i| Tensor::cuda_view(&b, i * len, shape))
+        .collect()
 }
 
 fn unary<T: Elem>(
@@ -544,23 +569,16 @@ pub fn rep_conv_dw<T: Elem>(
     assert_eq!(bn.len(), nbt, "rep_conv_dw: one BN per branch");
     let g = gpu();
     // Stack the branch weights and BN parameters ([NB][C][kk], [NBT][C]) with device copies.
-    let stack = |vars: &[Var], tape: &Tape<T>| -> DBuf {
+    let stack_vars = |vars: &[Var], tape: &Tape<T>| -> DBuf {
         let ts: Vec<Tensor<T>> = vars.iter().map(|&v| as_dev(tape.value(v))).collect();
-        let total: usize = ts.iter().map(|t| t.numel()).sum();
-        let mut buf = ok(g.alloc(total));
-        let mut off = 0;
-        for t in &ts {
-            ok(g.copy_into(&dev(t), &mut buf.view_mut(off, t.numel())));
-            off += t.numel();
-        }
-        buf
+        stack(&ts)
     };
-    let wk = stack(kxk, tape);
+    let wk = stack_vars(kxk, tape);
     let wsv = scale.map(|s| as_dev(tape.value(s)));
     let gammas: Vec<Var> = bn.iter().map(|p| p.0).collect();
     let betas: Vec<Var> = bn.iter().map(|p| p.1).collect();
-    let gamma = stack(&gammas, tape);
-    let beta = stack(&betas, tape);
+    let gamma = stack_vars(&gammas, tape);
+    let beta = stack_vars(&betas, tape);
     let wsview = wsv.as_ref().map(|t| dev(t));
     let (y, saved) =
         ok(g.rep_dw_forward(&geom, &dev(&xt), &wk, wsview.as_deref(), &gamma, &beta, eps));
@@ -597,25 +615,18 @@ pub fn rep_conv_dw<T: Elem>(
                 &dev(&gy),
                 eps,
             ));
-            let kk = geom.kh * geom.kw;
-            let piece = |b: &DBuf, i: usize, len: usize, shape: &[usize]| -> Tensor<T> {
-                let mut o = ok(gpu().alloc(len));
-                ok(gpu().copy_into(&b.view(i * len, len), &mut o.view_mut(0, len)));
-                out(shape, o)
-            };
+            // Each branch's gradient is a view into the stacked result, not a copy.
             let mut res: Vec<Option<Tensor<T>>> = vec![Some(out(&[n, c, h, w], r.dx))];
-            for i in 0..nb {
-                res.push(Some(piece(&r.dwk, i, c * kk, &[c, 1, geom.kh, geom.kw])));
-            }
+            res.extend(
+                split_views(r.dwk, nb, &[c, 1, geom.kh, geom.kw])
+                    .into_iter()
+                    .map(Some),
+            );
             if has_scale {
                 res.push(r.dws.map(|d| out(&[c, 1, 1, 1], d)));
             }
-            for i in 0..nbt {
-                res.push(Some(piece(&r.dgamma, i, c, &[c])));
-            }
-            for i in 0..nbt {
-                res.push(Some(piece(&r.dbeta, i, c, &[c])));
-            }
+            res.extend(split_views(r.dgamma, nbt, &[c]).into_iter().map(Some));
+            res.extend(split_views(r.dbeta, nbt, &[c]).into_iter().map(Some));
             res
         }),
     );

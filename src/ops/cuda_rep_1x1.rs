@@ -3,53 +3,10 @@
 //! for 1x1 convs with groups 1 and stride 1.
 
 use super::batch_norm::BatchStats;
+use super::cuda::{as_dev, dev, gpu, ok, split_views, stack};
 use crate::autograd::{Tape, Var};
 use crate::backend::cuda::rep_1x1::Rep1x1Geom;
-use crate::backend::cuda::{global, DBuf, Gpu};
 use crate::tensor::{Elem, Tensor};
-
-fn gpu() -> &'static Gpu {
-    global().unwrap_or_else(|e| panic!("a CUDA tensor without a usable GPU: {e}"))
-}
-
-fn ok<R>(r: anyhow::Result<R>) -> R {
-    r.unwrap_or_else(|e| panic!("CUDA: {e:#}"))
-}
-
-/// A device tensor of the same values (uploads a host tensor).
-fn as_dev<T: Elem>(t: &Tensor<T>) -> Tensor<T> {
-    if t.is_cuda() {
-        return t.clone();
-    }
-    let v: Vec<f32> = t.data().iter().map(|x| x.as_f64() as f32).collect();
-    Tensor::from_cuda(t.shape(), ok(gpu().upload(&v)))
-}
-
-/// The device view of a device tensor's values.
-fn dev<T: Elem>(t: &Tensor<T>) -> crate::backend::cuda::View<'_, f32> {
-    let d = t.cuda().expect("a CUDA tensor");
-    d.buf.view(d.offset, t.numel())
-}
-
-/// The tensors' values one after another in one device buffer.
-fn stack<T: Elem>(ts: &[Tensor<T>]) -> DBuf {
-    let g = gpu();
-    let total: usize = ts.iter().map(|t| t.numel()).sum();
-    let mut buf = ok(g.alloc(total));
-    let mut off = 0;
-    for t in ts {
-        ok(g.copy_into(&dev(t), &mut buf.view_mut(off, t.numel())));
-        off += t.numel();
-    }
-    buf
-}
-
-/// `len` values from `i * len` of `b` as a tensor of `shape`.
-fn piece<T: Elem>(b: &DBuf, i: usize, len: usize, shape: &[usize]) -> Tensor<T> {
-    let mut o = ok(gpu().alloc(len));
-    ok(gpu().copy_into(&b.view(i * len, len), &mut o.view_mut(0, len)));
-    Tensor::from_cuda(shape, o)
-}
 
 /// The fused re-parameterized 1x1 conv in training: `x` [N, Cin, H, W] on the device, `ws` the
 /// branch weights [Cout, Cin, 1, 1] each, `identity` the BN-only identity branch (Cin == Cout),
@@ -113,15 +70,13 @@ pub fn rep_conv_1x1<T: Elem>(
             let r = ok(gpu().rep_1x1_backward(&geom, &wk, &saved, &dev(&gy)));
             let mut res: Vec<Option<Tensor<T>>> =
                 vec![Some(Tensor::from_cuda(&[n, cin, h, w], r.dx))];
-            for i in 0..nb {
-                res.push(Some(piece(&r.dw, i, cout * cin, &[cout, cin, 1, 1])));
-            }
-            for i in 0..nbt {
-                res.push(Some(piece(&r.dgamma, i, cout, &[cout])));
-            }
-            for i in 0..nbt {
-                res.push(Some(piece(&r.dbeta, i, cout, &[cout])));
-            }
+            res.extend(
+                split_views(r.dw, nb, &[cout, cin, 1, 1])
+                    .into_iter()
+                    .map(Some),
+            );
+            res.extend(split_views(r.dgamma, nbt, &[cout]).into_iter().map(Some));
+            res.extend(split_views(r.dbeta, nbt, &[cout]).into_iter().map(Some));
             res
         }),
     );
