@@ -13,7 +13,9 @@ use anyhow::{bail, ensure, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::driver::LaunchConfig;
 
-fn need(what: &str, b: &DBuf, n: usize) -> Result<()> {
+/// Fails unless the buffer (or view) holds at least `n` values (every launcher checks its
+/// buffers before a kernel could read or write past them).
+pub(crate) fn need<T>(what: &str, b: &DevBuf<T>, n: usize) -> Result<()> {
     ensure!(
         b.len() >= n,
         "{what}: buffer holds {} values, needs {n}",

@@ -5,6 +5,7 @@
 
 use super::device::{DBuf, Gpu};
 use super::launch::{i32a, i64a, opt_ptr, ptr, Arg};
+use super::ops::need;
 use super::pool::DevBuf;
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
@@ -106,15 +107,6 @@ pub struct Rep1x1Grads {
     /// [NBT, Cout]
     pub dgamma: DBuf,
     pub dbeta: DBuf,
-}
-
-fn need<T>(what: &str, b: &DevBuf<T>, n: usize) -> Result<()> {
-    ensure!(
-        b.len() >= n,
-        "{what}: buffer holds {} values, needs {n}",
-        b.len()
-    );
-    Ok(())
 }
 
 impl Gpu {

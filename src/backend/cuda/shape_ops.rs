@@ -4,17 +4,9 @@
 
 use super::device::{DBuf, Gpu};
 use super::launch::{i32a, i64a, ptr};
+use super::ops::need;
 use super::pool::DevBuf;
 use anyhow::{ensure, Result};
-
-fn need<T>(what: &str, b: &DevBuf<T>, n: usize) -> Result<()> {
-    ensure!(
-        b.len() >= n,
-        "{what}: buffer holds {} values, needs {n}",
-        b.len()
-    );
-    Ok(())
-}
 
 /// A max_pool2d window: `k` x `k`, stride `s`, padding `p` (PyTorch semantics, as
 /// `ops::max_pool2d`).
