@@ -442,35 +442,6 @@ fn rep_conv_dispatches_1x1_to_the_fused_op() {
     }
 }
 
-/// Random BN affine parameters and running statistics (fresh BNs are the identity).
-fn randomize_bns(state: &mut State, rng: &mut StdRng) {
-    use rand::Rng;
-    let entries = state.params.entries().to_vec();
-    for e in entries.iter().filter(|e| e.shape.len() == 1) {
-        let id = state.params.find(&e.name).unwrap();
-        let (lo, hi) = if e.name.ends_with(".weight") {
-            (0.5, 1.5)
-        } else {
-            (-0.5, 0.5)
-        };
-        for v in state.params.slice_mut(id) {
-            *v = rng.random_range(lo..hi);
-        }
-    }
-    let entries = state.buffers.entries().to_vec();
-    for e in &entries {
-        let id = state.buffers.find(&e.name).unwrap();
-        let (lo, hi) = if e.name.ends_with("running_var") {
-            (0.5, 2.0)
-        } else {
-            (-0.5, 0.5)
-        };
-        for v in state.buffers.slice_mut(id) {
-            *v = rng.random_range(lo..hi);
-        }
-    }
-}
-
 #[test]
 fn cpu_emulator_runs_every_gpu_test() {
     run_on_emulator(&[]);

@@ -89,6 +89,36 @@ pub fn cpu_unary(
     (yt, gy, grads.get(xv).unwrap().clone())
 }
 
+/// A model's state with random BN affine parameters and running statistics (the builder's are
+/// 1, 0, 0, 1), so that every BN term matters.
+pub fn randomize_bns(state: &mut ghostv3::nn::State, rng: &mut StdRng) {
+    use rand::Rng;
+    let entries = state.params.entries().to_vec();
+    for e in entries.iter().filter(|e| e.shape.len() == 1) {
+        let id = state.params.find(&e.name).unwrap();
+        let (lo, hi) = if e.name.ends_with(".weight") {
+            (0.5, 1.5)
+        } else {
+            (-0.5, 0.5)
+        };
+        for v in state.params.slice_mut(id) {
+            *v = rng.random_range(lo..hi);
+        }
+    }
+    let entries = state.buffers.entries().to_vec();
+    for e in &entries {
+        let id = state.buffers.find(&e.name).unwrap();
+        let (lo, hi) = if e.name.ends_with("running_var") {
+            (0.5, 2.0)
+        } else {
+            (-0.5, 0.5)
+        };
+        for v in state.buffers.slice_mut(id) {
+            *v = rng.random_range(lo..hi);
+        }
+    }
+}
+
 /// Without a GPU: runs every other test of the calling test binary, in a child process, on the
 /// CPU emulator of libcuda/libcublas (cuda/emu: the same kernel sources compiled by g++, CUDA
 /// threads as fibers) with the real NVRTC compiling every kernel, so the tests above really
