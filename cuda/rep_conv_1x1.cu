@@ -26,20 +26,7 @@
 // five times instead of NB: for a wide input and narrow output (ghost2's primary conv, e.g.
 // Cin 960, Cout 80) the unfused branches cost less, and `Rep1x1Geom::fused_pays` says so.
 
-// Per-channel sums of x [N, C, HW] in f64: grid (C, S), partials [C][S].
-extern "C" __global__ void r1_sum_partial(const float* __restrict__ x, int N, int C, int HW,
-                                          double* __restrict__ partial) {
-  const int c = blockIdx.x;
-  const long long m = (long long)N * HW;
-  double s = 0.0;
-  SPLIT_LOOP(i, m) {
-    const long long n = i / HW, p = i - n * HW;
-    s += (double)x[(n * C + c) * HW + p];
-  }
-  s = block_sum_d(s);
-  if (threadIdx.x == 0) partial[(long long)c * gridDim.y + blockIdx.y] = s;
-}
-
+// The mean of x per channel from the partial sums of chan_sum_partial (cuda/elementwise.cu).
 extern "C" __global__ void r1_mean_finalize(const double* __restrict__ partial, int S, int C,
                                             double count, double* __restrict__ mean) {
   GS_LOOP(c, C) {

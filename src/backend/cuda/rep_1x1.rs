@@ -183,9 +183,10 @@ impl Gpu {
         // Per-channel mean (f64), then the centred input with a row of ones.
         let s = self.splits(ci, m);
         let part = self.alloc_f64(ci * s)?;
+        // Per-channel partial sums: the same kernel as `channel_sums` (bias gradients).
         self.launch(
-            "rep_conv_1x1",
-            "r1_sum_partial",
+            "elementwise",
+            "chan_sum_partial",
             LaunchConfig {
                 grid_dim: (ci as u32, s as u32, 1),
                 block_dim: (256, 1, 1),
