@@ -5,7 +5,9 @@ use clap::{Args, Parser, Subcommand};
 use ghostv3::io::{load_state, read_tensors, save_state, write_tensors, TensorData};
 use ghostv3::models::{self, Model, ModelOptions};
 use ghostv3::nn::{Mode, RepOptions};
-use ghostv3::{infer, ops, reparam, Tape, Tensor};
+use ghostv3::tensor::Device;
+use ghostv3::train::step::{self, Targets};
+use ghostv3::{infer, reparam, Tape, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -233,11 +235,6 @@ struct InfoArgs {
     device: Device,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Device {
-    Cpu,
-    Cuda,
-}
 
 #[derive(Args)]
 struct ForwardArgs {
@@ -365,23 +362,21 @@ fn load_model(args: &ModelArgs, weights: &Path, deploy: bool) -> Result<Model> {
     Ok(m)
 }
 
-/// Puts a model's parameters and running statistics on GPU 0 for `--device cuda`.
+/// Puts a model's parameters and running statistics on `device` (GPU 0 for `--device cuda`).
 fn to_device(m: &mut Model, device: Device) -> Result<()> {
-    if device == Device::Cuda {
-        m.state_mut().place_on_cuda().context(
-            "--device cuda: CUDA is not usable here (`ghostv3 info --device cuda` says why)",
-        )?;
-    }
-    Ok(())
+    device.check().with_context(|| {
+        format!(
+            "--device {}: not usable here (`ghostv3 info --device cuda` says why)",
+            device.name()
+        )
+    })?;
+    m.state_mut().place_on(device)
 }
 
 /// Eval-mode logits of a host batch on the model's device (a model placed by `to_device`).
 fn predict_on(m: &mut Model, x: &Tensor<f32>) -> Result<Tensor<f32>> {
-    if m.state().cuda_params.is_some() {
-        Ok(m.predict(&x.to_cuda()?).to_host())
-    } else {
-        Ok(m.predict(x))
-    }
+    let device = m.state().device();
+    Ok(m.predict(&x.to_device(device)?).to_host())
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
@@ -424,38 +419,32 @@ fn forward(a: ForwardArgs) -> Result<()> {
         if labels.len() != x.shape()[0] {
             bail!("{} labels for a batch of {}", labels.len(), x.shape()[0]);
         }
-        let cuda = m.state().cuda_params.is_some();
-        let mut tape = Tape::new();
-        let xv = tape.constant(if cuda { x.to_cuda()? } else { x });
-        let (y, leaves) = m.forward(&mut tape, xv, Mode::Train { dropout: false }, None);
-        let loss = ops::cross_entropy(&mut tape, y, &labels, 0.0);
-        let yv = tape.value(y).to_host();
-        let lv = tape.value(loss).to_host().data()[0];
-        let grads = tape.backward(loss);
-        let flat = if cuda {
-            let g = leaves.flat_grads_cuda(m.state(), &grads)?;
-            ghostv3::backend::cuda::global()
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .download(&g)?
-        } else {
-            leaves.flat_grads(m.state(), &grads)
+        let targets = Targets::Labels {
+            labels: &labels,
+            smoothing: 0.0,
         };
-        drop(tape);
-        m.state_mut().sync_from_cuda()?;
+        let r = step::forward_backward(&mut m, &x, step::Loss::ce(targets), false, None)?;
+        let (yv, lv) = (r.logits.to_host(), r.loss as f32);
+        let flat = r
+            .grads
+            .with_context(|| format!("the train-mode loss is {lv}"))?
+            .to_host()
+            .into_vec();
+        let state = m.state().to_host()?;
         out.insert(
             "train_logits".into(),
             TensorData::F32(yv.shape().to_vec(), yv.to_vec()),
         );
         out.insert("train_loss".into(), TensorData::F32(vec![1], vec![lv]));
-        for e in m.state().params.entries() {
+        for e in state.params.entries() {
             let g = flat[e.offset..e.offset + e.numel()].to_vec();
             out.insert(
                 format!("grad.{}", e.name),
                 TensorData::F32(e.shape.clone(), g),
             );
         }
-        for (i, e) in m.state().buffers.entries().iter().enumerate() {
-            let v = m.state().buffers.slice(ghostv3::nn::Id(i)).to_vec();
+        for (i, e) in state.buffers.entries().iter().enumerate() {
+            let v = state.buffers.slice(ghostv3::nn::Id(i)).to_vec();
             out.insert(
                 format!("after_step.{}", e.name),
                 TensorData::F32(e.shape.clone(), v),
@@ -507,8 +496,7 @@ fn fold(a: FoldArgs) -> Result<()> {
 fn train(mut a: TrainArgs) -> Result<()> {
     use ghostv3::train::{config::TrainConfig, Trainer};
     if let Some(d) = a.device {
-        let name = if d == Device::Cuda { "cuda" } else { "cpu" };
-        a.sets.push(format!("train.device=\"{name}\""));
+        a.sets.push(format!("train.device=\"{}\"", d.name()));
     }
     let mut t = match &a.resume {
         Some(dir) => {
@@ -658,11 +646,11 @@ fn bench(a: BenchArgs) -> Result<()> {
     use ghostv3::infer::bench::{
         bench_engine, peak_rss_bytes, profile_engine, time_runs, BenchConfig,
     };
-    let threads = a
+    let num_threads = a
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+    let threads = rayon::ThreadPoolBuilder::new()
+        .num_threads(num_threads)
         .build()?;
     let cfg = BenchConfig {
         batch: a.batch,
@@ -671,7 +659,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         min_runs: a.runs,
         min_time: std::time::Duration::from_secs_f64(a.min_secs),
     };
-    pool.install(|| {
+    threads.install(|| {
         let form = if a.train_form { "train form, folded at load" } else { "deploy form" };
         let (report, what) = if a.tape {
             let mut m = match &a.weights {
@@ -701,7 +689,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             (r, format!("fast path ({})", e.isa.name()))
         };
         println!(
-            "{} {form}, {what}, batch {}, {}x{}, {threads} threads: median {:.3} ms, p90 {:.3} ms, {:.1} images/s ({} runs); peak RSS {:.1} MB",
+            "{} {form}, {what}, batch {}, {}x{}, {num_threads} threads: median {:.3} ms, p90 {:.3} ms, {:.1} images/s ({} runs); peak RSS {:.1} MB",
             a.model.model,
             a.batch,
             a.size,

@@ -36,7 +36,19 @@ fn kernels_of(src: &str) -> Vec<String> {
 /// The (module, kernel) pairs the launchers use: `launch("module", "kernel", ...)`, and the
 /// elementwise helpers `unary("kernel", ..)` / `binary("kernel", ..)`.
 fn launched() -> Vec<(String, String)> {
-    let text = include_str!("../src/backend/cuda/ops.rs");
+    let text = [
+        include_str!("../src/backend/cuda/elementwise.rs"),
+        include_str!("../src/backend/cuda/batch_norm.rs"),
+        include_str!("../src/backend/cuda/conv.rs"),
+        include_str!("../src/backend/cuda/pool.rs"),
+        include_str!("../src/backend/cuda/channel.rs"),
+        include_str!("../src/backend/cuda/loss.rs"),
+        include_str!("../src/backend/cuda/rep_conv.rs"),
+        include_str!("../src/backend/cuda/rep_conv_1x1.rs"),
+        include_str!("../src/backend/cuda/dfc.rs"),
+        include_str!("../src/backend/cuda/optim.rs"),
+    ]
+    .concat();
     let mut out = Vec::new();
     for part in text.split("launch(").skip(1) {
         let lits: Vec<&str> = part.split('"').collect();

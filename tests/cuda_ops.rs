@@ -8,12 +8,13 @@ mod common;
 
 use common::cuda::*;
 use ghostv3::backend::cpu::conv::ConvGeom;
-use ghostv3::backend::cuda::train::CudaTrainer;
 use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, LambGpu, RepDwGeom};
 use ghostv3::models::{self, ModelOptions};
 use ghostv3::nn::Mode;
 use ghostv3::ops::{self, Conv2dArgs};
 use ghostv3::optim::{Ema, EmaConfig, Lamb, LambOptions, Layout, Optimizer};
+use ghostv3::tensor::Device;
+use ghostv3::train::step;
 use ghostv3::{Tape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -150,18 +151,18 @@ fn batch_norm_train_and_eval() {
         let (xb, gb, bb, gyb) = (up(&g, &x), up(&g, &gamma), up(&g, &beta), up(&g, &gy));
         let (yb, saved) = g.batch_norm_train(&xb, &gb, &bb, (n, c, hw), eps).unwrap();
         close(&format!("bn train {s:?}"), &down(&g, &yb), yt.data(), TOL);
-        let st = g.batch_stats(&saved).unwrap();
+        let (st_mean, st_var) = g.batch_stats(&saved).unwrap();
         let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
         close(
             &format!("bn mean {s:?}"),
-            &to32(&st.mean),
-            &to32(&stats.mean),
+            &to32(&st_mean),
+            &to32(&stats.mean()),
             1e-6,
         );
         close(
             &format!("bn var {s:?}"),
-            &to32(&st.var),
-            &to32(&stats.var),
+            &to32(&st_var),
+            &to32(&stats.var()),
             1e-5,
         );
         let bg = g
@@ -192,9 +193,9 @@ fn batch_norm_train_and_eval() {
         let (mut rmb, mut rvb) = (g.upload(&rm0).unwrap(), g.upload(&rv0).unwrap());
         g.batch_norm_update_running(&mut rmb, &mut rvb, &saved, 0.1)
             .unwrap();
-        let unb = stats.unbiased_var();
+        let (unb, sm) = (stats.unbiased_var(), stats.mean());
         let rm: Vec<f32> = (0..c)
-            .map(|i| (0.9 * rm0[i] as f64 + 0.1 * stats.mean[i]) as f32)
+            .map(|i| (0.9 * rm0[i] as f64 + 0.1 * sm[i]) as f32)
             .collect();
         let rv: Vec<f32> = (0..c)
             .map(|i| (0.9 * rv0[i] as f64 + 0.1 * unb[i]) as f32)
@@ -214,7 +215,11 @@ fn batch_norm_train_and_eval() {
             tape.leaf(gamma.clone(), true),
             tape.leaf(beta.clone(), true),
         );
-        let y = ops::batch_norm_eval(&mut tape, xv, gv, bv, &rm0, &rv0, eps);
+        let (rmt, rvt) = (
+            Tensor::new(&[c], rm0.clone()),
+            Tensor::new(&[c], rv0.clone()),
+        );
+        let y = ops::batch_norm_eval(&mut tape, xv, gv, bv, &rmt, &rvt, eps);
         let yt = tape.value(y).clone();
         let gr = tape.backward_with(y, gy.clone());
         let (yb, saved) = g
@@ -658,11 +663,11 @@ fn fused_rep_conv_matches_explicit_branches() {
         close(&case, &down(&g, &yb), yt.data(), 5e-4);
         let mean: Vec<f32> = stats
             .iter()
-            .flat_map(|s| s.mean.iter().map(|&v| v as f32))
+            .flat_map(|s| s.mean().into_iter().map(|v| v as f32))
             .collect();
         let var: Vec<f32> = stats
             .iter()
-            .flat_map(|s| s.var.iter().map(|&v| v as f32))
+            .flat_map(|s| s.var().into_iter().map(|v| v as f32))
             .collect();
         let gm: Vec<f32> = g
             .download_f64(&saved.mean)
@@ -945,7 +950,7 @@ fn cpu_step(
     let lv = ops::cross_entropy(&mut tape, lg, labels, smoothing);
     let (loss, logits) = (tape.value(lv).data()[0], tape.value(lg).clone());
     let grads = tape.backward(lv);
-    (loss, logits, leaves.flat_grads(m.state(), &grads))
+    (loss, logits, leaves.flat_grads(m.state(), &grads).into_vec())
 }
 
 /// The whole training step of GhostNetV3 (train form: 3 kxk branches + 1x1 + identity, DFC,
@@ -954,7 +959,6 @@ fn cpu_step(
 #[test]
 fn whole_training_step_matches_cpu() {
     let Some(_g) = gpu() else { return };
-    let gg = ghostv3::backend::cuda::global().unwrap();
     let opts = ModelOptions {
         num_classes: 10,
         drop_rate: 0.0,
@@ -985,20 +989,18 @@ fn whole_training_step_matches_cpu() {
     // LAMB + EMA on the CPU from a gradient: the parameters and EMA after the step.
     let p0 = cpu.state().params.flat().to_vec();
     let layout = Layout::from_store(&cpu.state().params);
+    let ema_cfg = EmaConfig {
+        decay,
+        ..Default::default()
+    };
+    let none = Tensor::new(&[0], vec![]);
     let update = |g: &[f32]| {
-        let mut p = p0.clone();
-        let mut ema = Ema::new(
-            EmaConfig {
-                decay,
-                ..Default::default()
-            },
-            &p,
-            &[],
-        )
-        .unwrap();
-        Lamb::new(layout.clone(), lopts.clone()).step(&mut p, g, lr);
-        ema.update(&p, &[]);
-        (p, ema.params().to_vec())
+        let mut p = Tensor::new(&[p0.len()], p0.clone());
+        let mut ema = Ema::new(ema_cfg.clone(), &p, &none).unwrap();
+        let g = Tensor::new(&[g.len()], g.to_vec());
+        let mut lamb = Lamb::new(layout.clone(), lopts.clone());
+        lamb.step(&mut p, &g, lr, Some((&mut ema, &none))).unwrap();
+        (p.into_vec(), ema.params().to_vec())
     };
     let (p_cpu, ema_cpu) = update(&flat_cpu);
     let mut spread = [
@@ -1032,26 +1034,36 @@ fn whole_training_step_matches_cpu() {
         }
     }
 
-    // GPU: the trainer's step (forward and backward through the dispatching ops, the fused
-    // rep_conv, LAMB + EMA), then everything compared.
+    // GPU: the one training step (train::step: forward and backward through the dispatching
+    // ops, the fused rep_conv, LAMB + EMA on the device), then everything compared.
     let mut dev = models::create("ghostnetv3_050", &opts).unwrap();
-    let mut tr = CudaTrainer::new(gg, &mut dev, lopts.clone(), true).unwrap();
-    let out = tr
-        .step(gg, &mut dev, &x, &labels, smoothing, lr, decay)
-        .unwrap();
-    close("step logits", out.logits.data(), logits_cpu.data(), 1e-4);
-    close("step loss", &[out.loss], &[loss_cpu], 1e-5);
-    // Running statistics were updated on the device; the host copy is stale until synced.
-    assert_ne!(dev.state().buffers.flat(), cpu.state().buffers.flat());
-    dev.state_mut().sync_from_cuda().unwrap();
+    dev.state_mut().place_on(Device::Cuda).unwrap();
+    let mut lamb = Lamb::new(layout.clone(), lopts.clone());
+    let mut ema = Ema::new(
+        ema_cfg.clone(),
+        dev.state().params.tensor(),
+        dev.state().buffers.tensor(),
+    )
+    .unwrap();
+    let targets = step::Targets::Labels {
+        labels: &labels,
+        smoothing,
+    };
+    let loss = step::Loss::ce(targets);
+    let out = step::step(&mut dev, &mut lamb, Some(&mut ema), &x, loss, false, None, lr).unwrap();
+    let logits_dev = out.logits.to_host();
+    close("step logits", logits_dev.data(), logits_cpu.data(), 1e-4);
+    close("step loss", &[out.loss as f32], &[loss_cpu], 1e-5);
+    // Running statistics were updated on the device.
+    let host = dev.state().to_host().unwrap();
     close(
         "step running stats",
-        dev.state().buffers.flat(),
+        host.buffers.flat(),
         cpu.state().buffers.flat(),
         1e-4,
     );
     let entries = cpu.state().params.entries();
-    let fg = gg.download(tr.grads.as_ref().unwrap()).unwrap();
+    let fg = out.grads.as_ref().unwrap().to_host().into_vec();
     let global = flat_cpu
         .iter()
         .fold(0.0f64, |m, &v| m.max((v as f64).abs()));
@@ -1068,12 +1080,12 @@ fn whole_training_step_matches_cpu() {
     within_spread(
         "parameter",
         entries,
-        dev.state().params.flat(),
+        host.params.flat(),
         &p_cpu,
         &spread[1],
         1e-4,
     );
-    let ema_gpu = gg.download(tr.ema.as_ref().unwrap()).unwrap();
+    let ema_gpu = ema.params().to_host().into_vec();
     within_spread("EMA", entries, &ema_gpu, &ema_cpu, &spread[2], 1e-4);
 }
 

@@ -9,8 +9,8 @@
 mod common;
 
 use common::cuda::*;
-use ghostv3::backend::cuda::shape_ops::MaxPoolGeom;
 use ghostv3::backend::cuda::Gpu;
+use ghostv3::backend::cuda::MaxPoolGeom;
 use ghostv3::models::{self, ModelOptions};
 use ghostv3::nn::ghost::{BottleneckCfg, GhostBottleneck, GhostModule};
 use ghostv3::nn::{Builder, Ctx, Mode, RepForm, RepOptions, State};
@@ -157,9 +157,9 @@ fn channel_slice_split_shuffle_match_cpu() {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Side {
     Cpu,
-    /// Parameters on the device, BN running statistics on the host (`params_to_cuda`).
+    /// Parameters on the device, BN running statistics on the host (`state.params.to_device`).
     DeviceParams,
-    /// Parameters and running statistics on the device (`place_on_cuda`, as training does).
+    /// Parameters and running statistics on the device (`State::place_on`, as training does).
     DeviceState,
 }
 
@@ -175,8 +175,8 @@ fn module_step(
     let mut st = state.clone();
     match side {
         Side::Cpu => {}
-        Side::DeviceParams => st.params_to_cuda().unwrap(),
-        Side::DeviceState => st.place_on_cuda().unwrap(),
+        Side::DeviceParams => st.params.to_device(ghostv3::tensor::Device::Cuda).unwrap(),
+        Side::DeviceState => st.place_on(ghostv3::tensor::Device::Cuda).unwrap(),
     }
     let cuda = side != Side::Cpu;
     let mut tape = Tape::new();
@@ -198,15 +198,13 @@ fn module_step(
     let grads = tape.backward_with(y, gy.clone());
     let dx = grads.get(xv).unwrap().to_host();
     let flat = if cuda {
-        let g = ghostv3::backend::cuda::global().unwrap();
-        g.download(&leaves.flat_grads_cuda(&st, &grads).unwrap())
-            .unwrap()
+        leaves.flat_grads(&st, &grads).to_host().into_vec()
     } else {
-        leaves.flat_grads(&st, &grads)
+        leaves.flat_grads(&st, &grads).into_vec()
     };
     drop(tape);
     if cuda {
-        st.sync_from_cuda().unwrap();
+        st = st.to_host().unwrap();
     }
     (yt, dx, flat, st)
 }
@@ -263,7 +261,7 @@ fn ghost_module_with_fused_dfc_gate_matches_cpu() {
         // The fused op is what ran on the device, in both modes.
         for mode in [Mode::Train { dropout: false }, Mode::Eval] {
             let mut st = state.clone();
-            st.place_on_cuda().unwrap();
+            st.place_on(ghostv3::tensor::Device::Cuda).unwrap();
             let mut tape = Tape::new();
             tape.enable_profile();
             let xv = tape.leaf(x.to_cuda().unwrap(), true);
@@ -409,7 +407,7 @@ fn small_models_eval_forward_backward_match_cpu() {
             let mut m = models::create(name, &opts).unwrap();
             randomize_bns(m.state_mut(), &mut StdRng::seed_from_u64(261));
             if cuda {
-                m.state_mut().place_on_cuda().unwrap();
+                m.state_mut().place_on(ghostv3::tensor::Device::Cuda).unwrap();
             }
             let mut tape = Tape::new();
             let xin = if cuda {
@@ -428,11 +426,9 @@ fn small_models_eval_forward_backward_match_cpu() {
             let grads = tape.backward_with(y, gy.clone());
             let dx = grads.get(xv).unwrap().to_host();
             let flat = if cuda {
-                let g = ghostv3::backend::cuda::global().unwrap();
-                let fg = leaves.flat_grads_cuda(m.state(), &grads).unwrap();
-                g.download(&fg).unwrap()
+                leaves.flat_grads(m.state(), &grads).to_host().into_vec()
             } else {
-                leaves.flat_grads(m.state(), &grads)
+                leaves.flat_grads(m.state(), &grads).into_vec()
             };
             (yt, dx, flat)
         };

@@ -11,8 +11,9 @@
 mod common;
 
 use common::cuda::*;
-use ghostv3::backend::cuda::rep_1x1::Rep1x1Geom;
+use ghostv3::backend::api::HostStats;
 use ghostv3::backend::cuda::Gpu;
+use ghostv3::backend::cuda::Rep1x1Geom;
 use ghostv3::nn::rep_conv::{RepConv, RepOptions, RepSpec};
 use ghostv3::nn::{Builder, Ctx, Mode, State};
 use ghostv3::ops::{self, BatchStats, Conv2dArgs};
@@ -135,8 +136,8 @@ fn explicit(tape: &mut Tape, inp: &Inputs, c: &Case, on: fn(Tensor) -> Tensor) -
 }
 
 fn host_stats(stats: &[BatchStats]) -> (Vec<f32>, Vec<f32>) {
-    let h: Vec<BatchStats> = stats.iter().map(|s| s.to_host().unwrap()).collect();
-    let f = |pick: fn(&BatchStats) -> &Vec<f64>| -> Vec<f32> {
+    let h: Vec<HostStats> = stats.iter().map(|s| s.to_host().unwrap()).collect();
+    let f = |pick: fn(&HostStats) -> &Vec<f64>| -> Vec<f32> {
         h.iter()
             .flat_map(|s| pick(s).iter().map(|&v| v as f32))
             .collect()
@@ -261,7 +262,7 @@ fn rep_conv_1x1_op_matches_unfused_gpu_path() {
             .iter()
             .map(|&(a, b)| (leaf(&mut tape2, a, &tape), leaf(&mut tape2, b, &tape)))
             .collect();
-        let (yf, stf) = ops::cuda_rep_1x1::rep_conv_1x1(&mut tape2, xf, &wf, id, &bf, EPS);
+        let (yf, stf) = ops::rep_conv_1x1(&mut tape2, xf, &wf, id, &bf, EPS);
         assert!(tape2.value(yf).is_cuda(), "the fused op left the device");
         let ops_run: Vec<&str> = tape2.profile().unwrap().ops.keys().copied().collect();
         assert_eq!(ops_run, ["rep_conv_1x1"], "{case}: ops on the tape");
@@ -313,8 +314,8 @@ fn rep_step(
 ) -> RepStep {
     let mut st = state.clone();
     match (cuda, device_stats) {
-        (true, true) => st.place_on_cuda().unwrap(),
-        (true, false) => st.params_to_cuda().unwrap(),
+        (true, true) => st.place_on(ghostv3::tensor::Device::Cuda).unwrap(),
+        (true, false) => st.params.to_device(ghostv3::tensor::Device::Cuda).unwrap(),
         _ => {}
     }
     let mut tape = Tape::new();
@@ -344,14 +345,12 @@ fn rep_step(
     let grads = tape.backward_with(y, gy.clone());
     let dx = grads.get(xv).unwrap().to_host();
     let flat = if cuda {
-        let g = ghostv3::backend::cuda::global().unwrap();
-        g.download(&leaves.flat_grads_cuda(&st, &grads).unwrap())
-            .unwrap()
+        leaves.flat_grads(&st, &grads).to_host().into_vec()
     } else {
-        leaves.flat_grads(&st, &grads)
+        leaves.flat_grads(&st, &grads).into_vec()
     };
     if cuda {
-        st.sync_from_cuda().unwrap();
+        st = st.to_host().unwrap();
     }
     RepStep {
         y: yt,

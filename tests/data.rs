@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
 use ghostv3::data::augment::{
-    apply_op, cut_from_flipped, cutmix_bbox_and_lam, mix_with_flipped, mixup_target,
-    AugmentHparams, AugmentOp, OpName, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS,
+    apply_op, AugmentHparams, AugmentOp, OpName, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS,
 };
+use ghostv3::data::mixup::{cut_from_flipped, cutmix_bbox_and_lam, mix_with_flipped, mixup_target};
 use ghostv3::data::ops::{self, Resample};
 use ghostv3::data::transforms::{random_resized_crop_params, to_tensor_normalize};
 use ghostv3::data::{

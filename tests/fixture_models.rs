@@ -246,7 +246,7 @@ fn check(model: &str) {
         GRAD_TOL
     };
     let grads = tape.backward(loss);
-    let flat = leaves.flat_grads(m.state(), &grads);
+    let flat = leaves.flat_grads(m.state(), &grads).into_vec();
     let entries = m.state().params.entries().to_vec();
     let big = entries
         .iter()

@@ -149,7 +149,7 @@ fn train_step_loss_gradients_and_running_stats_match_timm() {
     assert!(tl_err <= 1e-4, "train logits rel err {tl_err}");
 
     let grads = tape.backward(loss);
-    let flat = leaves.flat_grads(m.state(), &grads);
+    let flat = leaves.flat_grads(m.state(), &grads).into_vec();
     let entries = m.state().params.entries().to_vec();
     let big = entries
         .iter()

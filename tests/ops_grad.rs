@@ -686,8 +686,8 @@ fn batch_norm_train_forward_stats_and_grads() {
         let (y, stats) = ops::batch_norm_train(&mut tape, xv, gv, bv, EPS);
         assert_fwd(&name, tape.value(y), &want);
         assert_eq!(stats.count, m, "{name}: count");
-        assert_vec_close(&format!("{name} mean"), &stats.mean, &mean, 1e-13);
-        assert_vec_close(&format!("{name} var"), &stats.var, &var, 1e-13);
+        assert_vec_close(&format!("{name} mean"), &stats.mean(), &mean, 1e-13);
+        assert_vec_close(&format!("{name} var"), &stats.var(), &var, 1e-13);
         // Unbiased variance straight from the definition: sum (x - mean)^2 / (m - 1).
         let unbiased: Vec<f64> = var
             .iter()
@@ -726,12 +726,7 @@ fn batch_norm_train_forward_stats_and_grads() {
 
 #[test]
 fn batch_norm_unbiased_var_of_one_sample() {
-    let stats = ops::BatchStats {
-        mean: vec![0.5],
-        var: vec![0.25],
-        count: 1,
-        device: None,
-    };
+    let stats = ops::BatchStats::host(vec![0.5], vec![0.25], 1);
     assert_eq!(stats.unbiased_var(), vec![0.25]);
 }
 
@@ -750,6 +745,7 @@ fn batch_norm_eval_forward_and_grads() {
         let rm = rand_vec(&mut r, c, -0.5, 0.5);
         let rv = rand_vec(&mut r, c, 0.3, 2.0);
         let want = naive_bn(&x, gamma.data(), beta.data(), &rm, &rv);
+        let (rm, rv) = (Tensor::new(&[c], rm), Tensor::new(&[c], rv));
         let inputs = [wrt("x", x), wrt("gamma", gamma), wrt("beta", beta)];
         let f =
             |t: &mut Tape<f64>, v: &[Var]| ops::batch_norm_eval(t, v[0], v[1], v[2], &rm, &rv, EPS);

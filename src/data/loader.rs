@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::dataset::Dataset;
-use super::mix_seed;
+use super::random::mix_seed;
 use super::transforms::{Transform, TransformConfig};
 use crate::Tensor;
 

@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::dataset::Dataset;
-use super::mix_seed;
+use super::random::mix_seed;
 
 pub const SYNTHETIC_CLASSES: [&str; 10] = [
     "circle",

@@ -14,8 +14,9 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::augment::{AugmentHparams, AutoAugment, RandAugment, RandomErasing};
+use super::augment::{AugmentHparams, AutoAugment, EraseMode, RandAugment, RandomErasing};
 use super::ops::{self, Resample};
+use super::random::{random_resample, uniform};
 
 pub const IMAGENET_DEFAULT_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_DEFAULT_STD: [f64; 3] = [0.229, 0.224, 0.225];
@@ -31,18 +32,6 @@ pub enum Interpolation {
     /// Training only: bilinear or bicubic chosen per image (timm's `train_interpolation`
     /// default). Eval transforms treat it as bilinear, timm's eval default.
     Random,
-}
-
-/// What RandomErasing writes into the erased box (timm's `re_mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EraseMode {
-    /// Per-pixel N(0, 1) noise (timm train.py's default).
-    Pixel,
-    /// Zero, i.e. the dataset mean after normalization.
-    Const,
-    /// One N(0, 1) colour per channel for the whole box.
-    Rand,
 }
 
 /// Describes a train or eval transform with timm's option names and defaults. Deserializes from
@@ -179,11 +168,6 @@ pub struct Transform {
     auto_augment: Option<AutoAugmentKind>,
     color_jitter: Option<ColorJitter>,
     erasing: Option<RandomErasing>,
-}
-
-/// Uniform in [lo, hi); lo == hi is allowed (returns lo), unlike `random_range`.
-pub(crate) fn uniform(rng: &mut StdRng, lo: f64, hi: f64) -> f64 {
-    lo + (hi - lo) * rng.random::<f64>()
 }
 
 impl Transform {
@@ -345,15 +329,6 @@ impl Transform {
         let mut out = vec![0.0; 3 * self.cfg.size * self.cfg.size];
         self.apply_into(img, rng, &mut out)?;
         Ok(out)
-    }
-}
-
-/// timm's 'random' interpolation: bilinear or bicubic with equal odds.
-pub(crate) fn random_resample(rng: &mut StdRng) -> Resample {
-    if rng.random::<bool>() {
-        Resample::Bilinear
-    } else {
-        Resample::Bicubic
     }
 }
 

@@ -5,7 +5,7 @@
 //! between layers); a single image is split inside each layer (rows, pixels or weight panels).
 
 use super::graph::{Graph, Op, Shape};
-use super::kernels::{self, pad16, ConvGeom, EwGeom, PwGeom};
+use super::kernels::{self, pad16, EwGeom, NhwcConvGeom, PwGeom};
 use super::simd::Isa;
 use crate::ops::pool::nearest_indices;
 use anyhow::{bail, Result};
@@ -551,7 +551,7 @@ impl Engine {
                 run_pw(isa, par, &g, arena, sx.base, sy.base, nb, wt, bias);
             }
             (Op::Conv(cs), Packed::Direct { wt, bias, cp }) => {
-                let g = ConvGeom {
+                let g = NhwcConvGeom {
                     h,
                     w,
                     ho,
@@ -583,7 +583,7 @@ impl Engine {
                         if c0 >= c1 {
                             return;
                         }
-                        let gi = ConvGeom { cout: c1 - c0, ..g };
+                        let gi = NhwcConvGeom { cout: c1 - c0, ..g };
                         // SAFETY: as below, on the channel range [c0, c1).
                         unsafe {
                             kernels::depthwise(

@@ -73,7 +73,7 @@ unsafe fn store_act<V: Vf>(v: V, act: Act, p: *mut f32, n: usize) {
 
 /// Geometry of a depth-wise or dense direct conv over NHWC maps.
 #[derive(Clone, Copy, Debug)]
-pub struct ConvGeom {
+pub struct NhwcConvGeom {
     pub h: usize,
     pub w: usize,
     pub ho: usize,
@@ -92,7 +92,7 @@ pub struct ConvGeom {
     pub act: Act,
 }
 
-impl ConvGeom {
+impl NhwcConvGeom {
     /// Output columns `lo..hi` whose `kw` taps all lie inside the input row (no padding checks
     /// needed there): the fast interior of a row.
     fn interior_cols(&self, kw: usize) -> (usize, usize) {
@@ -121,7 +121,7 @@ fn taps(i0: isize, k: usize, n: usize) -> (usize, usize) {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dw_px<V: Vf>(
-    g: &ConvGeom,
+    g: &NhwcConvGeom,
     kh: usize,
     kw: usize,
     xc: *const f32,
@@ -154,7 +154,7 @@ unsafe fn dw_px<V: Vf>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dw_run<V: Vf, const P: usize>(
-    g: &ConvGeom,
+    g: &NhwcConvGeom,
     kw: usize,
     xrow0: *const f32,
     wr: &[V; 25],
@@ -185,7 +185,7 @@ unsafe fn dw_run<V: Vf, const P: usize>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dw_rows_k<V: Vf>(
-    g: &ConvGeom,
+    g: &NhwcConvGeom,
     kh: usize,
     kw: usize,
     x: *const f32,
@@ -258,7 +258,7 @@ unsafe fn dw_rows_k<V: Vf>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dw_rows<V: Vf>(
-    g: &ConvGeom,
+    g: &NhwcConvGeom,
     x: *const f32,
     y: *mut f32,
     wt: *const f32,
@@ -276,14 +276,14 @@ unsafe fn dw_rows<V: Vf>(
     }
 }
 
-simd_fn!(pub fn depthwise => dw_rows(g: &ConvGeom, x: *const f32, y: *mut f32, wt: *const f32, bias: *const f32, r0: usize, r1: usize));
+simd_fn!(pub fn depthwise => dw_rows(g: &NhwcConvGeom, x: *const f32, y: *mut f32, wt: *const f32, bias: *const f32, r0: usize, r1: usize));
 
 /// `NB` output vectors (channels c0..) of `P` pixels from column `ox`, taps [ky.0, ky.1) x all
 /// kx inside the input row: each input value is broadcast once for all NB vectors.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dense_run<V: Vf, const P: usize, const NB: usize>(
-    g: &ConvGeom,
+    g: &NhwcConvGeom,
     xrow0: *const f32,
     wt: *const f32,
     bias: *const f32,
@@ -336,7 +336,7 @@ unsafe fn dense_run<V: Vf, const P: usize, const NB: usize>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn dense_rows<V: Vf>(
-    g: &ConvGeom,
+    g: &NhwcConvGeom,
     x: *const f32,
     y: *mut f32,
     wt: *const f32,
@@ -402,7 +402,7 @@ unsafe fn dense_rows<V: Vf>(
     }
 }
 
-simd_fn!(pub fn dense => dense_rows(g: &ConvGeom, x: *const f32, y: *mut f32, wt: *const f32, bias: *const f32, r0: usize, r1: usize));
+simd_fn!(pub fn dense => dense_rows(g: &NhwcConvGeom, x: *const f32, y: *mut f32, wt: *const f32, bias: *const f32, r0: usize, r1: usize));
 
 /// A 1x1 conv / linear layer as a GEMM over pixels: y[m, :] = act(x[m, :] W + b).
 #[derive(Clone, Copy, Debug)]

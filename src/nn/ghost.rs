@@ -7,7 +7,6 @@ use super::params::Builder;
 use super::rep_conv::{RepConv, RepForm, RepSpec};
 use crate::autograd::Var;
 use crate::ops::{self, Conv2dArgs};
-use crate::tensor::Tensor;
 
 /// DFC attention: avgpool 2x2 -> 1x1 conv+BN -> dw 1x5 conv+BN -> dw 5x1 conv+BN (`short_conv`).
 /// Returns the pre-sigmoid gate at half resolution.
@@ -63,8 +62,7 @@ impl Dfc {
         a
     }
 
-    /// On the device: the DFC up to its last conv (the gate before the last BN), for
-    /// [`Dfc::gate_cuda`].
+    /// The DFC up to its last conv (the gate before the last BN), for [`Dfc::gate`].
     fn forward_to_last_conv(&self, ctx: &mut Ctx, x: Var) -> Var {
         let mut a = ops::avg_pool2x2(ctx.tape, x);
         let [(c0, b0), (c1, b1), (c2, _)] = &self.convs;
@@ -75,36 +73,24 @@ impl Dfc {
         c2.forward(ctx, a)
     }
 
-    /// On the device: `out * upsample(sigmoid(BN(g)))` with `g` from
-    /// [`Dfc::forward_to_last_conv`], as one fused op (cuda/dfc.cu). Train mode: the last BN
+    /// `out * upsample(sigmoid(BN(g)))` with `g` from [`Dfc::forward_to_last_conv`] and the
+    /// last BN (`ops::dfc_gate`: one fused op where the backend has it). Train mode: the BN
     /// normalizes with batch statistics and its running statistics are updated exactly as
     /// `BatchNorm2d::forward` does; eval mode: its running statistics.
-    fn gate_cuda(&self, ctx: &mut Ctx, out: Var, g: Var) -> Var {
+    fn gate(&self, ctx: &mut Ctx, out: Var, g: Var) -> Var {
         let bn = &self.convs[2].1;
         let (gamma, beta) = (ctx.param(bn.weight), ctx.param(bn.bias));
         if ctx.train() {
-            let (y, stats) = ops::cuda::dfc_gate(
-                ctx.tape,
-                (out, g),
-                (gamma, beta),
-                ops::cuda::DfcBn::Batch,
-                BN_EPS,
-            );
+            let (y, stats) =
+                ops::dfc_gate(ctx.tape, (out, g), (gamma, beta), ops::DfcBn::Batch, BN_EPS);
             bn.update_running(ctx.state, &stats.expect("train-mode statistics"));
             y
         } else {
-            // The running statistics where BatchNorm2d::forward reads them: the device copy of
-            // the buffers when the state has one, else the host values.
-            let running = |id| {
-                let e = ctx.state.buffers.entry(id);
-                match &ctx.state.cuda_buffers {
-                    Some(bufs) => Tensor::cuda_view(bufs, e.offset, &e.shape),
-                    None => Tensor::new(&e.shape, ctx.state.buffers.slice(id).to_vec()),
-                }
-            };
-            let (rm, rv) = (running(bn.running_mean), running(bn.running_var));
-            let bn = ops::cuda::DfcBn::Running(&rm, &rv);
-            ops::cuda::dfc_gate(ctx.tape, (out, g), (gamma, beta), bn, BN_EPS).0
+            // Views of the running statistics where the state lives, as BatchNorm2d reads them.
+            let rm = ctx.state.buffers.view(bn.running_mean);
+            let rv = ctx.state.buffers.view(bn.running_var);
+            let bn = ops::DfcBn::Running(&rm, &rv);
+            ops::dfc_gate(ctx.tape, (out, g), (gamma, beta), bn, BN_EPS).0
         }
     }
 }
@@ -176,15 +162,8 @@ impl GhostModule {
     }
 
     pub fn forward(&self, ctx: &mut Ctx, x: Var) -> Var {
-        // On the device the gate's last BN, sigmoid, upsample and product are one fused op.
-        let fused = self.dfc.is_some() && ctx.tape.value(x).is_cuda();
-        let gate = self.dfc.as_ref().map(|d| {
-            if fused {
-                d.forward_to_last_conv(ctx, x)
-            } else {
-                d.forward(ctx, x)
-            }
-        });
+        // The gate's last BN, sigmoid, upsample and product are one op (`Dfc::gate`).
+        let gate = self.dfc.as_ref().map(|d| d.forward_to_last_conv(ctx, x));
         let mut x1 = self.primary.forward(ctx, x);
         if self.relu {
             x1 = ops::relu(ctx.tape, x1);
@@ -195,14 +174,8 @@ impl GhostModule {
         }
         let out = ops::concat_channels(ctx.tape, x1, x2);
         match (gate, &self.dfc) {
-            (Some(g), Some(d)) if fused => d.gate_cuda(ctx, out, g),
-            (None, _) => out,
-            (Some(g), _) => {
-                let (h, w) = (ctx.tape.shape(out)[2], ctx.tape.shape(out)[3]);
-                let g = ops::sigmoid(ctx.tape, g);
-                let g = ops::upsample_nearest(ctx.tape, g, h, w);
-                ops::mul(ctx.tape, out, g)
-            }
+            (Some(g), Some(d)) => d.gate(ctx, out, g),
+            _ => out,
         }
     }
 }

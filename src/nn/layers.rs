@@ -5,7 +5,6 @@ use crate::autograd::{Grads, Tape, Var};
 use crate::ops::{self, Conv2dArgs};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
-use std::sync::Arc;
 
 pub const BN_EPS: f64 = 1e-5;
 pub const BN_MOMENTUM: f64 = 0.1;
@@ -56,13 +55,7 @@ impl<'a> Ctx<'a> {
             return v;
         }
         let grad = self.tape.grad_enabled();
-        let value = match &self.state.cuda_params {
-            Some(buf) => {
-                let e = self.state.params.entry(id);
-                Tensor::cuda_view(buf, e.offset, &e.shape)
-            }
-            None => self.state.params.view(id),
-        };
+        let value = self.state.params.view(id);
         let v = self.tape.leaf(value, grad);
         self.leaves[id.0] = Some(v);
         v
@@ -77,44 +70,16 @@ impl<'a> Ctx<'a> {
 pub struct ParamLeaves(Vec<Option<Var>>);
 
 impl ParamLeaves {
-    /// Gradients laid out like the flat parameter buffer (zeros for unused parameters).
-    pub fn flat_grads(&self, state: &State, grads: &Grads<f32>) -> Vec<f32> {
-        let mut flat = vec![0.0f32; state.params.numel()];
-        for (i, leaf) in self.0.iter().enumerate() {
-            let (Some(v), e) = (leaf, &state.params.entries()[i]) else {
-                continue;
-            };
-            if let Some(g) = grads.get(*v) {
-                flat[e.offset..e.offset + e.numel()].copy_from_slice(g.data());
-            }
-        }
-        flat
-    }
-
-    /// The same on the CUDA device: gradients of device parameters, in one flat device buffer.
-    pub fn flat_grads_cuda(
-        &self,
-        state: &State,
-        grads: &Grads<f32>,
-    ) -> anyhow::Result<crate::backend::cuda::DBuf> {
-        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut flat = gpu.zeros(state.params.numel())?;
-        let mut views = Vec::new();
-        for (i, leaf) in self.0.iter().enumerate() {
-            let (Some(v), e) = (leaf, &state.params.entries()[i]) else {
-                continue;
-            };
-            if let Some(g) = grads.get(*v) {
-                let d = g
-                    .cuda()
-                    .ok_or_else(|| anyhow::anyhow!("{}: gradient on the host", e.name))?;
-                views.push((d.buf.view(d.offset, e.numel()), e.offset));
-            }
-        }
-        let segments: Vec<(&crate::backend::cuda::DBuf, usize)> =
-            views.iter().map(|(v, off)| (&**v, *off)).collect();
-        gpu.copy_segments(&segments, &mut flat)?;
-        Ok(flat)
+    /// Gradients laid out like the flat parameter buffer (zeros for unused parameters), in
+    /// one launch on the parameters' device.
+    pub fn flat_grads(&self, state: &State, grads: &Grads<f32>) -> Tensor<f32> {
+        let segments: Vec<(&Tensor<f32>, usize)> = self
+            .0
+            .iter()
+            .zip(state.params.entries())
+            .filter_map(|(leaf, e)| Some((grads.get((*leaf)?)?, e.offset)))
+            .collect();
+        ops::gather(state.params.device(), &segments, state.params.numel())
     }
 }
 
@@ -177,57 +142,24 @@ impl BatchNorm2d {
             let (y, stats) = ops::batch_norm_train(ctx.tape, x, g, b, BN_EPS);
             self.update_running(ctx.state, &stats);
             y
-        } else if let (Some(bufs), true) = (&ctx.state.cuda_buffers, ctx.tape.value(x).is_cuda()) {
-            // Running statistics on the device: viewed there, no upload per call.
-            let view = |id: Id| {
-                let e = ctx.state.buffers.entry(id);
-                Tensor::cuda_view(bufs, e.offset, &e.shape)
-            };
-            let (rm, rv) = (view(self.running_mean), view(self.running_var));
-            ops::cuda::batch_norm_eval_dev(ctx.tape, x, g, b, &rm, &rv, BN_EPS)
         } else {
-            let rm = ctx.state.buffers.slice(self.running_mean).to_vec();
-            let rv = ctx.state.buffers.slice(self.running_var).to_vec();
+            // Views of the running statistics where the state lives (nothing is copied).
+            let rm = ctx.state.buffers.view(self.running_mean);
+            let rv = ctx.state.buffers.view(self.running_var);
             ops::batch_norm_eval(ctx.tape, x, g, b, &rm, &rv, BN_EPS)
         }
     }
 
     /// PyTorch's running-stat update from one batch (momentum, unbiased variance) and the
-    /// batch counter. Statistics from the GPU update the device copy of the running statistics
-    /// when the state has one (`State::place_on_cuda`), else they come to the host.
+    /// batch counter, on the device the statistics were taken on (where the state lives).
     pub fn update_running(&self, state: &mut State, stats: &ops::BatchStats) {
-        let m = BN_MOMENTUM;
         state.counters[self.counter].1 += 1;
-        if let (Some(d), Some(bufs)) = (&stats.device, state.cuda_buffers.as_mut()) {
-            let gpu = crate::backend::cuda::global().expect("device statistics without a GPU");
-            let bufs = Arc::get_mut(bufs).expect("running statistics still viewed by a tape");
-            let (rm, rv) = (
-                state.buffers.entry(self.running_mean),
-                state.buffers.entry(self.running_var),
-            );
-            gpu.bn_running_update_at(bufs, (rm.offset, rv.offset, rm.numel()), d, stats.count, m)
-                .unwrap_or_else(|e| panic!("CUDA: {e:#}"));
-            return;
-        }
-        let host;
-        let stats = if stats.device.is_some() {
-            host = stats.to_host().unwrap_or_else(|e| panic!("CUDA: {e:#}"));
-            &host
-        } else {
-            stats
-        };
-        let unbiased = stats.unbiased_var();
-        let bufs = &mut state.buffers;
-        for (r, &v) in bufs
-            .slice_mut(self.running_mean)
-            .iter_mut()
-            .zip(&stats.mean)
-        {
-            *r = ((1.0 - m) * *r as f64 + m * v) as f32;
-        }
-        for (r, &v) in bufs.slice_mut(self.running_var).iter_mut().zip(&unbiased) {
-            *r = ((1.0 - m) * *r as f64 + m * v) as f32;
-        }
+        let (rm, rv) = (
+            state.buffers.entry(self.running_mean),
+            state.buffers.entry(self.running_var),
+        );
+        let at = (rm.offset, rv.offset, rm.numel());
+        ops::batch_norm::update_running(state.buffers.tensor_mut(), at, stats, BN_MOMENTUM);
     }
 
     /// The eval-mode affine map y = t * x + s per channel: (t, s), in f64.

@@ -4,11 +4,10 @@
 //! so do the BatchNorm running statistics. A forward pass views them without copying, the
 //! optimizer walks one buffer, and a checkpoint is one write (see DESIGN.md, "Flat buffers").
 
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{numel, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -27,11 +26,22 @@ impl Entry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Id(pub usize);
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FlatStore {
     entries: Vec<Entry>,
-    data: Arc<Vec<f32>>,
+    /// All values, one 1-D tensor on the store's device; entries are views into it.
+    data: Tensor<f32>,
     index: HashMap<String, usize>,
+}
+
+impl Default for FlatStore {
+    fn default() -> Self {
+        FlatStore {
+            entries: Vec::new(),
+            data: Tensor::new(&[0], Vec::new()),
+            index: HashMap::new(),
+        }
+    }
 }
 
 impl FlatStore {
@@ -49,7 +59,7 @@ impl FlatStore {
 
     /// Total number of scalars.
     pub fn numel(&self) -> usize {
-        self.data.len()
+        self.data.numel()
     }
 
     pub fn find(&self, name: &str) -> Option<Id> {
@@ -60,30 +70,58 @@ impl FlatStore {
         &self.entries[id.0]
     }
 
+    /// One entry's values (a host store).
     pub fn slice(&self, id: Id) -> &[f32] {
         let e = &self.entries[id.0];
-        &self.data[e.offset..e.offset + e.numel()]
+        &self.data.data()[e.offset..e.offset + e.numel()]
     }
 
     /// Mutable access (copies the buffer first if a tape still views it).
     pub fn slice_mut(&mut self, id: Id) -> &mut [f32] {
         let e = &self.entries[id.0];
         let (o, n) = (e.offset, e.numel());
-        &mut Arc::make_mut(&mut self.data)[o..o + n]
+        &mut self.data.data_mut()[o..o + n]
     }
 
-    /// A zero-copy tensor view of one entry.
+    /// A zero-copy tensor view of one entry, on the store's device.
     pub fn view(&self, id: Id) -> Tensor<f32> {
         let e = &self.entries[id.0];
-        Tensor::view_of(&self.data, e.offset, &e.shape)
+        self.data.narrow(e.offset, &e.shape)
     }
 
+    /// All values (a host store).
     pub fn flat(&self) -> &[f32] {
-        &self.data
+        self.data.data()
     }
 
     pub fn flat_mut(&mut self) -> &mut [f32] {
-        Arc::make_mut(&mut self.data).as_mut_slice()
+        self.data.data_mut()
+    }
+
+    /// All values as one 1-D tensor, on the store's device.
+    pub fn tensor(&self) -> &Tensor<f32> {
+        &self.data
+    }
+
+    /// The flat tensor, for in-place updates (the optimizer, running statistics).
+    pub fn tensor_mut(&mut self) -> &mut Tensor<f32> {
+        &mut self.data
+    }
+
+    /// Replaces all values (same length; the new values' device becomes the store's).
+    pub fn set_tensor(&mut self, t: Tensor<f32>) {
+        assert_eq!(t.numel(), self.numel(), "set_tensor: length");
+        self.data = t.reshape(&[self.numel()]);
+    }
+
+    pub fn device(&self) -> Device {
+        self.data.device()
+    }
+
+    /// Moves the values to `device` (views taken before keep the old copy).
+    pub fn to_device(&mut self, device: Device) -> anyhow::Result<()> {
+        self.data = self.data.to_device(device)?;
+        Ok(())
     }
 
     fn push(&mut self, name: String, shape: Vec<usize>, values: Vec<f32>) -> Id {
@@ -96,8 +134,10 @@ impl FlatStore {
             !self.index.contains_key(&name),
             "duplicate tensor name {name}"
         );
-        let offset = self.data.len();
-        Arc::make_mut(&mut self.data).extend_from_slice(&values);
+        let offset = self.data.numel();
+        let mut all = std::mem::replace(&mut self.data, Tensor::new(&[0], Vec::new())).into_vec();
+        all.extend_from_slice(&values);
+        self.data = Tensor::new(&[all.len()], all);
         self.index.insert(name.clone(), self.entries.len());
         self.entries.push(Entry {
             name,
@@ -108,75 +148,35 @@ impl FlatStore {
     }
 }
 
-/// Everything a model learns or tracks: parameters, BN running stats, BN batch counters.
+/// Everything a model learns or tracks: parameters, BN running stats, BN batch counters. The
+/// two flat stores live on one device ([`State::place_on`]): forward passes view them there,
+/// train-mode BNs update their running statistics there, the optimizer steps them there.
 #[derive(Clone, Default)]
 pub struct State {
     pub params: FlatStore,
     pub buffers: FlatStore,
     /// `<bn>.num_batches_tracked`, kept for timm/PyTorch compatibility of the state dict.
     pub counters: Vec<(String, i64)>,
-    /// The parameters on the CUDA device (same layout as `params`) when training there: the
-    /// forward pass then views these, and the device optimizer updates them in place.
-    pub cuda_params: Option<Arc<crate::backend::cuda::DBuf>>,
-    /// The BN running statistics on the device (same layout as `buffers`), set by
-    /// [`State::place_on_cuda`]: train-mode BNs update them there, eval-mode BNs read them there.
-    pub cuda_buffers: Option<Arc<crate::backend::cuda::DBuf>>,
 }
 
 impl State {
-    /// Copies the parameters to the CUDA device; forward passes use them from then on.
-    pub fn params_to_cuda(&mut self) -> anyhow::Result<()> {
-        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-        self.cuda_params = Some(Arc::new(gpu.upload(self.params.flat())?));
-        Ok(())
+    /// Where the parameters and running statistics live.
+    pub fn device(&self) -> Device {
+        self.params.device()
     }
 
-    /// Copies the device parameters back into `params` (before saving or evaluating on the CPU).
-    pub fn params_from_cuda(&mut self) -> anyhow::Result<()> {
-        if let Some(buf) = &self.cuda_params {
-            let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let v = gpu.download(buf)?;
-            self.params.flat_mut().copy_from_slice(&v);
-        }
-        Ok(())
+    /// Moves parameters and running statistics to `device`.
+    pub fn place_on(&mut self, device: Device) -> anyhow::Result<()> {
+        self.params.to_device(device)?;
+        self.buffers.to_device(device)
     }
 
-    /// Parameters and BN running statistics to the device: the whole state lives there from
-    /// then on (forward passes view it, BNs update their statistics there).
-    pub fn place_on_cuda(&mut self) -> anyhow::Result<()> {
-        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-        self.params_to_cuda()?;
-        self.cuda_buffers = Some(Arc::new(gpu.upload(self.buffers.flat())?));
-        Ok(())
-    }
-
-    /// Copies the device parameters and running statistics back to the host copies (which
-    /// checkpoints, `fold` and the CPU paths read); the device copies stay.
-    pub fn sync_from_cuda(&mut self) -> anyhow::Result<()> {
-        self.params_from_cuda()?;
-        if let Some(buf) = &self.cuda_buffers {
-            let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let v = gpu.download(buf)?;
-            self.buffers.flat_mut().copy_from_slice(&v);
-        }
-        Ok(())
-    }
-
-    /// Uploads the host parameters and running statistics into the existing device copies
-    /// (after the host copies changed, e.g. loading a checkpoint or the EMA weights).
-    pub fn sync_to_cuda(&mut self) -> anyhow::Result<()> {
-        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-        for (dev, host) in [
-            (&mut self.cuda_params, &self.params),
-            (&mut self.cuda_buffers, &self.buffers),
-        ] {
-            if let Some(buf) = dev {
-                let buf = Arc::get_mut(buf)
-                    .ok_or_else(|| anyhow::anyhow!("device state is still in use by a tape"))?;
-                gpu.upload_into(host.flat(), buf)?;
-            }
-        }
-        Ok(())
+    /// The same state on the host (a copy when it lives on a device): what checkpoints,
+    /// `fold` and the host-side readers take.
+    pub fn to_host(&self) -> anyhow::Result<State> {
+        let mut s = self.clone();
+        s.place_on(Device::Cpu)?;
+        Ok(s)
     }
 }
 

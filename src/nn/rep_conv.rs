@@ -8,7 +8,7 @@
 //! models that ship that way (MobileNetV2, ResNet, ShuffleNetV2, GhostNetV1/V2); a fold writes the
 //! folded kernel into the conv and the bias into an identity BN.
 
-use super::layers::{BatchNorm2d, Conv2d, ConvBn, Ctx};
+use super::layers::{BatchNorm2d, Conv2d, ConvBn, Ctx, BN_EPS};
 use super::params::{Builder, State};
 use crate::autograd::Var;
 use crate::ops::{self, Conv2dArgs};
@@ -165,13 +165,10 @@ impl RepConv {
             RepConv::Deploy(conv) => conv.forward(ctx, x),
             RepConv::Plain(cb) => cb.forward(ctx, x),
             RepConv::Train {
-                kxk,
-                scale,
-                skip,
-                cin,
-                groups,
-            } if ctx.train() && ctx.tape.value(x).is_cuda() && *groups == *cin && *groups > 1 => {
-                // Depth-wise on the GPU: the fused kernel (branches never materialized).
+                kxk, scale, skip, ..
+            } if ctx.train() => {
+                // One op: fused where the backend has the kernels, else the branches composed;
+                // then every branch BN's running statistics.
                 let ws: Vec<Var> = kxk.iter().map(|cb| ctx.param(cb.conv.weight)).collect();
                 let wscale = scale.as_ref().map(|cb| ctx.param(cb.conv.weight));
                 let bns: Vec<&BatchNorm2d> = kxk
@@ -184,48 +181,14 @@ impl RepConv {
                     .iter()
                     .map(|b| (ctx.param(b.weight), ctx.param(b.bias)))
                     .collect();
-                let stride = kxk[0].conv.args.stride.0;
-                let (y, stats) = ops::cuda::rep_conv_dw(
-                    ctx.tape,
-                    x,
-                    &ws,
-                    wscale,
-                    skip.is_some(),
-                    &bn,
-                    stride,
-                    super::layers::BN_EPS,
-                );
-                for (b, st) in bns.iter().zip(&stats) {
-                    b.update_running(ctx.state, st);
-                }
-                y
-            }
-            RepConv::Train {
-                kxk,
-                scale: None,
-                skip,
-                cin,
-                groups: 1,
-            } if ctx.train()
-                && ctx.tape.value(x).is_cuda()
-                && Self::fused_1x1(ctx, x, kxk, *cin, skip.is_some()) =>
-            {
-                // 1x1 on the GPU: one folded conv from the input's mean and covariance.
-                let ws: Vec<Var> = kxk.iter().map(|cb| ctx.param(cb.conv.weight)).collect();
-                let bns: Vec<&BatchNorm2d> =
-                    kxk.iter().map(|cb| &cb.bn).chain(skip.as_ref()).collect();
-                let bn: Vec<(Var, Var)> = bns
-                    .iter()
-                    .map(|b| (ctx.param(b.weight), ctx.param(b.bias)))
-                    .collect();
-                let (y, stats) = ops::cuda_rep_1x1::rep_conv_1x1(
-                    ctx.tape,
-                    x,
-                    &ws,
-                    skip.is_some(),
-                    &bn,
-                    super::layers::BN_EPS,
-                );
+                let branches = ops::RepBranches {
+                    kxk: &ws,
+                    scale: wscale,
+                    identity: skip.is_some(),
+                    bn: &bn,
+                };
+                let args = kxk[0].conv.args;
+                let (y, stats) = ops::rep_conv(ctx.tape, x, &branches, args, BN_EPS);
                 for (b, st) in bns.iter().zip(&stats) {
                     b.update_running(ctx.state, st);
                 }
@@ -234,7 +197,8 @@ impl RepConv {
             RepConv::Train {
                 kxk, scale, skip, ..
             } => {
-                // Same summation order as timm: identity + scale, then the kxk branches.
+                // Eval mode: the branches on the running statistics, in timm's summation order
+                // (identity + scale, then the kxk branches).
                 let mut acc: Option<Var> = None;
                 let mut add = |ctx: &mut Ctx, y: Var| {
                     acc = Some(match acc {
@@ -257,27 +221,6 @@ impl RepConv {
                 acc.expect("a RepConv has at least one branch")
             }
         }
-    }
-
-    /// Whether a train-form RepConv with groups 1 runs as the fused 1x1 conv on the GPU: 1x1
-    /// kernels, stride 1, and the fused form estimated to cost less than the branches
-    /// (`Rep1x1Geom::fused_pays`).
-    fn fused_1x1(ctx: &Ctx, x: Var, kxk: &[ConvBn], cin: usize, identity: bool) -> bool {
-        let shape = &ctx.state.params.entry(kxk[0].conv.weight).shape;
-        let xs = ctx.tape.shape(x);
-        if shape[2..] != [1, 1] || kxk[0].conv.args.stride != (1, 1) || xs.len() != 4 {
-            return false;
-        }
-        crate::backend::cuda::rep_1x1::Rep1x1Geom {
-            n: xs[0],
-            cin,
-            cout: shape[0],
-            hw: xs[2] * xs[3],
-            branches: kxk.len(),
-            identity,
-            chunk: 0,
-        }
-        .fused_pays()
     }
 
     /// The deploy-form kernel [cout, cin/g, k, k] and bias [cout] of a train-form RepConv, from its

@@ -1,142 +1,55 @@
 //! BatchNorm2d. Train mode normalizes with the batch statistics (biased variance) and hands them
 //! back so the module can update its running stats as PyTorch does (momentum, unbiased variance);
-//! eval mode is the per-channel affine map given by the running stats.
+//! eval mode is the per-channel affine map given by the running stats. The kernels are
+//! `backend::api::BatchNorm`'s.
 
 use crate::autograd::{Tape, Var};
-use crate::backend::cpu::min_len;
-use crate::backend::cpu::reduce;
+use crate::backend::api::BatchNorm;
+use crate::on_backend;
+use crate::tensor::storage::{ok, Place};
 use crate::tensor::{Elem, Tensor};
-use rayon::prelude::*;
 
-/// Per-channel batch statistics of a train-mode BN: mean and biased variance, and the count.
-/// On the GPU they stay there (`device`; `mean` and `var` are then empty) so that the running
-/// statistics update on the device without a round trip to the host per BN.
-#[derive(Clone, Debug)]
-pub struct BatchStats {
-    pub mean: Vec<f64>,
-    pub var: Vec<f64>,
-    pub count: usize,
-    pub device: Option<std::sync::Arc<crate::backend::cuda::DeviceStats>>,
-}
+pub use crate::tensor::storage::BatchStats;
 
-impl BatchStats {
-    /// The statistics on the host (downloads device statistics).
-    pub fn to_host(&self) -> anyhow::Result<BatchStats> {
-        let Some(d) = &self.device else {
-            return Ok(self.clone());
-        };
-        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(BatchStats {
-            mean: gpu.download_f64(&d.mean)?,
-            var: gpu.download_f64(&d.var)?,
-            count: self.count,
-            device: None,
-        })
-    }
-
-    /// The unbiased variance PyTorch puts into `running_var`.
-    pub fn unbiased_var(&self) -> Vec<f64> {
-        let m = self.count as f64;
-        let f = if self.count > 1 { m / (m - 1.0) } else { 1.0 };
-        self.var.iter().map(|v| v * f).collect()
-    }
-}
-
-/// Applies a per-plane reduction to every (n, c) plane of channel `c` and adds the results in
-/// f64 (each plane is reduced with vectorized f32 lanes; planes are summed in f64 for accuracy).
-fn channel_reduce<T: Elem>(
-    n: usize,
-    c_total: usize,
-    hw: usize,
-    c: usize,
-    f: impl Fn(usize) -> T,
-) -> f64 {
-    (0..n).map(|i| f((i * c_total + c) * hw).as_f64()).sum()
-}
-
-fn channel_sum<T: Elem>(x: &[T], n: usize, c_total: usize, hw: usize, c: usize) -> f64 {
-    channel_reduce(n, c_total, hw, c, |o| reduce::sum_f64(&x[o..o + hw]))
-}
-
-/// sum over channel `c` of (x - center)^2
-fn channel_sq_dev<T: Elem>(
-    x: &[T],
-    center: f64,
-    n: usize,
-    c_total: usize,
-    hw: usize,
-    c: usize,
-) -> f64 {
-    channel_reduce(n, c_total, hw, c, |o| {
-        reduce::sq_dev_f64(&x[o..o + hw], center)
-    })
-}
-
-/// sum over channel `c` of a * (b - center)
-fn channel_dot<T: Elem>(
-    a: &[T],
-    b: &[T],
-    center: f64,
-    n: usize,
-    c_total: usize,
-    hw: usize,
-    c: usize,
-) -> f64 {
-    channel_reduce(n, c_total, hw, c, |o| {
-        reduce::dot_centered_f64(&a[o..o + hw], &b[o..o + hw], center)
-    })
-}
-
-/// Applies `y = (x - center[c]) * scale[c] + shift[c]` plane by plane. Centering first keeps
-/// f32 precision when a channel's mean is large next to its spread.
-fn affine_planes<T: Elem>(
-    x: &[T],
-    c_total: usize,
-    hw: usize,
-    center: &[f64],
-    scale: &[f64],
-    shift: &[f64],
-) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(hw)
-        .enumerate()
-        .with_min_len(min_len(hw))
-        .for_each(|(nc, out)| {
-            let c = nc % c_total;
-            let m = T::from_f64(center[c]);
-            let (a, b) = (T::from_f64(scale[c]), T::from_f64(shift[c]));
-            for (o, &v) in out.iter_mut().zip(&x[nc * hw..(nc + 1) * hw]) {
-                *o = (v - m) * a + b;
-            }
-        });
-    y
-}
-
-/// Gradients of BN's affine parameters: dgamma = sum gy * xhat with xhat = (x - mean) * inv,
-/// dbeta = sum gy (per channel, f64).
-fn affine_grads<T: Elem>(
-    gy: &[T],
-    x: &[T],
-    mean: &[f64],
-    inv: &[f64],
-    (n, c, hw): (usize, usize, usize),
-) -> (Vec<f64>, Vec<f64>) {
-    (0..c)
-        .into_par_iter()
-        .with_min_len(min_len(n * hw))
-        .map(|ch| {
-            (
-                channel_dot(gy, x, mean[ch], n, c, hw, ch) * inv[ch],
-                channel_sum(gy, n, c, hw, ch),
-            )
-        })
-        .unzip()
-}
-
-fn dims<T: Elem>(t: &Tensor<T>) -> (usize, usize, usize) {
+/// (n, c, hw) of a [N, C, ...] tensor.
+pub(crate) fn dims<T: Elem>(t: &Tensor<T>) -> (usize, usize, usize) {
     let s = t.shape();
     assert!(s.len() >= 2, "batch_norm needs [N, C, ...], got {s:?}");
     (s[0], s[1], s[2..].iter().product())
+}
+
+/// Records a BN whose forward ran on `b`: its backward runs there too.
+fn record<T: Elem, B: Place<T> + BatchNorm<T>>(
+    b: &'static B,
+    tape: &mut Tape<T>,
+    op: &'static str,
+    (x, gamma, beta): (Var, Var, Var),
+    (xt, gt): (Tensor<T>, Tensor<T>),
+    y: Tensor<T>,
+    saved: B::BnSaved,
+) -> Var {
+    let dims = dims(&xt);
+    let c = dims.1;
+    tape.push(
+        op,
+        y,
+        &[x, gamma, beta],
+        Box::new(move |gy, needs| {
+            let g = ok(b.batch_norm_backward(
+                &b.get(gy),
+                &b.get(&xt),
+                &b.get(&gt),
+                &saved,
+                dims,
+                needs[0],
+            ));
+            vec![
+                g.dx.filter(|_| needs[0]).map(|d| b.wrap(xt.shape(), d)),
+                needs[1].then(|| b.wrap(&[c], g.dgamma)),
+                needs[2].then(|| b.wrap(&[c], g.dbeta)),
+            ]
+        }),
+    )
 }
 
 /// Train-mode BN over a [N, C, H, W] (or [N, C]) tensor.
@@ -147,135 +60,87 @@ pub fn batch_norm_train<T: Elem>(
     beta: Var,
     eps: f64,
 ) -> (Var, BatchStats) {
-    if tape.value(x).is_cuda() {
-        return super::cuda::batch_norm_train(tape, x, gamma, beta, eps);
-    }
     let xt = tape.value(x).clone();
     let (n, c, hw) = dims(&xt);
     assert_eq!(tape.shape(gamma), [c], "batch_norm weight shape");
     assert_eq!(tape.shape(beta), [c], "batch_norm bias shape");
-    let g: Vec<f64> = tape
-        .value(gamma)
-        .data()
-        .iter()
-        .map(|v| v.as_f64())
-        .collect();
-    let b: Vec<f64> = tape.value(beta).data().iter().map(|v| v.as_f64()).collect();
-    let m = (n * hw) as f64;
-    let xd = xt.data();
-    let mean: Vec<f64> = (0..c)
-        .into_par_iter()
-        .with_min_len(min_len(n * hw))
-        .map(|ch| channel_sum(xd, n, c, hw, ch) / m)
-        .collect();
-    let var: Vec<f64> = (0..c)
-        .into_par_iter()
-        .with_min_len(min_len(n * hw))
-        .map(|ch| channel_sq_dev(xd, mean[ch], n, c, hw, ch) / m)
-        .collect();
-    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let scale: Vec<f64> = (0..c).map(|i| g[i] * inv[i]).collect();
-    let y = Tensor::new(xt.shape(), affine_planes(xd, c, hw, &mean, &scale, &b));
-    let stats = BatchStats {
-        mean: mean.clone(),
-        var,
-        count: n * hw,
-        device: None,
-    };
-    let out = tape.push(
-        "batch_norm_train",
-        y,
-        &[x, gamma, beta],
-        Box::new(move |gy, needs| {
-            let (xd, gyd) = (xt.data(), gy.data());
-            let (dgamma, dbeta) = affine_grads(gyd, xd, &mean, &inv, (n, c, hw));
-            // dx = gamma*inv/M * (M*gy - dbeta - xhat*dgamma)
-            let dx = needs[0].then(|| {
-                let mut dx = vec![T::zero(); xd.len()];
-                dx.par_chunks_mut(hw)
-                    .enumerate()
-                    .with_min_len(min_len(hw))
-                    .for_each(|(nc, out)| {
-                        let ch = nc % c;
-                        let k = g[ch] * inv[ch];
-                        let a = T::from_f64(k);
-                        let mu = T::from_f64(mean[ch]);
-                        let bx = T::from_f64(-k * inv[ch] * dgamma[ch] / m);
-                        let c0 = T::from_f64(-k * dbeta[ch] / m);
-                        let (gp, xp) = (&gyd[nc * hw..(nc + 1) * hw], &xd[nc * hw..(nc + 1) * hw]);
-                        for ((o, &gv), &xv) in out.iter_mut().zip(gp).zip(xp) {
-                            *o = a * gv + bx * (xv - mu) + c0;
-                        }
-                    });
-                Tensor::new(xt.shape(), dx)
-            });
-            let to_t = |v: &[f64]| Tensor::new(&[c], v.iter().map(|&x| T::from_f64(x)).collect());
-            vec![
-                dx,
-                needs[1].then(|| to_t(&dgamma)),
-                needs[2].then(|| to_t(&dbeta)),
-            ]
-        }),
-    );
-    (out, stats)
+    let (gt, bt) = (tape.value(gamma).clone(), tape.value(beta).clone());
+    on_backend!([&xt, &gt, &bt], |b| {
+        let (y, saved, stats) =
+            ok(b.batch_norm_train(&b.get(&xt), &b.get(&gt), &b.get(&bt), (n, c, hw), eps));
+        let y = b.wrap(xt.shape(), y);
+        let stats = Place::<T>::wrap_stats(b, stats, n * hw);
+        let v = record(
+            b,
+            tape,
+            "batch_norm_train",
+            (x, gamma, beta),
+            (xt, gt),
+            y,
+            saved,
+        );
+        (v, stats)
+    })
 }
 
-/// Eval-mode BN with the given running statistics (not trained, so plain slices).
+/// Eval-mode BN with the given running statistics (not trained: tensors of `c` values, e.g.
+/// views of the model's buffers, on their device; nothing is copied when they are where `x` is).
 pub fn batch_norm_eval<T: Elem>(
     tape: &mut Tape<T>,
     x: Var,
     gamma: Var,
     beta: Var,
-    running_mean: &[T],
-    running_var: &[T],
+    running_mean: &Tensor<T>,
+    running_var: &Tensor<T>,
     eps: f64,
 ) -> Var {
-    if tape.value(x).is_cuda() {
-        return super::cuda::batch_norm_eval(tape, x, gamma, beta, running_mean, running_var, eps);
-    }
     let xt = tape.value(x).clone();
     let (n, c, hw) = dims(&xt);
     assert_eq!(tape.shape(gamma), [c], "batch_norm weight shape");
+    assert_eq!(tape.shape(beta), [c], "batch_norm bias shape");
     assert!(
-        running_mean.len() == c && running_var.len() == c,
+        running_mean.numel() == c && running_var.numel() == c,
         "batch_norm running stats shape"
     );
-    let g: Vec<f64> = tape
-        .value(gamma)
-        .data()
-        .iter()
-        .map(|v| v.as_f64())
-        .collect();
-    let b: Vec<f64> = tape.value(beta).data().iter().map(|v| v.as_f64()).collect();
-    let mean: Vec<f64> = running_mean.iter().map(|v| v.as_f64()).collect();
-    let inv: Vec<f64> = running_var
-        .iter()
-        .map(|v| 1.0 / (v.as_f64() + eps).sqrt())
-        .collect();
-    let scale: Vec<f64> = (0..c).map(|i| g[i] * inv[i]).collect();
-    let y = Tensor::new(
-        xt.shape(),
-        affine_planes(xt.data(), c, hw, &mean, &scale, &b),
-    );
-    tape.push(
-        "batch_norm_eval",
-        y,
-        &[x, gamma, beta],
-        Box::new(move |gy, needs| {
-            let gyd = gy.data();
-            let dx = needs[0].then(|| {
-                Tensor::new(
-                    xt.shape(),
-                    affine_planes(gyd, c, hw, &vec![0.0; c], &scale, &vec![0.0; c]),
-                )
-            });
-            let (dgamma, dbeta) = affine_grads(gyd, xt.data(), &mean, &inv, (n, c, hw));
-            let to_t = |v: &[f64]| Tensor::new(&[c], v.iter().map(|&x| T::from_f64(x)).collect());
-            vec![
-                dx,
-                needs[1].then(|| to_t(&dgamma)),
-                needs[2].then(|| to_t(&dbeta)),
-            ]
-        }),
-    )
+    let (gt, bt) = (tape.value(gamma).clone(), tape.value(beta).clone());
+    on_backend!([&xt, &gt, &bt, running_mean, running_var], |b| {
+        let (y, saved) = ok(b.batch_norm_eval(
+            &b.get(&xt),
+            &b.get(&gt),
+            &b.get(&bt),
+            &b.get(running_mean),
+            &b.get(running_var),
+            (n, c, hw),
+            eps,
+        ));
+        let y = b.wrap(xt.shape(), y);
+        record(
+            b,
+            tape,
+            "batch_norm_eval",
+            (x, gamma, beta),
+            (xt, gt),
+            y,
+            saved,
+        )
+    })
+}
+
+/// PyTorch's running-statistics update of one BN from its batch statistics, where they were
+/// taken: r = (1 - momentum) * r + momentum * v for the running mean (`c` values at
+/// `mean_offset` of the flat `buffers`) with the batch mean, and the running variance (at
+/// `var_offset`) with the unbiased batch variance. `buffers` must live where `stats` do.
+pub fn update_running(
+    buffers: &mut Tensor<f32>,
+    (mean_offset, var_offset, c): (usize, usize, usize),
+    stats: &BatchStats,
+    momentum: f64,
+) {
+    on_backend!(stats.device(), f32, |b| ok(b.batch_norm_update_running(
+        &mut *b.get_mut(buffers),
+        (mean_offset, var_offset, c),
+        &Place::<f32>::stats(b, stats),
+        stats.count,
+        momentum
+    )))
 }

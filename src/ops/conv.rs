@@ -1,8 +1,10 @@
 //! conv2d: dense, grouped and depth-wise, any kernel/stride/padding, optional bias.
 
 use crate::autograd::{Tape, Var};
-use crate::backend::cpu::conv::{conv2d_backward, conv2d_forward, ConvGeom};
-use crate::tensor::{Elem, Tensor};
+use crate::backend::api::{Conv, ConvGeom};
+use crate::on_backend;
+use crate::tensor::storage::{ok, Place};
+use crate::tensor::Elem;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dArgs {
@@ -30,9 +32,6 @@ pub fn conv2d<T: Elem>(
     b: Option<Var>,
     args: Conv2dArgs,
 ) -> Var {
-    if super::cuda::any_cuda(&[tape.value(x), tape.value(w)]) {
-        return super::cuda::conv2d(tape, x, w, b, args);
-    }
     let geom = ConvGeom::new(
         tape.shape(x),
         tape.shape(w),
@@ -47,9 +46,14 @@ pub fn conv2d<T: Elem>(
     let xt = tape.value(x).clone();
     let wt = tape.value(w).clone();
     let bt = b.map(|b| tape.value(b).clone());
-    let y = conv2d_forward(&geom, xt.data(), wt.data(), bt.as_ref().map(|t| t.data()));
+    let out = on_backend!([&xt, &wt], |be| {
+        let bias = bt.as_ref().map(|t| be.get(t));
+        be.out(
+            &geom.out_shape(),
+            be.conv2d(&geom, &be.get(&xt), &be.get(&wt), bias.as_deref()),
+        )
+    });
     tape.add_macs(geom.macs());
-    let out = Tensor::new(&geom.out_shape(), y);
     let mut inputs = vec![x, w];
     inputs.extend(b);
     let has_bias = b.is_some();
@@ -59,22 +63,19 @@ pub fn conv2d<T: Elem>(
         out,
         &inputs,
         Box::new(move |gy, needs| {
-            let need_db = has_bias && needs[2];
-            let g = conv2d_backward(
-                &geom,
-                xt.data(),
-                wt.data(),
-                gy.data(),
-                (needs[0], needs[1], need_db),
-            );
-            let mut r = vec![
-                g.dx.map(|d| Tensor::new(xt.shape(), d)),
-                g.dw.map(|d| Tensor::new(wt.shape(), d)),
-            ];
-            if has_bias {
-                r.push(g.db.map(|d| Tensor::new(&[geom.cout], d)));
-            }
-            r
+            let need = (needs[0], needs[1], has_bias && needs[2]);
+            on_backend!([&xt, &wt, gy], |be| {
+                let g =
+                    ok(be.conv2d_backward(&geom, &be.get(&xt), &be.get(&wt), &be.get(gy), need));
+                let mut r = vec![
+                    g.dx.map(|d| be.wrap(xt.shape(), d)),
+                    g.dw.map(|d| be.wrap(wt.shape(), d)),
+                ];
+                if has_bias {
+                    r.push(g.db.map(|d| be.wrap(&[geom.cout], d)));
+                }
+                r
+            })
         }),
     )
 }

@@ -1,5 +1,7 @@
 //! Inverted dropout: in training, zero each element with probability p and scale the rest by 1/(1-p).
+//! The mask is drawn on the host (the same draws on every device for the same rng).
 
+use super::elementwise::prod;
 use crate::autograd::{Tape, Var};
 use crate::tensor::{Elem, Tensor};
 use rand::Rng;
@@ -22,24 +24,14 @@ pub fn dropout<T: Elem>(tape: &mut Tape<T>, x: Var, p: f64, rng: &mut impl Rng) 
             }
         })
         .collect();
-    if tape.value(x).is_cuda() {
-        let m = mask.iter().map(|v| v.as_f64() as f32).collect();
-        return super::cuda::dropout_masked(tape, x, m);
-    }
     let xt = tape.value(x);
-    let y = Tensor::new(
-        xt.shape(),
-        xt.data().iter().zip(&mask).map(|(&v, &m)| v * m).collect(),
-    );
+    let mask = Tensor::new(xt.shape(), mask).to_device(xt.device());
+    let mask = mask.unwrap_or_else(|e| panic!("{e:#}"));
+    let y = prod(xt, &mask);
     tape.push(
         "dropout",
         y,
         &[x],
-        Box::new(move |gy, _| {
-            vec![Some(Tensor::new(
-                gy.shape(),
-                gy.data().iter().zip(&mask).map(|(&g, &m)| g * m).collect(),
-            ))]
-        }),
+        Box::new(move |gy, _| vec![Some(prod(gy, &mask))]),
     )
 }

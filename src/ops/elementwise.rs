@@ -1,15 +1,13 @@
-//! add, elementwise mul, per-channel mul (the SE gate) and reshape.
+//! add, elementwise mul, per-channel mul (the SE gate), scale and reshape.
 
 use crate::autograd::{Tape, Var};
-use crate::backend::cpu::min_len;
-use crate::tensor::{Elem, Tensor};
-use rayon::prelude::*;
+use crate::backend::api::Elementwise;
+use crate::on_backend;
+use crate::tensor::storage::Place;
+use crate::tensor::{Device, Elem, Tensor};
 
 pub fn add<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "add: shapes differ");
-    if super::cuda::any_cuda(&[tape.value(a), tape.value(b)]) {
-        return super::cuda::add(tape, a, b);
-    }
     let y = tape.value(a).add(tape.value(b));
     tape.push(
         "add",
@@ -19,23 +17,25 @@ pub fn add<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     )
 }
 
+/// A zero-filled 1-D tensor of `len` values on `device` with each tensor copied in at its offset
+/// (no tape record: the flat gradient buffer).
+pub fn gather<T: Elem>(device: Device, segments: &[(&Tensor<T>, usize)], len: usize) -> Tensor<T> {
+    on_backend!(device, T, |b| {
+        let refs: Vec<_> = segments.iter().map(|(t, o)| (b.get(t), *o)).collect();
+        let segs: Vec<_> = refs.iter().map(|(r, o)| (&**r, *o)).collect();
+        b.out(&[len], b.gather(&segs, len))
+    })
+}
+
+/// u * v on the device of the inputs.
+pub(crate) fn prod<T: Elem>(u: &Tensor<T>, v: &Tensor<T>) -> Tensor<T> {
+    on_backend!([u, v], |b| b.out(u.shape(), b.mul(&b.get(u), &b.get(v))))
+}
+
 /// Elementwise product of two tensors of one shape.
 pub fn mul<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
     assert_eq!(tape.shape(a), tape.shape(b), "mul: shapes differ");
-    if super::cuda::any_cuda(&[tape.value(a), tape.value(b)]) {
-        return super::cuda::mul(tape, a, b);
-    }
     let (at, bt) = (tape.value(a).clone(), tape.value(b).clone());
-    let prod = |u: &Tensor<T>, v: &Tensor<T>| {
-        Tensor::new(
-            u.shape(),
-            u.data()
-                .iter()
-                .zip(v.data())
-                .map(|(&p, &q)| p * q)
-                .collect(),
-        )
-    };
     let y = prod(&at, &bt);
     tape.push(
         "mul",
@@ -52,57 +52,30 @@ pub fn mul<T: Elem>(tape: &mut Tape<T>, a: Var, b: Var) -> Var {
 
 /// `y[n,c,h,w] = x[n,c,h,w] * s[n,c]`, with s of shape [N, C, 1, 1].
 pub fn mul_channel<T: Elem>(tape: &mut Tape<T>, x: Var, s: Var) -> Var {
-    if super::cuda::any_cuda(&[tape.value(x), tape.value(s)]) {
-        return super::cuda::mul_channel(tape, x, s);
-    }
     let (xt, st) = (tape.value(x).clone(), tape.value(s).clone());
     let (n, c, h, w) = xt.dims4();
     assert_eq!(st.shape(), [n, c, 1, 1], "mul_channel: scale shape");
     let hw = h * w;
-    let mut y = vec![T::zero(); xt.numel()];
-    y.par_chunks_mut(hw)
-        .enumerate()
-        .with_min_len(min_len(hw))
-        .for_each(|(nc, out)| {
-            let sv = st.data()[nc];
-            out.iter_mut()
-                .zip(&xt.data()[nc * hw..(nc + 1) * hw])
-                .for_each(|(o, &v)| *o = v * sv);
-        });
-    let y = Tensor::new(xt.shape(), y);
+    let y = on_backend!([&xt, &st], |b| b.out(
+        xt.shape(),
+        b.mul_channel(&b.get(&xt), &b.get(&st), hw)
+    ));
     tape.push(
         "mul_channel",
         y,
         &[x, s],
         Box::new(move |gy, needs| {
-            let g = gy.data();
-            let dx = needs[0].then(|| {
-                let mut dx = vec![T::zero(); g.len()];
-                dx.par_chunks_mut(hw)
-                    .enumerate()
-                    .with_min_len(min_len(hw))
-                    .for_each(|(nc, out)| {
-                        let sv = st.data()[nc];
-                        out.iter_mut()
-                            .zip(&g[nc * hw..(nc + 1) * hw])
-                            .for_each(|(o, &v)| *o = v * sv);
-                    });
-                Tensor::new(xt.shape(), dx)
-            });
-            let ds = needs[1].then(|| {
-                let d = (0..n * c)
-                    .into_par_iter()
-                    .map(|nc| {
-                        g[nc * hw..(nc + 1) * hw]
-                            .iter()
-                            .zip(&xt.data()[nc * hw..(nc + 1) * hw])
-                            .map(|(&a, &b)| a * b)
-                            .sum()
-                    })
-                    .collect();
-                Tensor::new(st.shape(), d)
-            });
-            vec![dx, ds]
+            on_backend!([&xt, &st, gy], |b| {
+                let g = b.get(gy);
+                let dx = needs[0].then(|| b.out(xt.shape(), b.mul_channel(&g, &b.get(&st), hw)));
+                let ds = needs[1].then(|| {
+                    b.out(
+                        st.shape(),
+                        b.mul_channel_backward_scale(&g, &b.get(&xt), hw),
+                    )
+                });
+                vec![dx, ds]
+            })
         }),
     )
 }
@@ -119,16 +92,17 @@ pub fn reshape<T: Elem>(tape: &mut Tape<T>, x: Var, shape: &[usize]) -> Var {
     )
 }
 
+fn scaled<T: Elem>(x: &Tensor<T>, a: T) -> Tensor<T> {
+    on_backend!([x], |b| b.out(x.shape(), b.scale(&b.get(x), a.as_f64())))
+}
+
 /// `y = a * x` for a constant a (loss weights).
 pub fn scale<T: Elem>(tape: &mut Tape<T>, x: Var, a: T) -> Var {
-    if tape.value(x).is_cuda() {
-        return super::cuda::scale(tape, x, a);
-    }
-    let y = tape.value(x).map(|v| v * a);
+    let y = scaled(tape.value(x), a);
     tape.push(
         "scale",
         y,
         &[x],
-        Box::new(move |gy, _| vec![Some(gy.map(|g| g * a))]),
+        Box::new(move |gy, _| vec![Some(scaled(gy, a))]),
     )
 }

@@ -1,13 +1,12 @@
 //! Linear layer: `y = x · W^T + b`, x [N, F], W [O, F], b [O] (PyTorch's nn.Linear layout).
 
 use crate::autograd::{Tape, Var};
-use crate::backend::cpu::gemm::matmul;
-use crate::tensor::{Elem, Tensor};
+use crate::backend::api::Conv;
+use crate::on_backend;
+use crate::tensor::storage::{ok, Place};
+use crate::tensor::Elem;
 
 pub fn linear<T: Elem>(tape: &mut Tape<T>, x: Var, w: Var, b: Option<Var>) -> Var {
-    if super::cuda::any_cuda(&[tape.value(x), tape.value(w)]) {
-        return super::cuda::linear(tape, x, w, b);
-    }
     let (xt, wt) = (tape.value(x).clone(), tape.value(w).clone());
     let (n, f) = (xt.shape()[0], xt.shape()[1]);
     assert_eq!(xt.shape().len(), 2, "linear input must be [N, F]");
@@ -20,54 +19,39 @@ pub fn linear<T: Elem>(tape: &mut Tape<T>, x: Var, w: Var, b: Option<Var>) -> Va
         xt.shape(),
         wt.shape()
     );
-    let mut y = vec![T::zero(); n * o];
-    if let Some(b) = b {
-        let bd = tape.value(b).data();
-        assert_eq!(bd.len(), o, "linear bias shape");
-        y.chunks_mut(o).for_each(|row| row.copy_from_slice(bd));
+    let bt = b.map(|b| tape.value(b).clone());
+    if let Some(bt) = &bt {
+        assert_eq!(bt.numel(), o, "linear bias shape");
     }
-    matmul(
-        n,
-        o,
-        f,
-        xt.data(),
-        false,
-        wt.data(),
-        true,
-        &mut y,
-        b.is_some(),
-        true,
-    );
+    let dims = (n, f, o);
+    let y = on_backend!([&xt, &wt], |be| {
+        let bias = bt.as_ref().map(|t| be.get(t));
+        be.out(
+            &[n, o],
+            be.linear(&be.get(&xt), &be.get(&wt), bias.as_deref(), dims),
+        )
+    });
     tape.add_macs((n * o * f) as u64);
     let mut inputs = vec![x, w];
     inputs.extend(b);
     let has_bias = b.is_some();
     tape.push(
         "linear",
-        Tensor::new(&[n, o], y),
+        y,
         &inputs,
         Box::new(move |gy, needs| {
-            let g = gy.data();
-            let dx = needs[0].then(|| {
-                let mut d = vec![T::zero(); n * f];
-                matmul(n, f, o, g, false, wt.data(), false, &mut d, false, true);
-                Tensor::new(&[n, f], d)
-            });
-            let dw = needs[1].then(|| {
-                let mut d = vec![T::zero(); o * f];
-                matmul(o, f, n, g, true, xt.data(), false, &mut d, false, true);
-                Tensor::new(&[o, f], d)
-            });
-            let mut r = vec![dx, dw];
-            if has_bias {
-                r.push(needs[2].then(|| {
-                    let mut d = vec![T::zero(); o];
-                    g.chunks(o)
-                        .for_each(|row| d.iter_mut().zip(row).for_each(|(a, &v)| *a += v));
-                    Tensor::new(&[o], d)
-                }));
-            }
-            r
+            let need = (needs[0], needs[1], has_bias && needs[2]);
+            on_backend!([&xt, &wt, gy], |be| {
+                let g = ok(be.linear_backward(&be.get(&xt), &be.get(&wt), &be.get(gy), dims, need));
+                let mut r = vec![
+                    g.dx.map(|d| be.wrap(&[n, f], d)),
+                    g.dw.map(|d| be.wrap(&[o, f], d)),
+                ];
+                if has_bias {
+                    r.push(g.db.map(|d| be.wrap(&[o], d)));
+                }
+                r
+            })
         }),
     )
 }

@@ -3,73 +3,68 @@
 //!   target is (1 - e) one-hot + e / C), and against soft targets (Mixup/CutMix);
 //! - knowledge distillation `t^2 * KL(softmax(z_t / t) || softmax(z_s / t))` (PyTorch's
 //!   `kl_div(..., reduction="batchmean") * t * t`); the teacher gets no gradient.
+//!
+//! Each loss runs on the logits' device (targets and teacher logits are brought there) and
+//! computes its gradient with the loss; the backward scales it by the upstream gradient.
 
 use crate::autograd::{Tape, Var};
+use crate::backend::api::{Elementwise, Loss};
+use crate::on_backend;
+use crate::tensor::storage::{ok, Place};
 use crate::tensor::{Elem, Tensor};
 
-/// Row-wise log-softmax of `z / t`, in f64.
-fn log_softmax(z: &[f64], t: f64) -> Vec<f64> {
-    let m = z.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b / t));
-    let lse = z.iter().map(|&v| (v / t - m).exp()).sum::<f64>().ln() + m;
-    z.iter().map(|&v| v / t - lse).collect()
-}
-
-fn rows<T: Elem>(t: &Tensor<T>) -> (usize, usize, Vec<f64>) {
+/// (N, C) of [N, C] logits.
+fn dims(shape: &[usize]) -> (usize, usize) {
     assert_eq!(
-        t.shape().len(),
+        shape.len(),
         2,
         "loss expects [N, C] logits, got {:?}",
-        t.shape()
+        shape
     );
-    (
-        t.shape()[0],
-        t.shape()[1],
-        t.data().iter().map(|v| v.as_f64()).collect(),
+    (shape[0], shape[1])
+}
+
+/// A loss node on `logits`: the loss value [1] and the gradient for an upstream gradient of 1
+/// (both on the logits' device), scaled in the backward by the upstream scalar.
+fn record<T: Elem>(
+    tape: &mut Tape<T>,
+    op: &'static str,
+    logits: Var,
+    (value, grad): (Tensor<T>, Tensor<T>),
+) -> Var {
+    tape.push(
+        op,
+        value,
+        &[logits],
+        Box::new(move |gy, _| {
+            let s = gy.to_host().data()[0];
+            if s == T::one() {
+                return vec![Some(grad)];
+            }
+            let g = on_backend!([&grad], |b| b
+                .out(grad.shape(), b.scale(&b.get(&grad), s.as_f64())));
+            vec![Some(g)]
+        }),
     )
 }
 
 /// Mean cross-entropy against per-row target distributions `targets` [N, C].
 pub fn cross_entropy_soft<T: Elem>(tape: &mut Tape<T>, logits: Var, targets: &Tensor<T>) -> Var {
-    if tape.value(logits).is_cuda() {
-        return super::cuda::cross_entropy_soft(tape, logits, targets);
-    }
-    let (n, c, z) = rows(tape.value(logits));
+    let zt = tape.value(logits).clone();
+    let (n, c) = dims(zt.shape());
     assert_eq!(targets.shape(), [n, c], "cross_entropy targets shape");
-    let q: Vec<f64> = targets.data().iter().map(|v| v.as_f64()).collect();
-    let mut loss = 0.0;
-    let mut grad = vec![0.0; n * c];
-    for i in 0..n {
-        let ls = log_softmax(&z[i * c..(i + 1) * c], 1.0);
-        for j in 0..c {
-            let qv = q[i * c + j];
-            loss -= qv * ls[j];
-            // d/dz of -sum q log softmax(z) = softmax(z) * sum(q) - q
-            let qsum: f64 = q[i * c..(i + 1) * c].iter().sum();
-            grad[i * c + j] = (ls[j].exp() * qsum - qv) / n as f64;
-        }
-    }
-    let shape = [n, c];
-    tape.push(
-        "cross_entropy_soft",
-        Tensor::scalar(T::from_f64(loss / n as f64)),
-        &[logits],
-        Box::new(move |gy, _| {
-            let s = gy.data()[0];
-            vec![Some(Tensor::new(
-                &shape,
-                grad.iter().map(|&g| T::from_f64(g) * s).collect(),
-            ))]
-        }),
-    )
+    let r = on_backend!([&zt], |b| {
+        let (v, g) = ok(b.cross_entropy_soft(&b.get(&zt), &b.get(targets), (n, c)));
+        (b.wrap(&[1], v), b.wrap(&[n, c], g))
+    });
+    record(tape, "cross_entropy_soft", logits, r)
 }
 
 /// Smoothed one-hot targets: (1 - smoothing) at the label plus smoothing / C everywhere.
 pub fn smoothed_targets<T: Elem>(labels: &[usize], classes: usize, smoothing: f64) -> Tensor<T> {
-    let mut q = vec![T::from_f64(smoothing / classes as f64); labels.len() * classes];
-    for (i, &l) in labels.iter().enumerate() {
-        assert!(l < classes, "label {l} out of range for {classes} classes");
-        q[i * classes + l] += T::from_f64(1.0 - smoothing);
-    }
+    let q = ok(crate::backend::cpu::loss::smoothed_targets(
+        labels, classes, smoothing,
+    ));
     Tensor::new(&[labels.len(), classes], q)
 }
 
@@ -80,55 +75,39 @@ pub fn cross_entropy<T: Elem>(
     labels: &[usize],
     smoothing: f64,
 ) -> Var {
-    if tape.value(logits).is_cuda() {
-        return super::cuda::cross_entropy(tape, logits, labels, smoothing);
-    }
-    let (n, c) = (tape.shape(logits)[0], tape.shape(logits)[1]);
+    let zt = tape.value(logits).clone();
+    let (n, c) = dims(zt.shape());
     assert_eq!(
         labels.len(),
         n,
         "cross_entropy: {} labels for {n} rows",
         labels.len()
     );
-    let q = smoothed_targets(labels, c, smoothing);
-    cross_entropy_soft(tape, logits, &q)
+    for &l in labels {
+        assert!(l < c, "label {l} out of range for {c} classes");
+    }
+    let r = on_backend!([&zt], |b| {
+        let (v, g) = ok(b.cross_entropy(&b.get(&zt), labels, smoothing, (n, c)));
+        (b.wrap(&[1], v), b.wrap(&[n, c], g))
+    });
+    // Recorded as the soft-target loss of the smoothed targets it is.
+    record(tape, "cross_entropy_soft", logits, r)
 }
 
 /// `t^2 * KL(p_t || p_s)` averaged over the batch, p = softmax(z / t). Gradient flows to the
 /// student only: d/dz_s = t * (p_s - p_t) / N.
 pub fn kd_loss<T: Elem>(tape: &mut Tape<T>, student: Var, teacher: &Tensor<T>, t: f64) -> Var {
     assert!(t > 0.0, "KD temperature must be positive");
-    if tape.value(student).is_cuda() {
-        return super::cuda::kd_loss(tape, student, teacher, t);
-    }
-    let (n, c, zs) = rows(tape.value(student));
-    let (nt, ct, zt) = rows(teacher);
+    let zs = tape.value(student).clone();
+    let (n, c) = dims(zs.shape());
+    let (nt, ct) = dims(teacher.shape());
     assert!(
         nt == n && ct == c,
         "kd_loss: student [{n}, {c}] vs teacher [{nt}, {ct}]"
     );
-    let mut loss = 0.0;
-    let mut grad = vec![0.0; n * c];
-    for i in 0..n {
-        let ls = log_softmax(&zs[i * c..(i + 1) * c], t);
-        let lt = log_softmax(&zt[i * c..(i + 1) * c], t);
-        for j in 0..c {
-            let pt = lt[j].exp();
-            loss += pt * (lt[j] - ls[j]);
-            grad[i * c + j] = t * (ls[j].exp() - pt) / n as f64;
-        }
-    }
-    let shape = [n, c];
-    tape.push(
-        "kd_loss",
-        Tensor::scalar(T::from_f64(t * t * loss / n as f64)),
-        &[student],
-        Box::new(move |gy, _| {
-            let s = gy.data()[0];
-            vec![Some(Tensor::new(
-                &shape,
-                grad.iter().map(|&g| T::from_f64(g) * s).collect(),
-            ))]
-        }),
-    )
+    let r = on_backend!([&zs], |b| {
+        let (v, g) = ok(b.kd_loss(&b.get(&zs), &b.get(teacher), (n, c), t));
+        (b.wrap(&[1], v), b.wrap(&[n, c], g))
+    });
+    record(tape, "kd_loss", student, r)
 }

@@ -1,52 +1,17 @@
 //! Tensors: a shape and a shared, immutable-by-default storage.
 //!
-//! Storage is an `Arc<Vec<T>>` plus an offset, so a tensor can be a zero-copy view into a flat
-//! parameter buffer (see `nn::params`). Layout is always contiguous row-major (NCHW for images).
-//! An f32 tensor can instead live on the CUDA device (an `Arc` of a device buffer plus an
-//! offset, [`CudaData`]); ops dispatch on where their inputs are (`ops::cuda`), and host
-//! accessors such as `data()` refuse device tensors.
+//! The storage ([`storage::Storage`]) is host memory or a device buffer, each with an offset,
+//! so a tensor can be a zero-copy view into a flat parameter buffer (see `nn::params`) on either
+//! device. Layout is always contiguous row-major (NCHW for images). Host accessors such as
+//! `data()` refuse device tensors; `to_host`/`to_device` move values.
+
+pub mod storage;
 
 use std::fmt::Debug;
-use std::iter::Sum;
-use std::ops::{AddAssign, MulAssign, SubAssign};
 use std::sync::Arc;
 
-use crate::backend::cuda::DBuf;
-
-/// The element types the CPU kernels are written for: f32 for the engine, f64 for gradient checks.
-pub trait Elem:
-    num_traits::Float
-    + Default
-    + Debug
-    + Send
-    + Sync
-    + Sum
-    + AddAssign
-    + SubAssign
-    + MulAssign
-    + 'static
-{
-    fn from_f64(v: f64) -> Self;
-    fn as_f64(self) -> f64;
-}
-
-impl Elem for f32 {
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn as_f64(self) -> f64 {
-        self as f64
-    }
-}
-
-impl Elem for f64 {
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn as_f64(self) -> f64 {
-        self
-    }
-}
+pub use crate::backend::{DType, Elem};
+pub use storage::{Device, Storage};
 
 /// Number of elements of a shape.
 pub fn numel(shape: &[usize]) -> usize {
@@ -56,28 +21,7 @@ pub fn numel(shape: &[usize]) -> usize {
 #[derive(Clone)]
 pub struct Tensor<T = f32> {
     shape: Vec<usize>,
-    storage: Arc<Vec<T>>,
-    offset: usize,
-    /// Set for a tensor on the CUDA device (f32 only); `storage` is then empty.
-    cuda: Option<CudaData>,
-}
-
-/// Device storage of a tensor: `numel` f32 values from `offset` of a device buffer.
-#[derive(Clone)]
-pub struct CudaData {
-    pub buf: Arc<DBuf>,
-    pub offset: usize,
-}
-
-impl Tensor<f32> {
-    /// The same values on the CUDA device (the process-wide GPU, `backend::cuda::global`).
-    pub fn to_cuda(&self) -> anyhow::Result<Tensor<f32>> {
-        if self.is_cuda() {
-            return Ok(self.clone());
-        }
-        let gpu = crate::backend::cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Tensor::from_cuda(&self.shape, gpu.upload(self.data())?))
-    }
+    storage: Storage<T>,
 }
 
 impl<T: Elem> Debug for Tensor<T> {
@@ -96,9 +40,10 @@ impl<T: Elem> Tensor<T> {
         );
         Tensor {
             shape: shape.to_vec(),
-            storage: Arc::new(data),
-            offset: 0,
-            cuda: None,
+            storage: Storage::Host {
+                data: Arc::new(data),
+                offset: 0,
+            },
         }
     }
 
@@ -107,67 +52,43 @@ impl<T: Elem> Tensor<T> {
         assert!(offset + numel(shape) <= storage.len(), "view out of range");
         Tensor {
             shape: shape.to_vec(),
-            storage: storage.clone(),
-            offset,
-            cuda: None,
+            storage: Storage::Host {
+                data: storage.clone(),
+                offset,
+            },
         }
     }
 
-    /// A tensor on the CUDA device: `numel(shape)` values of `buf` from `offset` (a view into a
-    /// flat device buffer, or a whole buffer). Only f32 tensors live on the device.
-    pub fn cuda_view(buf: &Arc<DBuf>, offset: usize, shape: &[usize]) -> Self {
-        assert_eq!(
-            std::any::TypeId::of::<T>(),
-            std::any::TypeId::of::<f32>(),
-            "only f32 tensors live on the CUDA device"
-        );
+    /// A view of `numel(shape)` values of this tensor from element `offset` (either device).
+    pub fn narrow(&self, offset: usize, shape: &[usize]) -> Self {
         assert!(
-            offset + numel(shape) <= buf.len(),
-            "device view out of range"
+            offset + numel(shape) <= self.numel(),
+            "narrow {offset}+{shape:?} of {:?}",
+            self.shape
         );
+        let storage = match &self.storage {
+            Storage::Host { data, offset: o } => Storage::Host {
+                data: data.clone(),
+                offset: o + offset,
+            },
+            Storage::Cuda {
+                buf,
+                offset: o,
+                dtype,
+            } => Storage::Cuda {
+                buf: buf.clone(),
+                offset: o + offset,
+                dtype: *dtype,
+            },
+        };
         Tensor {
             shape: shape.to_vec(),
-            storage: Arc::new(Vec::new()),
-            offset,
-            cuda: Some(CudaData {
-                buf: buf.clone(),
-                offset,
-            }),
+            storage,
         }
     }
 
-    /// A tensor owning a device buffer.
-    pub fn from_cuda(shape: &[usize], buf: DBuf) -> Self {
-        assert_eq!(
-            numel(shape),
-            buf.len(),
-            "device buffer does not match shape {shape:?}"
-        );
-        Self::cuda_view(&Arc::new(buf), 0, shape)
-    }
-
-    pub fn is_cuda(&self) -> bool {
-        self.cuda.is_some()
-    }
-
-    /// The device storage of a CUDA tensor.
-    pub fn cuda(&self) -> Option<&CudaData> {
-        self.cuda.as_ref()
-    }
-
-    /// The same values on the host (a copy from the device, or a clone of a host tensor).
-    pub fn to_host(&self) -> Self {
-        let Some(d) = &self.cuda else {
-            return self.clone();
-        };
-        let gpu = crate::backend::cuda::global().unwrap_or_else(|e| panic!("{e}"));
-        let v = gpu
-            .download(&d.buf.view(d.offset, self.numel()))
-            .unwrap_or_else(|e| panic!("CUDA: {e:#}"));
-        Tensor::new(
-            &self.shape,
-            v.into_iter().map(|x| T::from_f64(x as f64)).collect(),
-        )
+    pub fn storage(&self) -> &Storage<T> {
+        &self.storage
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
@@ -190,29 +111,52 @@ impl<T: Elem> Tensor<T> {
         numel(&self.shape)
     }
 
+    /// The values (host tensors only: copy a device tensor with `to_host` first).
     pub fn data(&self) -> &[T] {
-        assert!(
-            self.cuda.is_none(),
-            "tensor {:?} is on the CUDA device: copy it to the host first (to_host)",
-            self.shape
-        );
-        &self.storage[self.offset..self.offset + self.numel()]
+        match &self.storage {
+            Storage::Host { data, offset } => &data[*offset..*offset + self.numel()],
+            Storage::Cuda { .. } => panic!(
+                "tensor {:?} is on the CUDA device: copy it to the host first (to_host)",
+                self.shape
+            ),
+        }
     }
 
     pub fn to_vec(&self) -> Vec<T> {
         self.data().to_vec()
     }
 
-    /// Mutable access; copies the storage first if it is shared or a view.
+    /// The values of a host tensor as a vector (no copy when this tensor owns them alone).
+    pub fn into_vec(self) -> Vec<T> {
+        let n = self.numel();
+        if !matches!(&self.storage, Storage::Host { data, offset: 0 } if data.len() == n) {
+            return self.data().to_vec();
+        }
+        match self.storage {
+            Storage::Host { data, .. } => Arc::try_unwrap(data).unwrap_or_else(|d| d.to_vec()),
+            Storage::Cuda { .. } => unreachable!("checked above"),
+        }
+    }
+
+    /// Mutable access to a host tensor; copies the storage first if it is shared or a view.
     pub fn data_mut(&mut self) -> &mut [T] {
         let n = self.numel();
-        if self.offset != 0 || self.storage.len() != n || Arc::strong_count(&self.storage) != 1 {
-            self.storage = Arc::new(self.data().to_vec());
-            self.offset = 0;
+        let unique = match &self.storage {
+            Storage::Host { data, offset } => {
+                *offset == 0 && data.len() == n && Arc::strong_count(data) == 1
+            }
+            Storage::Cuda { .. } => false,
+        };
+        if !unique {
+            self.storage = Storage::Host {
+                data: Arc::new(self.data().to_vec()),
+                offset: 0,
+            };
         }
-        Arc::get_mut(&mut self.storage)
-            .expect("unique storage")
-            .as_mut_slice()
+        match &mut self.storage {
+            Storage::Host { data, .. } => Arc::get_mut(data).expect("unique storage").as_mut_slice(),
+            Storage::Cuda { .. } => unreachable!("replaced by a host copy above"),
+        }
     }
 
     /// The same data under another shape with the same number of elements.
@@ -226,8 +170,6 @@ impl<T: Elem> Tensor<T> {
         Tensor {
             shape: shape.to_vec(),
             storage: self.storage.clone(),
-            offset: self.offset,
-            cuda: self.cuda.clone(),
         }
     }
 
@@ -235,20 +177,22 @@ impl<T: Elem> Tensor<T> {
         Self::new(&self.shape, self.data().iter().map(|&v| f(v)).collect())
     }
 
-    /// Elementwise sum (same shapes; both on the host or both on the CUDA device).
+    /// Elementwise sum (same shapes; on the device of the inputs).
     pub fn add(&self, other: &Self) -> Self {
+        use crate::backend::api::Elementwise;
+        use storage::Place;
         assert_eq!(self.shape, other.shape, "add: shapes differ");
-        if self.is_cuda() || other.is_cuda() {
-            return crate::ops::cuda::add_tensors(self, other);
-        }
-        Self::new(
+        crate::on_backend!([self, other], |b| b.out(
             &self.shape,
-            self.data()
-                .iter()
-                .zip(other.data())
-                .map(|(&a, &b)| a + b)
-                .collect(),
-        )
+            b.add(&b.get(self), &b.get(other))
+        ))
+    }
+
+    /// A copy with storage of its own, on the same device.
+    pub fn deep_copy(&self) -> Self {
+        use crate::backend::api::Elementwise;
+        use storage::Place;
+        crate::on_backend!([self], |b| b.out(&self.shape, b.copy(&b.get(self))))
     }
 
     /// Converts the element type (f32 <-> f64).

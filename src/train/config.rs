@@ -156,14 +156,8 @@ pub struct TrainSection {
     pub device: Device,
 }
 
-/// The device a run trains on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    #[default]
-    Cpu,
-    Cuda,
-}
+/// The device a run trains on (the engine's one `Device`).
+pub use crate::tensor::Device;
 
 fn eval_batch() -> usize {
     64

@@ -8,25 +8,25 @@
 //! Every random stream derives from (seed, epoch, step or sample index), so resuming from the
 //! checkpoint of epoch k continues exactly as the uninterrupted run would.
 //!
-//! With `train.device = "cuda"` the same step runs on the GPU: parameters, BN running statistics,
-//! optimizer moments and the EMA (held by the EMA model's device state) live there; batches go up
-//! through pinned buffers one step ahead; evaluation runs there. The host copies are brought back
-//! before anything is written (best weights, checkpoint), in the CPU run's format, so a run can
-//! resume on either device.
+//! The step itself is [`step::step`]. With `train.device = "cuda"` the same step runs on the
+//! GPU: parameters, BN running statistics, optimizer moments and the EMA live there (their
+//! tensors' storage is on the device); batches go up through pinned buffers one step ahead;
+//! evaluation runs there. Files are written from host copies in the CPU run's format, so a run
+//! can resume on either device.
 
 pub mod config;
+pub mod step;
 
-use crate::autograd::Tape;
-use crate::backend::cuda::{self, optim::DeviceOptimizer, Gpu};
 use crate::data::{self, Batch, Cifar10, Dataset, ImageFolder, Loader, Mixup, Subset, Synthetic};
 use crate::io::weights::state_tensors;
 use crate::io::{load_state, load_state_from, read_tensors, write_tensors, TensorData};
 use crate::models::{self, Model, ModelOptions};
-use crate::nn::{Mode, RepOptions};
+use crate::nn::RepOptions;
 use crate::optim::{Ema, Layout, Optimizer};
-use crate::{ops, reparam, Tensor};
+use crate::tensor::Device;
+use crate::{reparam, Tensor};
 use anyhow::{bail, ensure, Context, Result};
-use config::{DatasetKind, Device, TrainConfig};
+use config::{DatasetKind, TrainConfig};
 use rand::rngs::StdRng;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -75,14 +75,6 @@ pub struct Trainer {
     pub epoch: usize,
     best_top1: f64,
     pub quiet: bool,
-    /// Set when training on the GPU.
-    cuda: Option<CudaRun>,
-}
-
-/// The device side of a GPU run: the GPU and the optimizer whose state lives there.
-struct CudaRun {
-    gpu: &'static Gpu,
-    optimizer: Box<dyn DeviceOptimizer>,
 }
 
 /// One training step's batch besides its images: the step index, the (soft) targets (None for a
@@ -247,7 +239,7 @@ impl Trainer {
         let ema = match &cfg.ema {
             Some(e) => Some(Ema::new(
                 e.clone(),
-                model.state().params.flat(),
+                model.state().params.flat(), // TRANSITIONAL (optimizer port)
                 model.state().buffers.flat(),
             )?),
             None => None,
@@ -312,45 +304,23 @@ impl Trainer {
             epoch: 0,
             best_top1: -1.0,
             quiet: false,
-            cuda: None,
         })
     }
 
-    /// For `train.device = "cuda"`: the model, its EMA and the teacher to the GPU, and the
-    /// optimizer state (fresh, or loaded from the checkpoint) onto the device optimizer.
+    /// The model, its EMA and the teacher to `train.device` (the optimizer's moments follow
+    /// the parameters at its first step).
     fn move_to_device(&mut self) -> Result<()> {
-        if self.cfg.train.device != Device::Cuda {
-            return Ok(());
-        }
-        let gpu = cuda::global().map_err(|e| anyhow::anyhow!("train.device = \"cuda\": {e}"))?;
-        self.model.state_mut().place_on_cuda()?;
-        if let (Some(ema), Some(em)) = (&self.ema, self.ema_model.as_mut()) {
-            let st = em.state_mut();
-            st.params.flat_mut().copy_from_slice(ema.params());
-            st.buffers.flat_mut().copy_from_slice(ema.buffers());
-            st.place_on_cuda()?;
+        let device = self.cfg.train.device;
+        device
+            .check()
+            .map_err(|e| anyhow::anyhow!("train.device = \"{}\": {e}", device.name()))?;
+        self.model.state_mut().place_on(device)?;
+        if let (Some(ema), Some(em)) = (self.ema.as_mut(), self.ema_model.as_mut()) {
+            em.state_mut().place_on(device)?;
+            let _ = ema; // TRANSITIONAL (optimizer port)
         }
         if let Some(t) = self.teacher.as_mut() {
-            t.state_mut().place_on_cuda()?;
-        }
-        let layout = Layout::from_store(&self.model.state().params);
-        let mut optimizer = cuda::optim::build(gpu, &self.cfg.optimizer, &layout)?;
-        optimizer.load_from(gpu, self.optimizer.as_ref())?;
-        self.cuda = Some(CudaRun { gpu, optimizer });
-        Ok(())
-    }
-
-    /// Brings the device state back to the host copies (model, optimizer, EMA) before they are
-    /// written; nothing to do on the CPU.
-    fn sync_to_host(&mut self) -> Result<()> {
-        let Some(run) = &self.cuda else {
-            return Ok(());
-        };
-        self.model.state_mut().sync_from_cuda()?;
-        run.optimizer.save_into(run.gpu, self.optimizer.as_mut())?;
-        if let (Some(ema), Some(em)) = (self.ema.as_mut(), self.ema_model.as_mut()) {
-            em.state_mut().sync_from_cuda()?;
-            ema.set(em.state().params.flat(), em.state().buffers.flat());
+            t.state_mut().place_on(device)?;
         }
         Ok(())
     }
@@ -369,13 +339,11 @@ impl Trainer {
     /// Trains until `train.epochs`, evaluating and checkpointing after every epoch.
     pub fn run(&mut self) -> Result<Summary> {
         let mut epochs = Vec::new();
-        if let Some(run) = &self.cuda {
+        if self.cfg.train.device != Device::Cpu {
             self.say(&format!(
-                "device: CUDA {} (sm_{}{}); optimizer: {}",
-                run.gpu.name(),
-                run.gpu.compute_capability().0,
-                run.gpu.compute_capability().1,
-                run.optimizer.describe()
+                "device: {}; optimizer: {}",
+                crate::tensor::storage::describe(self.cfg.train.device),
+                self.optimizer.name()
             ));
         }
         self.say(&format!(
@@ -408,17 +376,12 @@ impl Trainer {
         let (top1, top5, val_loss) = evaluate(&mut self.model, &self.val_loader)?;
         let (ema_top1, ema_top5) = match (&self.ema, self.ema_model.as_mut()) {
             (Some(ema), Some(em)) => {
-                // On the GPU the EMA model's device state is the average itself.
-                if em.state().cuda_params.is_none() {
-                    em.state_mut()
-                        .params
-                        .flat_mut()
-                        .copy_from_slice(ema.params());
-                    em.state_mut()
-                        .buffers
-                        .flat_mut()
-                        .copy_from_slice(ema.buffers());
-                }
+                // The EMA model evaluates copies of the average (the average is updated in
+                // place by the next step).
+                // TRANSITIONAL (optimizer port)
+                let (p, b) = (ema.params().to_vec(), ema.buffers().to_vec());
+                em.state_mut().params.set_tensor(Tensor::new(&[p.len()], p));
+                em.state_mut().buffers.set_tensor(Tensor::new(&[b.len()], b));
                 let (a, b, _) = evaluate(em, &self.val_loader)?;
                 (Some(a), Some(b))
             }
@@ -463,14 +426,14 @@ impl Trainer {
         };
         if best_now > self.best_top1 {
             self.best_top1 = best_now;
-            self.sync_to_host()?;
             let state = if from_ema {
                 self.ema_model.as_ref().expect("ema model").state()
             } else {
                 self.model.state()
             };
             let meta = self.weights_meta(if from_ema { "ema" } else { "model" }, m.epoch);
-            crate::io::save_state(state, &self.run_dir.join("best.safetensors"), meta)?;
+            let state = state.to_host()?;
+            crate::io::save_state(&state, &self.run_dir.join("best.safetensors"), meta)?;
         }
         self.save_checkpoint()?;
         Ok(m)
@@ -523,10 +486,7 @@ impl Trainer {
                 ))
             },
         );
-        let batches: Box<dyn Iterator<Item = Result<(Tensor<f32>, StepBatch)>>> = match &self.cuda {
-            Some(_) => Box::new(cuda::prefetch::DevicePrefetcher::on_global_gpu(host)?),
-            None => Box::new(host),
-        };
+        let batches = crate::tensor::storage::batches_to(self.cfg.train.device, host)?;
         let (mut loss_sum, mut images, mut skipped, mut lr) = (0.0, 0usize, 0usize, 0.0);
         let t0 = Instant::now();
         for item in batches {
@@ -590,67 +550,30 @@ impl Trainer {
         step: usize,
         lr: f64,
     ) -> Result<f64> {
-        // On the GPU the batch goes up here (and every op below dispatches to its kernels).
-        let x = match &self.cuda {
-            Some(_) => images.to_cuda()?,
-            None => images.clone(),
-        };
-        let teacher_logits = self.teacher.as_mut().map(|t| t.predict(&x));
         let mut rng = stream(self.cfg.train.seed, epoch, step, 2);
-        let mut tape = Tape::new();
-        let x = tape.constant(x);
-        let (logits, leaves) =
-            self.model
-                .forward(&mut tape, x, Mode::Train { dropout: true }, Some(&mut rng));
-        let ce = ops::cross_entropy_soft(&mut tape, logits, targets);
-        let loss = match (&self.cfg.kd, teacher_logits) {
-            (Some(kd), Some(tl)) => {
-                // (1 - a) CE + a t^2 KL(p_t || p_s)
-                let kl = ops::kd_loss(&mut tape, logits, &tl, kd.temperature);
-                let a = kd.alpha as f32;
-                let ce_w = ops::scale(&mut tape, ce, 1.0 - a);
-                let kl_w = ops::scale(&mut tape, kl, a);
-                ops::add(&mut tape, ce_w, kl_w)
-            }
-            _ => ce,
+        let kd = match (&self.cfg.kd, self.teacher.as_mut()) {
+            (Some(kd), Some(teacher)) => Some(step::Kd {
+                teacher,
+                alpha: kd.alpha,
+                temperature: kd.temperature,
+            }),
+            _ => None,
         };
-        let value = tape.value(loss).to_host().data()[0] as f64;
-        if !value.is_finite() {
-            return Ok(value);
-        }
-        let grads = tape.backward(loss);
-        if let Some(run) = self.cuda.as_mut() {
-            let flat = leaves.flat_grads_cuda(self.model.state(), &grads)?;
-            drop(grads);
-            drop(tape); // the tape's views of the device parameters go: the update is in place
-            let params = device_mut(&mut self.model.state_mut().cuda_params, "parameters")?;
-            match (self.ema.as_mut(), self.ema_model.as_mut()) {
-                (Some(ema), Some(em)) => {
-                    let d = ema.advance();
-                    let st = em.state_mut();
-                    let ema_params = device_mut(&mut st.cuda_params, "EMA parameters")?;
-                    run.optimizer
-                        .step(run.gpu, params, &flat, lr, Some((ema_params, d)))?;
-                    let ema_buffers = device_mut(&mut st.cuda_buffers, "EMA buffers")?;
-                    let buffers = self.model.state().cuda_buffers.as_ref();
-                    let buffers = buffers.context("running statistics are not on the device")?;
-                    run.gpu.ema_blend(ema_buffers, buffers, d)?;
-                }
-                _ => run.optimizer.step(run.gpu, params, &flat, lr, None)?,
-            }
-            return Ok(value);
-        }
-        let flat = leaves.flat_grads(self.model.state(), &grads);
-        drop(tape); // releases the tape's views of the parameters, so the update is in place
-        self.optimizer
-            .step(self.model.state_mut().params.flat_mut(), &flat, lr);
-        if let Some(ema) = self.ema.as_mut() {
-            ema.update(
-                self.model.state().params.flat(),
-                self.model.state().buffers.flat(),
-            );
-        }
-        Ok(value)
+        let loss = step::Loss {
+            targets: step::Targets::Soft(targets),
+            kd,
+        };
+        let out = step::step(
+            &mut self.model,
+            self.optimizer.as_mut(),
+            self.ema.as_mut(),
+            images,
+            loss,
+            true,
+            Some(&mut rng),
+            lr,
+        )?;
+        Ok(out.loss)
     }
 
     fn weights_meta(&self, source: &str, epoch: usize) -> HashMap<String, String> {
@@ -669,8 +592,8 @@ impl Trainer {
 
     /// Model, optimizer and EMA state in one atomically written file.
     fn save_checkpoint(&mut self) -> Result<()> {
-        self.sync_to_host()?;
-        let mut t = state_tensors(self.model.state());
+        let host = self.model.state().to_host()?;
+        let mut t = state_tensors(&host);
         for (k, v) in self.optimizer.state() {
             t.insert(format!("optim.{k}"), TensorData::F32(vec![v.len()], v));
         }
@@ -684,7 +607,7 @@ impl Trainer {
         meta.insert("ghostv3.trainer".to_string(), info.to_string());
         write_tensors(&self.run_dir.join(CHECKPOINT), &t, Some(meta))?;
         crate::io::save_state(
-            self.model.state(),
+            &host,
             &self.run_dir.join("last.safetensors"),
             self.weights_meta("model", self.epoch),
         )
@@ -709,25 +632,11 @@ impl Trainer {
     }
 }
 
-/// Top-1, top-5 (top-k with k = min(5, classes)) and mean CE of a model on a loader, eval mode.
-/// A model whose state is on the GPU (`State::place_on_cuda`) is evaluated there.
+/// Top-1, top-5 (top-k with k = min(5, classes)) and mean CE of a model on a loader, eval mode,
+/// on the device the model's state is on.
 pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<(f64, f64, f64)> {
-    if model.state().cuda_params.is_some() {
-        evaluate_with(loader, |x| Ok(model.predict(&x.to_cuda()?).to_host()))
-    } else {
-        evaluate_with(loader, |x| Ok(model.predict(x)))
-    }
-}
-
-/// The device buffer of a state on the GPU, for an in-place update (no tape may view it).
-fn device_mut<'a>(
-    buf: &'a mut Option<Arc<crate::backend::cuda::DBuf>>,
-    what: &str,
-) -> Result<&'a mut crate::backend::cuda::DBuf> {
-    let b = buf
-        .as_mut()
-        .with_context(|| format!("{what} are not on the device"))?;
-    Arc::get_mut(b).with_context(|| format!("{what} on the device are still in use"))
+    let device = model.state().device();
+    evaluate_with(loader, |x| Ok(model.predict(&x.to_device(device)?).to_host()))
 }
 
 /// `evaluate` with any function from an image batch to logits (e.g. the fast inference path).

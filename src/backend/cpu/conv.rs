@@ -2,110 +2,21 @@
 //!
 //! Depth-wise convs (groups == C_in == C_out) run a direct loop per (sample, channel) plane; every
 //! other conv runs im2col + GEMM per sample and group (1x1 stride-1 convs skip im2col: the input
-//! plane already is the GEMM operand).
+//! plane already is the GEMM operand). The linear layer (`Conv::linear`) is one GEMM.
 
 use super::gemm::matmul;
 use super::min_len;
 use super::reduce;
-use crate::tensor::Elem;
+use super::Cpu;
+use crate::backend::api::conv::{Conv, LinearDims};
+use crate::backend::Elem;
+use anyhow::Result;
 use rayon::prelude::*;
 
-/// The geometry of one convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeom {
-    pub n: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub sh: usize,
-    pub sw: usize,
-    pub ph: usize,
-    pub pw: usize,
-    pub groups: usize,
-    pub ho: usize,
-    pub wo: usize,
-}
+pub use crate::backend::api::conv::{ConvGeom, ConvGrads};
 
+/// What the CPU kernels derive from a geometry.
 impl ConvGeom {
-    /// Checks shapes and derives the output size; the error names what does not fit.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        x: &[usize],
-        wt: &[usize],
-        stride: (usize, usize),
-        padding: (usize, usize),
-        groups: usize,
-    ) -> Result<Self, String> {
-        if x.len() != 4 || wt.len() != 4 {
-            return Err(format!(
-                "conv2d needs NCHW input and 4-D weight, got {x:?} and {wt:?}"
-            ));
-        }
-        let (n, cin, h, w) = (x[0], x[1], x[2], x[3]);
-        let (cout, cig, kh, kw) = (wt[0], wt[1], wt[2], wt[3]);
-        if groups == 0 || cin % groups != 0 || cout % groups != 0 || cin / groups != cig {
-            return Err(format!(
-                "conv2d: input {x:?} and weight {wt:?} do not fit groups={groups}"
-            ));
-        }
-        if stride.0 == 0 || stride.1 == 0 {
-            return Err("conv2d: stride must be positive".into());
-        }
-        if h + 2 * padding.0 < kh || w + 2 * padding.1 < kw {
-            return Err(format!("conv2d: input {x:?} smaller than kernel {wt:?}"));
-        }
-        let ho = (h + 2 * padding.0 - kh) / stride.0 + 1;
-        let wo = (w + 2 * padding.1 - kw) / stride.1 + 1;
-        Ok(ConvGeom {
-            n,
-            cin,
-            h,
-            w,
-            cout,
-            kh,
-            kw,
-            sh: stride.0,
-            sw: stride.1,
-            ph: padding.0,
-            pw: padding.1,
-            groups,
-            ho,
-            wo,
-        })
-    }
-
-    pub fn is_depthwise(&self) -> bool {
-        self.groups == self.cin && self.cout == self.cin && self.groups > 1
-    }
-
-    pub fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
-    }
-
-    /// The tape's name for this conv (the profiler groups by it): which kernel family runs it.
-    pub fn op_name(&self) -> &'static str {
-        if self.is_depthwise() {
-            "conv2d_depthwise"
-        } else if self.is_pointwise() {
-            "conv2d_1x1"
-        } else {
-            "conv2d_im2col"
-        }
-    }
-
-    pub fn out_shape(&self) -> [usize; 4] {
-        [self.n, self.cout, self.ho, self.wo]
-    }
-
-    /// Multiply-adds of the forward pass.
-    pub fn macs(&self) -> u64 {
-        (self.n * self.cout * self.ho * self.wo * (self.cin / self.groups) * self.kh * self.kw)
-            as u64
-    }
-
     fn k_group(&self) -> usize {
         self.cin / self.groups * self.kh * self.kw
     }
@@ -271,20 +182,14 @@ fn dw_plane_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], out: &mut [T]) {
     }
 }
 
-/// Gradients of a convolution. Each is computed only when asked for.
-pub struct ConvGrads<T> {
-    pub dx: Option<Vec<T>>,
-    pub dw: Option<Vec<T>>,
-    pub db: Option<Vec<T>>,
-}
-
+/// Gradients of a convolution. Each is computed only when asked for (`need` = (dx, dw, db)).
 pub fn conv2d_backward<T: Elem>(
     g: &ConvGeom,
     x: &[T],
     w: &[T],
     dy: &[T],
     need: (bool, bool, bool),
-) -> ConvGrads<T> {
+) -> ConvGrads<Vec<T>> {
     let p = g.ho * g.wo;
     let (need_dx, need_dw, need_db) = need;
     let db = need_db.then(|| {
@@ -468,4 +373,63 @@ fn dw_backward<T: Elem>(
         dw
     });
     (dx, dw)
+}
+
+impl<T: Elem> Conv<T> for Cpu {
+    fn conv2d(&self, g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Result<Vec<T>> {
+        Ok(conv2d_forward(g, x, w, bias))
+    }
+
+    fn conv2d_backward(
+        &self,
+        g: &ConvGeom,
+        x: &[T],
+        w: &[T],
+        gy: &[T],
+        need: (bool, bool, bool),
+    ) -> Result<ConvGrads<Vec<T>>> {
+        Ok(conv2d_backward(g, x, w, gy, need))
+    }
+
+    fn linear(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        (n, f, o): LinearDims,
+    ) -> Result<Vec<T>> {
+        let mut y = vec![T::zero(); n * o];
+        if let Some(bd) = bias {
+            y.chunks_mut(o).for_each(|row| row.copy_from_slice(bd));
+        }
+        matmul(n, o, f, x, false, w, true, &mut y, bias.is_some(), true);
+        Ok(y)
+    }
+
+    fn linear_backward(
+        &self,
+        x: &[T],
+        w: &[T],
+        g: &[T],
+        (n, f, o): LinearDims,
+        (need_dx, need_dw, need_db): (bool, bool, bool),
+    ) -> Result<ConvGrads<Vec<T>>> {
+        let dx = need_dx.then(|| {
+            let mut d = vec![T::zero(); n * f];
+            matmul(n, f, o, g, false, w, false, &mut d, false, true);
+            d
+        });
+        let dw = need_dw.then(|| {
+            let mut d = vec![T::zero(); o * f];
+            matmul(o, f, n, g, true, x, false, &mut d, false, true);
+            d
+        });
+        let db = need_db.then(|| {
+            let mut d = vec![T::zero(); o];
+            g.chunks(o)
+                .for_each(|row| d.iter_mut().zip(row).for_each(|(a, &v)| *a += v));
+            d
+        });
+        Ok(ConvGrads { dx, dw, db })
+    }
 }

@@ -1,6 +1,6 @@
 //! Matrix products through the `gemm` crate (runtime-dispatched AVX-512/AVX2/portable kernels).
 
-use crate::tensor::Elem;
+use crate::backend::Elem;
 
 /// `c[m,n] (+)= op(a)[m,k] · op(b)[k,n]` on row-major buffers.
 ///

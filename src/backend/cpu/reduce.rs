@@ -1,7 +1,7 @@
 //! Reductions written with 8 independent accumulators, so the compiler vectorizes them (a single
 //! running sum is a serial dependency chain that float semantics forbid reordering).
 
-use crate::tensor::Elem;
+use crate::backend::Elem;
 
 const LANES: usize = 8;
 

@@ -1,8 +1,8 @@
 //! The CUDA device: guarded context and stream, kernel modules compiled on first use, cuBLAS,
 //! and the caching pools.
 
+use super::alloc::{DevBuf, Pool, PoolStats};
 use super::nvrtc::{self, Nvrtc, Target};
-use super::pool::{DevBuf, Pool, PoolStats};
 use super::sources::{self, ParamKind};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::CudaBlas;

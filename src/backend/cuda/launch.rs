@@ -2,10 +2,10 @@
 //! kernel runs on the one stream of its `Gpu`, so stream order alone keeps a buffer alive and
 //! unchanged until the kernels that read it have run (also after it went back to the pool).
 
+use super::alloc::DevBuf;
 use super::device::Gpu;
-use super::pool::DevBuf;
 use super::sources::{self, ParamKind};
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, ensure, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// LAMB's per-step scalars, laid out as `struct LambCoef` in cuda/optim.cu.
@@ -119,5 +119,25 @@ impl Gpu {
         // checks that its buffers hold the elements the kernel indexes.
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launch of {name}: {e}"))?;
         Ok(())
+    }
+}
+
+/// Fails unless the buffer (or view) holds at least `n` values (every launcher checks its
+/// buffers before a kernel could read or write past them).
+pub(crate) fn need<T>(what: &str, b: &DevBuf<T>, n: usize) -> Result<()> {
+    ensure!(
+        b.len() >= n,
+        "{what}: buffer holds {} values, needs {n}",
+        b.len()
+    );
+    Ok(())
+}
+
+/// Block-per-row / block-per-channel launch shapes (256 threads).
+pub(crate) fn blocks(x: usize, y: usize, z: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x as u32, y as u32, z as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     }
 }

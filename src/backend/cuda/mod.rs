@@ -4,26 +4,62 @@
 //!
 //! Everything is loaded dynamically (cudarc's `dynamic-loading`): the crate builds and runs
 //! without any CUDA library, and [`Gpu::new`] says in one line what is missing (driver, device,
-//! NVRTC, cuBLAS) instead of panicking. The launchers in [`ops`] take the same arguments as the
-//! CPU kernels so that tests compare the two one to one (tests/cuda_ops.rs).
+//! NVRTC, cuBLAS) instead of panicking. The launchers (`impl Gpu` blocks, one file per kernel
+//! source in `cuda/`) take the same arguments as the CPU kernels so that tests compare the two
+//! one to one (tests/cuda_ops.rs): NCHW f32, weights [C_out, C_in/groups, kh, kw], `ConvGeom`
+//! for convolutions, (n, c, hw) for BatchNorm, [N, C] logits for the losses.
+//!
+//! The machinery:
+//! - `device`: [`Gpu`] (context, stream, cuBLAS, the loaded modules), uploads and downloads;
+//! - [`alloc`]: the caching device allocator ([`DevBuf`], [`View`], [`ViewMut`], [`PoolStats`]);
+//! - [`nvrtc`], [`sources`]: run-time compilation of `cuda/*.cu` and its disk cache;
+//! - [`launch`]: kernel arguments, the checked launch, and the helpers every launcher shares
+//!   (`need`, `blocks`);
+//! - `backend`: [`Gpu`] as a backend of `backend::api` ([`Cuda`]);
+//! - [`prefetch`]: host-to-device copies of the next batches on a second stream.
+//!
+//! The launchers, each file for the `cuda/` source of the same name:
+//! - [`elementwise`] (elementwise.cu): copies, fills, activations, add/mul/scale, channel
+//!   products and sums, row sums, the EMA blend;
+//! - [`batch_norm`] (batch_norm.cu): BatchNorm forward, backward and running statistics
+//!   ([`BnSaved`], [`DeviceStats`], [`BnGrads`]);
+//! - [`conv`] (conv.cu + cuBLAS): conv2d forward and backward, linear ([`ConvGradsGpu`]);
+//! - [`pool`] (pool.cu): average, global average and max pooling ([`MaxPoolGeom`]), nearest
+//!   upsample, channel concat;
+//! - [`channel`] (channel.cu): channel slicing and shuffle;
+//! - [`loss`] (loss.cu): cross-entropy and the KD loss;
+//! - [`rep_conv`] (rep_conv.cu): the fused re-parameterized depth-wise conv ([`RepDwGeom`]);
+//! - [`rep_conv_1x1`] (rep_conv_1x1.cu): the fused re-parameterized 1x1 conv ([`Rep1x1Geom`]);
+//! - [`dfc`] (dfc.cu): the DFC attention gate;
+//! - [`optim`] (optim.cu): LAMB ([`LambGpu`]), AdamW and SGD on the device.
 
+pub mod alloc;
+mod backend;
+pub mod batch_norm;
+pub mod channel;
+pub mod conv;
 mod device;
+pub mod dfc;
+pub mod elementwise;
 pub mod launch;
+pub mod loss;
 pub mod nvrtc;
-pub mod ops;
 pub mod optim;
 pub mod pool;
 pub mod prefetch;
-pub mod rep_1x1;
-pub mod shape_ops;
+pub mod rep_conv;
+pub mod rep_conv_1x1;
 pub mod sources;
-pub mod train;
 
+pub use alloc::{DevBuf, PoolStats, View, ViewMut};
+pub use backend::Cuda;
+pub use batch_norm::{BnGrads, BnSaved, DeviceStats};
+pub use conv::ConvGradsGpu;
 pub use device::{cublas_present, driver_present, unavailable_reason, DBuf, Gpu};
-pub use ops::{
-    BnGrads, BnSaved, ConvGradsGpu, DeviceStats, LambGpu, RepDwGeom, RepDwGrads, RepDwSaved,
-};
-pub use pool::{DevBuf, PoolStats, View, ViewMut};
+pub use optim::LambGpu;
+pub use pool::MaxPoolGeom;
+pub use rep_conv::{RepDwGeom, RepDwGrads, RepDwSaved};
+pub use rep_conv_1x1::{Rep1x1Geom, Rep1x1Grads, Rep1x1Saved};
 
 /// The process-wide GPU (device 0) that device tensors and the dispatching ops use, opened on
 /// first call; the error says in one line why there is none.

@@ -4,12 +4,11 @@
 //! checkpoint format: [`DeviceOptimizer::save_into`] and [`DeviceOptimizer::load_from`] move the
 //! state between the two, so a checkpoint written on the GPU resumes on the CPU and back.
 
+use super::alloc::DevBuf;
 use super::device::{DBuf, Gpu};
-use super::launch::{i32a, opt_ptr, ptr, Arg};
-use super::ops::LambGpu;
-use super::pool::DevBuf;
+use super::launch::{blocks, i32a, opt_ptr, ptr, Arg, LambCoef};
 use crate::optim::{AdamWOptions, Lamb, Optimizer, SgdOptions};
-use crate::optim::{Layout, OptimizerConfig, OptimizerKind};
+use crate::optim::{LambOptions, Layout, OptimizerConfig, OptimizerKind};
 use anyhow::{anyhow, ensure, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -485,5 +484,172 @@ impl DeviceOptimizer for SgdGpu {
 
     fn describe(&self) -> &'static str {
         "fused SGD + EMA kernel"
+    }
+}
+
+/// LAMB + EMA on the device over flat buffers (`optim::Lamb` semantics): moments live here.
+pub struct LambGpu {
+    opts: LambOptions,
+    nchunks: usize,
+    chunk_off: DevBuf<i64>,
+    chunk_len: DevBuf<i32>,
+    chunk_tensor: DevBuf<i32>,
+    chunk_whole: DevBuf<i32>,
+    tensor_wd: DBuf,
+    tensor_chunk0: DevBuf<i32>,
+    tensor_nchunks: DevBuf<i32>,
+    pub exp_avg: DBuf,
+    pub exp_avg_sq: DBuf,
+    gpart: DevBuf<f64>,
+    pu: DevBuf<f64>,
+    numel: usize,
+    step: u64,
+}
+
+impl LambGpu {
+    pub fn new(gpu: &Gpu, layout: &Layout, opts: LambOptions) -> Result<LambGpu> {
+        opts.validate()?;
+        let chunks = layout.chunks();
+        let ents = layout.entries();
+        let wd = opts.weight_decay as f32;
+        let mut t0 = vec![0i32; ents.len()];
+        let mut tn = vec![0i32; ents.len()];
+        for (i, c) in chunks.iter().enumerate() {
+            if tn[c.tensor] == 0 {
+                t0[c.tensor] = i as i32;
+            }
+            tn[c.tensor] += 1;
+        }
+        let twd: Vec<f32> = ents
+            .iter()
+            .map(|e| if e.decay { wd } else { 0.0 })
+            .collect();
+        Ok(LambGpu {
+            nchunks: chunks.len(),
+            chunk_off: gpu
+                .upload_i64(&chunks.iter().map(|c| c.offset as i64).collect::<Vec<_>>())?,
+            chunk_len: gpu.upload_i32(&chunks.iter().map(|c| c.len as i32).collect::<Vec<_>>())?,
+            chunk_tensor: gpu
+                .upload_i32(&chunks.iter().map(|c| c.tensor as i32).collect::<Vec<_>>())?,
+            chunk_whole: gpu
+                .upload_i32(&chunks.iter().map(|c| c.whole as i32).collect::<Vec<_>>())?,
+            tensor_wd: gpu.upload(&twd)?,
+            tensor_chunk0: gpu.upload_i32(&t0)?,
+            tensor_nchunks: gpu.upload_i32(&tn)?,
+            exp_avg: gpu.zeros(layout.numel())?,
+            exp_avg_sq: gpu.zeros(layout.numel())?,
+            gpart: gpu.alloc_f64(chunks.len().max(1))?,
+            pu: gpu.alloc_f64(2 * chunks.len().max(1))?,
+            numel: layout.numel(),
+            opts,
+            step: 0,
+        })
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the step counter (bias corrections), when moments are loaded from a checkpoint.
+    pub fn set_steps(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    /// One step: `params -= lr * trust * update`, and when `ema` is given, `ema = d ema +
+    /// (1 - d) params` with the new params, in the same pass.
+    pub fn step(
+        &mut self,
+        gpu: &Gpu,
+        params: &mut DBuf,
+        grads: &DBuf,
+        lr: f64,
+        ema: Option<(&mut DBuf, f64)>,
+    ) -> Result<()> {
+        ensure!(
+            params.len() == self.numel && grads.len() == self.numel,
+            "lamb: buffers do not match the layout"
+        );
+        ensure!(lr.is_finite() && lr >= 0.0, "lamb: learning rate {lr}");
+        if self.nchunks == 0 {
+            return Ok(());
+        }
+        self.step += 1;
+        let t = self.step as f64;
+        let (b1, b2) = self.opts.betas;
+        let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
+        let (ema_buf, d) = match ema {
+            Some((e, d)) => {
+                ensure!(e.len() == self.numel, "lamb: EMA buffer length");
+                (Some(e), d)
+            }
+            None => (None, 0.0),
+        };
+        let k = LambCoef {
+            one_minus_b1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            bc1: bc1 as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            eps: self.opts.eps as f32,
+            neg_lr: -lr as f32,
+            ema_d: d as f32,
+            ema_w: (1.0 - d) as f32,
+            max_grad_norm: self.opts.max_grad_norm.map_or(0.0, |m| m as f32),
+            do_ema: ema_buf.is_some() as i32,
+        };
+        let ema_arg = opt_ptr(ema_buf.as_deref());
+        gpu.launch(
+            "optim",
+            "lamb_gnorm_partial",
+            blocks(self.nchunks, 1, 1),
+            &[
+                ptr(grads),
+                ptr(&self.chunk_off),
+                ptr(&self.chunk_len),
+                ptr(&self.gpart),
+            ],
+        )?;
+        gpu.launch(
+            "optim",
+            "lamb_moments",
+            blocks(self.nchunks, 1, 1),
+            &[
+                ptr(params),
+                ptr(grads),
+                ptr(&self.exp_avg),
+                ptr(&self.exp_avg_sq),
+                opt_ptr(ema_buf.as_deref()),
+                ptr(&self.chunk_off),
+                ptr(&self.chunk_len),
+                ptr(&self.chunk_tensor),
+                ptr(&self.chunk_whole),
+                ptr(&self.tensor_wd),
+                ptr(&self.gpart),
+                i32a(self.nchunks),
+                Arg::Lamb(k),
+                ptr(&self.pu),
+            ],
+        )?;
+        gpu.launch(
+            "optim",
+            "lamb_apply",
+            blocks(self.nchunks, 1, 1),
+            &[
+                ptr(params),
+                ptr(&self.exp_avg),
+                ptr(&self.exp_avg_sq),
+                ema_arg,
+                ptr(&self.chunk_off),
+                ptr(&self.chunk_len),
+                ptr(&self.chunk_tensor),
+                ptr(&self.chunk_whole),
+                ptr(&self.tensor_wd),
+                ptr(&self.tensor_chunk0),
+                ptr(&self.tensor_nchunks),
+                Arg::Lamb(k),
+                ptr(&self.pu),
+            ],
+        )?;
+        Ok(())
     }
 }

@@ -1,252 +1,325 @@
-//! A caching device allocator: freed buffers go back to a free list keyed by a rounded size and
-//! are handed out again, so a training loop that allocates the same shapes every step stops
-//! calling cuMemAlloc after its first step.
+//! Launchers of cuda/pool.cu: 2x2 average pooling, global average pooling, nearest upsample,
+//! two-input channel concat and max_pool2d (with the argmax it routes the gradient by).
 
-use anyhow::Result;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
-use std::collections::HashMap;
-use std::marker::PhantomData;
-use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex};
+use super::alloc::DevBuf;
+use super::device::{DBuf, Gpu};
+use super::launch::{i32a, i64a, need, ptr, Arg};
+use crate::backend::cpu::pool::nearest_indices;
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
 
-/// Rounded capacity for a request of `n` elements: powers of two up to 4096, then steps of an
-/// eighth of the power of two below (at most 12.5% slack), so similar sizes share a list.
-pub fn bin(n: usize) -> usize {
-    let n = n.max(1);
-    if n <= 4096 {
-        return n.next_power_of_two();
-    }
-    let step = (1usize << (usize::BITS - 1 - n.leading_zeros())) / 8;
-    n.div_ceil(step) * step
-}
-
-/// Allocation counters (for the benches and to check that a loop stops allocating).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PoolStats {
-    /// Buffers taken from the driver.
-    pub device_allocs: usize,
-    /// Requests served from the free lists.
-    pub reuses: usize,
-    /// Bytes held by the pool (in use or free).
-    pub bytes: usize,
-}
-
-struct Inner<T> {
-    free: HashMap<usize, Vec<CudaSlice<T>>>,
-    stats: PoolStats,
-    /// Fill every handed-out buffer with 0xFF bytes (NaN as f32 and f64), so that a test sees
-    /// any output element a kernel failed to write.
-    poison: bool,
-}
-
-/// The pool of one element type on one stream.
-pub struct Pool<T> {
-    stream: Arc<CudaStream>,
-    inner: Arc<Mutex<Inner<T>>>,
-}
-
-impl<T: DeviceRepr> Pool<T> {
-    pub fn new(stream: Arc<CudaStream>) -> Self {
-        Pool {
-            stream,
-            inner: Arc::new(Mutex::new(Inner {
-                free: HashMap::new(),
-                stats: PoolStats::default(),
-                poison: false,
-            })),
+/// Output ranges [r0[s], r1[s]) that read source index s under the nearest rule.
+pub(super) fn nearest_ranges(input: usize, output: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let idx = nearest_indices(input, output);
+    let (mut r0, mut r1) = (vec![0i32; input], vec![0i32; input]);
+    for (o, &s) in idx.iter().enumerate() {
+        if r1[s] == 0 {
+            r0[s] = o as i32;
         }
+        r1[s] = o as i32 + 1;
+    }
+    (idx.iter().map(|&v| v as i32).collect(), r0, r1)
+}
+
+pub use crate::backend::api::MaxPoolGeom;
+
+impl Gpu {
+    // ---- pooling, upsample, concat ----
+
+    pub fn avg_pool2x2(
+        &self,
+        x: &DBuf,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Result<DBuf> {
+        need("avg_pool2x2 x", x, n * c * h * w)?;
+        let out = n * c * (h / 2) * (w / 2);
+        ensure!(out > 0, "avg_pool2x2 on a {h}x{w} input");
+        let y = self.alloc(out)?;
+        self.launch(
+            "pool",
+            "avg_pool2x2_fwd",
+            self.grid(out),
+            &[ptr(x), ptr(&y), i64a(n * c), i32a(h), i32a(w)],
+        )?;
+        Ok(y)
     }
 
-    /// A buffer of `len` elements with unspecified contents.
-    pub fn alloc(&self, len: usize) -> Result<DevBuf<T>> {
-        let cap = bin(len);
-        let (reused, poison) = {
-            let mut g = self.inner.lock().expect("pool lock");
-            let s = g.free.get_mut(&cap).and_then(|v| v.pop());
-            if s.is_some() {
-                g.stats.reuses += 1;
-            }
-            (s, g.poison)
+    pub fn avg_pool2x2_backward(
+        &self,
+        gy: &DBuf,
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Result<DBuf> {
+        need("avg_pool2x2 gy", gy, n * c * (h / 2) * (w / 2))?;
+        let dx = self.alloc(n * c * h * w)?;
+        self.launch(
+            "pool",
+            "avg_pool2x2_bwd",
+            self.grid(n * c * h * w),
+            &[ptr(gy), ptr(&dx), i64a(n * c), i32a(h), i32a(w)],
+        )?;
+        Ok(dx)
+    }
+
+    pub fn global_avg_pool(&self, x: &DBuf, nc: usize, hw: usize) -> Result<DBuf> {
+        need("global_avg_pool x", x, nc * hw)?;
+        let y = self.alloc(nc)?;
+        let inv = (1.0 / hw as f64) as f32;
+        let warps_per_block = 8;
+        let cfg = LaunchConfig {
+            grid_dim: (nc.div_ceil(warps_per_block) as u32, 1, 1),
+            block_dim: (32 * warps_per_block as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
-        let mut slice = match reused {
-            Some(s) => s,
-            None => {
-                // SAFETY: contents are unspecified until a kernel or copy writes them; every
-                // launcher writes its outputs in full.
-                let s = unsafe { self.stream.alloc::<T>(cap) }?;
-                let mut g = self.inner.lock().expect("pool lock");
-                g.stats.device_allocs += 1;
-                g.stats.bytes += cap * std::mem::size_of::<T>();
-                s
-            }
-        };
-        let ptr = {
-            let (p, _sync) = slice.device_ptr_mut(&self.stream);
-            p
-        };
-        if poison {
-            let bytes = cap * std::mem::size_of::<T>();
-            // SAFETY: ptr is a live allocation of `bytes` bytes, written on this pool's stream.
-            unsafe {
-                cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream())
-            }?;
-        }
-        Ok(DevBuf {
-            slice: Some(slice),
-            ptr,
-            len,
-            pool: Some(self.inner.clone()),
-        })
+        self.launch(
+            "pool",
+            "global_avg_pool_fwd",
+            cfg,
+            &[ptr(x), ptr(&y), i64a(nc), i32a(hw), Arg::F32(inv)],
+        )?;
+        Ok(y)
     }
 
-    /// Turns poisoning of new buffers on or off (tests).
-    pub fn set_poison(&self, on: bool) {
-        self.inner.lock().expect("pool lock").poison = on;
+    pub fn global_avg_pool_backward(&self, gy: &DBuf, nc: usize, hw: usize) -> Result<DBuf> {
+        need("global_avg_pool gy", gy, nc)?;
+        let dx = self.alloc(nc * hw)?;
+        let inv = (1.0 / hw as f64) as f32;
+        self.launch(
+            "pool",
+            "global_avg_pool_bwd",
+            self.grid(nc * hw),
+            &[ptr(gy), ptr(&dx), i64a(nc), i32a(hw), Arg::F32(inv)],
+        )?;
+        Ok(dx)
     }
 
-    pub fn stats(&self) -> PoolStats {
-        self.inner.lock().expect("pool lock").stats
+    pub fn upsample_nearest(
+        &self,
+        x: &DBuf,
+        (n, c, h, w): (usize, usize, usize, usize),
+        (ho, wo): (usize, usize),
+    ) -> Result<DBuf> {
+        need("upsample x", x, n * c * h * w)?;
+        let (iy, _, _) = nearest_ranges(h, ho);
+        let (ix, _, _) = nearest_ranges(w, wo);
+        let (iy, ix) = (self.upload_i32(&iy)?, self.upload_i32(&ix)?);
+        let total = n * c * ho * wo;
+        let y = self.alloc(total)?;
+        self.launch(
+            "pool",
+            "upsample_nearest_fwd",
+            self.grid(total),
+            &[
+                ptr(x),
+                ptr(&y),
+                ptr(&iy),
+                ptr(&ix),
+                i64a(n * c),
+                i32a(h),
+                i32a(w),
+                i32a(ho),
+                i32a(wo),
+            ],
+        )?;
+        Ok(y)
     }
 
-    /// Returns every free buffer to the driver.
-    pub fn trim(&self) {
-        let mut g = self.inner.lock().expect("pool lock");
-        let freed: usize = g
-            .free
-            .iter()
-            .map(|(cap, v)| cap * v.len() * std::mem::size_of::<T>())
-            .sum();
-        g.free.clear();
-        g.stats.bytes -= freed;
+    pub fn upsample_nearest_backward(
+        &self,
+        gy: &DBuf,
+        (n, c, h, w): (usize, usize, usize, usize),
+        (ho, wo): (usize, usize),
+    ) -> Result<DBuf> {
+        need("upsample gy", gy, n * c * ho * wo)?;
+        let (_, ry0, ry1) = nearest_ranges(h, ho);
+        let (_, rx0, rx1) = nearest_ranges(w, wo);
+        let b = [
+            self.upload_i32(&ry0)?,
+            self.upload_i32(&ry1)?,
+            self.upload_i32(&rx0)?,
+            self.upload_i32(&rx1)?,
+        ];
+        let total = n * c * h * w;
+        let dx = self.alloc(total)?;
+        self.launch(
+            "pool",
+            "upsample_nearest_bwd",
+            self.grid(total),
+            &[
+                ptr(gy),
+                ptr(&dx),
+                ptr(&b[0]),
+                ptr(&b[1]),
+                ptr(&b[2]),
+                ptr(&b[3]),
+                i64a(n * c),
+                i32a(h),
+                i32a(w),
+                i32a(ho),
+                i32a(wo),
+            ],
+        )?;
+        Ok(dx)
+    }
+
+    pub fn concat_channels(
+        &self,
+        a: &DBuf,
+        b: &DBuf,
+        (n, ca, cb, hw): (usize, usize, usize, usize),
+    ) -> Result<DBuf> {
+        need("concat a", a, n * ca * hw)?;
+        need("concat b", b, n * cb * hw)?;
+        let total = n * (ca + cb) * hw;
+        let y = self.alloc(total)?;
+        self.launch(
+            "pool",
+            "concat2_fwd",
+            self.grid(total),
+            &[
+                ptr(a),
+                ptr(b),
+                ptr(&y),
+                i32a(n),
+                i32a(ca),
+                i32a(cb),
+                i64a(hw),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    pub fn concat_channels_backward(
+        &self,
+        gy: &DBuf,
+        (n, ca, cb, hw): (usize, usize, usize, usize),
+    ) -> Result<(DBuf, DBuf)> {
+        let total = n * (ca + cb) * hw;
+        need("concat gy", gy, total)?;
+        let (ga, gb) = (self.alloc(n * ca * hw)?, self.alloc(n * cb * hw)?);
+        self.launch(
+            "pool",
+            "concat2_bwd",
+            self.grid(total),
+            &[
+                ptr(gy),
+                ptr(&ga),
+                ptr(&gb),
+                i32a(n),
+                i32a(ca),
+                i32a(cb),
+                i64a(hw),
+            ],
+        )?;
+        Ok((ga, gb))
+    }
+
+    /// The pooled output and, per output, the in-plane index of the input it took.
+    pub fn max_pool2d(&self, x: &DBuf, g: &MaxPoolGeom) -> Result<(DBuf, DevBuf<i32>)> {
+        g.check()?;
+        need("max_pool2d x", x, g.n * g.c * g.h * g.w)?;
+        let (ho, wo) = g.out_hw();
+        let total = g.n * g.c * ho * wo;
+        let y = self.alloc(total)?;
+        let arg = self.i32s.alloc(total)?;
+        self.launch(
+            "pool",
+            "max_pool2d_fwd",
+            self.grid(total),
+            &[
+                ptr(x),
+                ptr(&y),
+                ptr(&arg),
+                i64a(g.n * g.c),
+                i32a(g.h),
+                i32a(g.w),
+                i32a(ho),
+                i32a(wo),
+                i32a(g.k),
+                i32a(g.s),
+                i32a(g.p),
+            ],
+        )?;
+        Ok((y, arg))
+    }
+
+    /// The input gradient: each output's gradient to the input it took (sums where windows
+    /// overlap, in row-major output order).
+    pub fn max_pool2d_backward(
+        &self,
+        gy: &DBuf,
+        arg: &DevBuf<i32>,
+        g: &MaxPoolGeom,
+    ) -> Result<DBuf> {
+        g.check()?;
+        let (ho, wo) = g.out_hw();
+        need("max_pool2d gy", gy, g.n * g.c * ho * wo)?;
+        need("max_pool2d argmax", arg, g.n * g.c * ho * wo)?;
+        let total = g.n * g.c * g.h * g.w;
+        let dx = self.alloc(total)?;
+        self.launch(
+            "pool",
+            "max_pool2d_bwd",
+            self.grid(total),
+            &[
+                ptr(gy),
+                ptr(arg),
+                ptr(&dx),
+                i64a(g.n * g.c),
+                i32a(g.h),
+                i32a(g.w),
+                i32a(ho),
+                i32a(wo),
+                i32a(g.k),
+                i32a(g.s),
+                i32a(g.p),
+            ],
+        )?;
+        Ok(dx)
     }
 }
 
-/// A device buffer of `len` elements (its capacity may be larger) that returns to its pool
-/// when dropped; or a view of part of another buffer (see [`DevBuf::view`]).
-pub struct DevBuf<T> {
-    slice: Option<CudaSlice<T>>,
-    /// Device address of element 0.
-    ptr: u64,
-    len: usize,
-    /// None for a view.
-    pool: Option<Arc<Mutex<Inner<T>>>>,
-}
+impl<T: crate::backend::Elem> crate::backend::api::Pool<T> for super::Cuda<T> {
+    type Argmax = DevBuf<i32>;
 
-impl<T> DevBuf<T> {
-    pub fn len(&self) -> usize {
-        self.len
+    fn avg_pool2x2(&self, x: &DBuf, dims: crate::backend::api::Dims4) -> Result<DBuf> {
+        (**self).avg_pool2x2(x, dims)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    fn avg_pool2x2_backward(&self, gy: &DBuf, dims: crate::backend::api::Dims4) -> Result<DBuf> {
+        (**self).avg_pool2x2_backward(gy, dims)
     }
 
-    /// The device address of the first element (kernel arguments, cuBLAS, copies).
-    pub fn device_ptr(&self) -> u64 {
-        self.ptr
+    fn global_avg_pool(&self, x: &DBuf, nc: usize, hw: usize) -> Result<DBuf> {
+        (**self).global_avg_pool(x, nc, hw)
     }
 
-    /// The whole underlying allocation of an owning buffer (None for a view).
-    pub fn slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
-        self.slice.as_mut()
+    fn global_avg_pool_backward(&self, gy: &DBuf, nc: usize, hw: usize) -> Result<DBuf> {
+        (**self).global_avg_pool_backward(gy, nc, hw)
     }
 
-    /// Elements `offset..offset + len` as a buffer that every launcher accepts, borrowed from
-    /// this one (e.g. one parameter of a flat parameter buffer). Writes through it land here.
-    pub fn view(&self, offset: usize, len: usize) -> View<'_, T> {
-        assert!(
-            offset + len <= self.len,
-            "view {offset}..{} of a buffer of {}",
-            offset + len,
-            self.len
-        );
-        View(
-            DevBuf {
-                slice: None,
-                ptr: self.ptr + (offset * std::mem::size_of::<T>()) as u64,
-                len,
-                pool: None,
-            },
-            PhantomData,
-        )
+    fn upsample_nearest(
+        &self,
+        x: &DBuf,
+        dims: crate::backend::api::Dims4,
+        out: (usize, usize),
+    ) -> Result<DBuf> {
+        (**self).upsample_nearest(x, dims, out)
     }
-}
 
-impl<T> Drop for DevBuf<T> {
-    fn drop(&mut self) {
-        if let (Some(s), Some(pool)) = (self.slice.take(), self.pool.as_ref()) {
-            if let Ok(mut g) = pool.lock() {
-                let cap = s.len();
-                g.free.entry(cap).or_default().push(s);
-            }
-        }
+    fn upsample_nearest_backward(
+        &self,
+        gy: &DBuf,
+        dims: crate::backend::api::Dims4,
+        out: (usize, usize),
+    ) -> Result<DBuf> {
+        (**self).upsample_nearest_backward(gy, dims, out)
     }
-}
 
-impl<T> DevBuf<T> {
-    /// A writable view of elements `offset..offset + len` (the buffer is borrowed exclusively).
-    pub fn view_mut(&mut self, offset: usize, len: usize) -> ViewMut<'_, T> {
-        let v = self.view(offset, len).0;
-        // Re-wrap: the DevBuf inside a view owns nothing, so moving it out is free.
-        ViewMut(
-            DevBuf {
-                slice: None,
-                ptr: v.ptr,
-                len: v.len,
-                pool: None,
-            },
-            PhantomData,
-        )
+    fn max_pool2d(&self, x: &DBuf, g: &MaxPoolGeom) -> Result<(DBuf, DevBuf<i32>)> {
+        (**self).max_pool2d(x, g)
     }
-}
 
-/// A writable view into a [`DevBuf`]; cannot outlive the exclusive borrow of it.
-pub struct ViewMut<'a, T>(DevBuf<T>, PhantomData<&'a mut DevBuf<T>>);
-
-impl<T> Deref for ViewMut<'_, T> {
-    type Target = DevBuf<T>;
-    fn deref(&self) -> &DevBuf<T> {
-        &self.0
-    }
-}
-
-impl<T> DerefMut for ViewMut<'_, T> {
-    fn deref_mut(&mut self) -> &mut DevBuf<T> {
-        &mut self.0
-    }
-}
-
-/// A view into a [`DevBuf`]; cannot outlive it. Dereferences to a `DevBuf` that owns nothing.
-pub struct View<'a, T>(DevBuf<T>, PhantomData<&'a DevBuf<T>>);
-
-impl<T> Deref for View<'_, T> {
-    type Target = DevBuf<T>;
-    fn deref(&self) -> &DevBuf<T> {
-        &self.0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bin;
-
-    #[test]
-    fn bins_cover_requests_with_bounded_slack() {
-        for n in [
-            1,
-            3,
-            4096,
-            4097,
-            5000,
-            1 << 20,
-            (1 << 20) + 1,
-            51_380_224,
-            12_345_678,
-        ] {
-            let b = bin(n);
-            assert!(b >= n, "{n} -> {b}");
-            assert!(n <= 4096 || (b - n) as f64 <= n as f64 / 8.0, "{n} -> {b}");
-        }
-        assert_eq!(bin(5000), bin(5100));
+    fn max_pool2d_backward(&self, gy: &DBuf, arg: &DevBuf<i32>, g: &MaxPoolGeom) -> Result<DBuf> {
+        (**self).max_pool2d_backward(gy, arg, g)
     }
 }

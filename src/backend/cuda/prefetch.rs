@@ -25,14 +25,13 @@
 //!   copy reads them.
 
 use super::device::{DBuf, Gpu};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use cudarc::driver::{result as cu, CudaContext, CudaEvent, CudaStream};
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::Tensor;
 
 /// Pinned host buffers in the ring.
 const SLOTS: usize = 3;
@@ -143,6 +142,12 @@ struct InFlight<T> {
     copied: Option<Arc<CudaEvent>>,
 }
 
+/// A batch of images on the host: its shape and values.
+pub struct HostBatch {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
 /// Overlaps the host-to-device copy of the next batch with the GPU work of the current one (see
 /// the module docs). Yields the source's items with the images on the device.
 pub struct DevicePrefetcher<'g, T> {
@@ -160,7 +165,7 @@ impl<T: Send + 'static> DevicePrefetcher<'static, T> {
     /// A prefetcher onto the process-wide GPU ([`super::global`]); without a usable GPU, the
     /// error says why in one line (no panic).
     pub fn on_global_gpu(
-        src: impl Iterator<Item = Result<(Tensor<f32>, T)>> + Send + 'static,
+        src: impl Iterator<Item = Result<(HostBatch, T)>> + Send + 'static,
     ) -> Result<Self> {
         let gpu = super::global().map_err(|e| anyhow!("{e}"))?;
         DevicePrefetcher::new(gpu, src)
@@ -171,7 +176,7 @@ impl<'g, T: Send + 'static> DevicePrefetcher<'g, T> {
     /// Starts the worker thread that pulls `src`. Nothing is copied until the first `next()`.
     pub fn new(
         gpu: &'g Gpu,
-        src: impl Iterator<Item = Result<(Tensor<f32>, T)>> + Send + 'static,
+        src: impl Iterator<Item = Result<(HostBatch, T)>> + Send + 'static,
     ) -> Result<Self> {
         let copy = gpu
             .ctx
@@ -297,8 +302,8 @@ impl<'g, T: Send + 'static> DevicePrefetcher<'g, T> {
         true
     }
 
-    /// Makes the compute stream wait for the batch's copy and wraps its buffer as a tensor.
-    fn hand_out(&self, f: InFlight<T>) -> Result<(Tensor<f32>, T)> {
+    /// Makes the compute stream wait for the batch's copy and hands out its buffer and shape.
+    fn hand_out(&self, f: InFlight<T>) -> Result<(DBuf, Vec<usize>, T)> {
         if let Some(e) = &f.copied {
             if let Err(err) = self.gpu.stream.wait(e) {
                 // The buffer goes back to the pool: its copy must be over first.
@@ -306,12 +311,12 @@ impl<'g, T: Send + 'static> DevicePrefetcher<'g, T> {
                 return Err(err.into());
             }
         }
-        Ok((Tensor::from_cuda(&f.shape, f.buf), f.payload))
+        Ok((f.buf, f.shape, f.payload))
     }
 }
 
 impl<T: Send + 'static> Iterator for DevicePrefetcher<'_, T> {
-    type Item = Result<(Tensor<f32>, T)>;
+    type Item = Result<(DBuf, Vec<usize>, T)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.finished {
@@ -352,7 +357,7 @@ impl<T> Drop for DevicePrefetcher<'_, T> {
 
 /// The worker: source items into pinned slots, in order; errors pass through unchanged.
 fn stage_all<T>(
-    src: impl Iterator<Item = Result<(Tensor<f32>, T)>>,
+    src: impl Iterator<Item = Result<(HostBatch, T)>>,
     ready: SyncSender<Result<Staged<T>>>,
     free: Receiver<Pinned>,
     stats: Arc<Mutex<PrefetchStats>>,
@@ -373,8 +378,8 @@ fn stage_all<T>(
                 match stage(&mut slot, &images, &stats) {
                     Ok(()) => Ok(Staged {
                         slot,
-                        len: images.numel(),
-                        shape: images.shape().to_vec(),
+                        len: images.values.len(),
+                        shape: images.shape,
                         payload,
                     }),
                     Err(e) => {
@@ -390,12 +395,12 @@ fn stage_all<T>(
     }
 }
 
-fn stage(slot: &mut Pinned, images: &Tensor<f32>, stats: &Mutex<PrefetchStats>) -> Result<()> {
-    if images.is_cuda() {
-        bail!(
-            "DevicePrefetcher: batch {:?} is already on the CUDA device (the source must yield host tensors)",
-            images.shape()
-        );
-    }
-    slot.fill(images.data(), stats)
+fn stage(slot: &mut Pinned, images: &HostBatch, stats: &Mutex<PrefetchStats>) -> Result<()> {
+    ensure!(
+        images.values.len() == images.shape.iter().product::<usize>(),
+        "DevicePrefetcher: {} values for a batch of shape {:?}",
+        images.values.len(),
+        images.shape
+    );
+    slot.fill(&images.values, stats)
 }

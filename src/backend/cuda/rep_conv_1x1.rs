@@ -3,10 +3,13 @@
 //! stride 1) each with its batch-statistics BN, plus an optional BN identity, computed as one
 //! 1x1 conv whose kernel comes from the input's per-channel mean and covariance.
 
+use super::alloc::DevBuf;
+use super::backend::Cuda;
 use super::device::{DBuf, Gpu};
-use super::launch::{i32a, i64a, opt_ptr, ptr, Arg};
-use super::ops::need;
-use super::pool::DevBuf;
+use super::launch::{i32a, i64a, need, opt_ptr, ptr, Arg};
+use super::DeviceStats;
+use crate::backend::api::rep_conv::{FusedRep1x1, RepGrads, RepOut};
+use crate::backend::Elem;
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -15,32 +18,10 @@ use cudarc::driver::LaunchConfig;
 /// chunks of the batch accumulated into them.
 const SCRATCH: usize = 1 << 22;
 
-/// Shape of a fused 1x1 rep_conv: input [n, cin, hw], `branches` weights [cout, cin], and the
-/// BN identity (cin == cout).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rep1x1Geom {
-    pub n: usize,
-    pub cin: usize,
-    pub cout: usize,
-    pub hw: usize,
-    pub branches: usize,
-    pub identity: bool,
-    /// Most batch entries per GEMM of the reductions over the batch (0: as many as fit the
-    /// scratch; tests set it to exercise the chunked accumulation).
-    pub chunk: usize,
-}
+pub use crate::backend::api::rep_conv::Rep1x1Geom;
 
+/// The kernels' limits and cost model (the geometry itself is `backend::api`'s).
 impl Rep1x1Geom {
-    /// Branches with a BN: the 1x1 convs, then the identity.
-    pub fn nbt(&self) -> usize {
-        self.branches + self.identity as usize
-    }
-
-    /// Positions per channel (the BN count).
-    pub fn m(&self) -> usize {
-        self.n * self.hw
-    }
-
     fn check(&self) -> Result<()> {
         ensure!(
             self.n > 0 && self.cin > 0 && self.cout > 0 && self.hw > 0,
@@ -417,6 +398,62 @@ impl Gpu {
             dw,
             dgamma,
             dbeta,
+        })
+    }
+}
+
+/// What the fused 1x1 backward needs: the forward's saved state and the stacked branch weights
+/// it ran with.
+pub struct Rep1x1State {
+    saved: Rep1x1Saved,
+    w: DBuf,
+}
+
+impl<T: Elem> FusedRep1x1<T> for Cuda<T> {
+    type Rep1x1Saved = Rep1x1State;
+
+    fn fused_rep_1x1(&self, g: &Rep1x1Geom) -> bool {
+        g.check().is_ok()
+    }
+
+    fn rep_1x1_pays(&self, g: &Rep1x1Geom) -> bool {
+        g.fused_pays()
+    }
+
+    fn rep_1x1_forward(
+        &self,
+        g: &Rep1x1Geom,
+        x: &DBuf,
+        w: &[&DBuf],
+        gamma: &[&DBuf],
+        beta: &[&DBuf],
+        eps: f64,
+    ) -> Result<RepOut<DBuf, Rep1x1State, DeviceStats>> {
+        let gpu: &Gpu = self;
+        // Stacked [NB, Cout, Cin] weights and [NBT, Cout] BN parameters (device copies).
+        let w = gpu.stack(w)?;
+        let gamma = gpu.stack(gamma)?;
+        let beta = gpu.stack(beta)?;
+        let (y, saved) = gpu.rep_1x1_forward(g, x, &w, &gamma, &beta, eps)?;
+        drop((gamma, beta));
+        let stats = gpu.branch_stats(&saved.mean, &saved.var, g.nbt(), g.cout)?;
+        Ok((y, Rep1x1State { saved, w }, stats))
+    }
+
+    fn rep_1x1_backward(
+        &self,
+        g: &Rep1x1Geom,
+        s: &Rep1x1State,
+        gy: &DBuf,
+    ) -> Result<RepGrads<DBuf>> {
+        let gpu: &Gpu = self;
+        let r = gpu.rep_1x1_backward(g, &s.w, &s.saved, gy)?;
+        Ok(RepGrads {
+            dx: r.dx,
+            dw: r.dw,
+            dscale: None,
+            dgamma: r.dgamma,
+            dbeta: r.dbeta,
         })
     }
 }

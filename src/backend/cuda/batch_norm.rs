@@ -1,0 +1,414 @@
+//! Launchers of cuda/batch_norm.cu: train- and eval-mode BatchNorm (statistics in f64, the
+//! f32 affine map), its backward, and the running-statistics updates. BN dims are (n, c, hw).
+
+use super::alloc::DevBuf;
+use super::device::{DBuf, Gpu};
+use super::launch::{blocks, i32a, i64a, need, opt_ptr, ptr, Arg};
+use anyhow::{bail, ensure, Result};
+
+/// Statistics of a BatchNorm on the device: f64 mean, biased variance (train mode only) and
+/// 1/sqrt(var + eps); the f32 affine map y = (x - center) * scale + shift.
+pub struct BnSaved {
+    pub mean: DevBuf<f64>,
+    pub var: Option<DevBuf<f64>>,
+    pub invstd: DevBuf<f64>,
+    pub center: DBuf,
+    pub scale: DBuf,
+    pub shift: DBuf,
+    pub count: usize,
+}
+
+/// Batch statistics of a train-mode BN left on the device: f64 mean and biased variance.
+pub struct DeviceStats {
+    pub mean: DevBuf<f64>,
+    pub var: DevBuf<f64>,
+}
+
+impl std::fmt::Debug for DeviceStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceStats[{}]", self.mean.len())
+    }
+}
+
+pub struct BnGrads {
+    pub dx: DBuf,
+    pub dgamma: DBuf,
+    pub dbeta: DBuf,
+}
+
+impl Gpu {
+    /// Train-mode statistics and the affine map, without applying it.
+    pub fn batch_norm_stats(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        (n, c, hw): (usize, usize, usize),
+        eps: f64,
+    ) -> Result<BnSaved> {
+        need("batch_norm x", x, n * c * hw)?;
+        need("batch_norm gamma", gamma, c)?;
+        need("batch_norm beta", beta, c)?;
+        let s = self.splits(c, n * hw);
+        let part = self.alloc_f64(2 * c * s)?;
+        self.launch(
+            "batch_norm",
+            "bn_stats_partial",
+            blocks(c, s, 1),
+            &[ptr(x), i32a(n), i32a(c), i32a(hw), ptr(&part)],
+        )?;
+        let saved = BnSaved {
+            mean: self.alloc_f64(c)?,
+            var: Some(self.alloc_f64(c)?),
+            invstd: self.alloc_f64(c)?,
+            center: self.alloc(c)?,
+            scale: self.alloc(c)?,
+            shift: self.alloc(c)?,
+            count: n * hw,
+        };
+        self.launch(
+            "batch_norm",
+            "bn_stats_finalize",
+            self.grid(c),
+            &[
+                ptr(&part),
+                i32a(s),
+                i32a(c),
+                Arg::F64((n * hw) as f64),
+                Arg::F64(eps),
+                ptr(gamma),
+                ptr(beta),
+                ptr(&saved.mean),
+                opt_ptr(saved.var.as_ref()),
+                ptr(&saved.invstd),
+                ptr(&saved.center),
+                ptr(&saved.scale),
+                ptr(&saved.shift),
+            ],
+        )?;
+        Ok(saved)
+    }
+
+    /// y = (x - center) * scale + shift per channel.
+    pub fn batch_norm_apply(
+        &self,
+        x: &DBuf,
+        saved: &BnSaved,
+        (n, c, hw): (usize, usize, usize),
+    ) -> Result<DBuf> {
+        need("batch_norm x", x, n * c * hw)?;
+        let total = n * c * hw;
+        let y = self.alloc(total)?;
+        self.launch(
+            "batch_norm",
+            "bn_apply",
+            self.grid(total),
+            &[
+                ptr(x),
+                ptr(&y),
+                ptr(&saved.center),
+                ptr(&saved.scale),
+                ptr(&saved.shift),
+                i32a(c),
+                i32a(hw),
+                i64a(total),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    /// Train-mode BN (`ops::batch_norm_train`).
+    pub fn batch_norm_train(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> Result<(DBuf, BnSaved)> {
+        let saved = self.batch_norm_stats(x, gamma, beta, dims, eps)?;
+        let y = self.batch_norm_apply(x, &saved, dims)?;
+        Ok((y, saved))
+    }
+
+    /// Eval-mode BN with running statistics (`ops::batch_norm_eval`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_eval(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        running_mean: &DBuf,
+        running_var: &DBuf,
+        dims: (usize, usize, usize),
+        eps: f64,
+    ) -> Result<(DBuf, BnSaved)> {
+        let (n, c, hw) = dims;
+        need("batch_norm running_mean", running_mean, c)?;
+        need("batch_norm running_var", running_var, c)?;
+        let saved = BnSaved {
+            mean: self.alloc_f64(c)?,
+            var: None,
+            invstd: self.alloc_f64(c)?,
+            center: self.alloc(c)?,
+            scale: self.alloc(c)?,
+            shift: self.alloc(c)?,
+            count: n * hw,
+        };
+        self.launch(
+            "batch_norm",
+            "bn_eval_coef",
+            self.grid(c),
+            &[
+                ptr(running_mean),
+                ptr(running_var),
+                i32a(c),
+                Arg::F64(eps),
+                ptr(gamma),
+                ptr(beta),
+                ptr(&saved.mean),
+                ptr(&saved.invstd),
+                ptr(&saved.center),
+                ptr(&saved.scale),
+                ptr(&saved.shift),
+            ],
+        )?;
+        let y = self.batch_norm_apply(x, &saved, dims)?;
+        Ok((y, saved))
+    }
+
+    /// Gradients of BN (train mode: through the batch statistics; eval: the affine map).
+    pub fn batch_norm_backward(
+        &self,
+        gy: &DBuf,
+        x: &DBuf,
+        gamma: &DBuf,
+        saved: &BnSaved,
+        (n, c, hw): (usize, usize, usize),
+        train: bool,
+    ) -> Result<BnGrads> {
+        need("batch_norm gy", gy, n * c * hw)?;
+        need("batch_norm x", x, n * c * hw)?;
+        let s = self.splits(c, n * hw);
+        let part = self.alloc_f64(2 * c * s)?;
+        self.launch(
+            "batch_norm",
+            "bn_bwd_partial",
+            blocks(c, s, 1),
+            &[
+                ptr(gy),
+                ptr(x),
+                ptr(&saved.mean),
+                i32a(n),
+                i32a(c),
+                i32a(hw),
+                ptr(&part),
+            ],
+        )?;
+        let (dgamma, dbeta) = (self.alloc(c)?, self.alloc(c)?);
+        let (ka, kb, kc) = (self.alloc(c)?, self.alloc(c)?, self.alloc(c)?);
+        self.launch(
+            "batch_norm",
+            "bn_bwd_finalize",
+            self.grid(c),
+            &[
+                ptr(&part),
+                i32a(s),
+                i32a(c),
+                Arg::F64((n * hw) as f64),
+                Arg::I32(train as i32),
+                ptr(gamma),
+                ptr(&saved.invstd),
+                ptr(&dgamma),
+                ptr(&dbeta),
+                ptr(&ka),
+                ptr(&kb),
+                ptr(&kc),
+            ],
+        )?;
+        let total = n * c * hw;
+        let dx = self.alloc(total)?;
+        self.launch(
+            "batch_norm",
+            "bn_bwd_dx",
+            self.grid(total),
+            &[
+                ptr(gy),
+                ptr(x),
+                ptr(&saved.center),
+                ptr(&ka),
+                ptr(&kb),
+                ptr(&kc),
+                ptr(&dx),
+                i32a(c),
+                i32a(hw),
+                i64a(total),
+            ],
+        )?;
+        Ok(BnGrads { dx, dgamma, dbeta })
+    }
+
+    /// PyTorch's running-stat update from train-mode statistics.
+    pub fn batch_norm_update_running(
+        &self,
+        running_mean: &mut DBuf,
+        running_var: &mut DBuf,
+        saved: &BnSaved,
+        momentum: f64,
+    ) -> Result<()> {
+        let c = saved.center.len();
+        let Some(var) = saved.var.as_ref() else {
+            bail!("running-stat update needs train-mode statistics");
+        };
+        self.launch(
+            "batch_norm",
+            "bn_running_update",
+            self.grid(c),
+            &[
+                ptr(running_mean),
+                ptr(running_var),
+                ptr(&saved.mean),
+                ptr(var),
+                i32a(c),
+                Arg::F64(momentum),
+                Arg::F64(saved.count as f64),
+            ],
+        )
+    }
+
+    /// The batch statistics on the host: (mean, biased variance) of a train-mode BN.
+    pub fn batch_stats(&self, saved: &BnSaved) -> Result<(Vec<f64>, Vec<f64>)> {
+        let Some(var) = saved.var.as_ref() else {
+            bail!("eval-mode BN has no batch statistics");
+        };
+        Ok((self.download_f64(&saved.mean)?, self.download_f64(var)?))
+    }
+
+    /// The batch statistics, kept on the device: copies of `c` channels from channel `at` of the
+    /// saved f64 mean and variance (a BN's own, or one branch of a fused rep_conv's stacked
+    /// statistics), so they outlive the saved buffers' backward closure.
+    pub fn batch_stats_device(
+        &self,
+        mean: &DevBuf<f64>,
+        var: &DevBuf<f64>,
+        at: usize,
+        c: usize,
+    ) -> Result<DeviceStats> {
+        ensure!(
+            mean.len() >= at + c && var.len() >= at + c,
+            "batch statistics: channels {at}..{} of {}",
+            at + c,
+            mean.len()
+        );
+        let copy = |src: &DevBuf<f64>| -> Result<DevBuf<f64>> {
+            let dst = self.alloc_f64(c)?;
+            if c > 0 {
+                // SAFETY: both buffers hold c f64 from these addresses; same stream as every use.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst.device_ptr(),
+                        src.view(at, c).device_ptr(),
+                        c * std::mem::size_of::<f64>(),
+                        self.stream.cu_stream(),
+                    )
+                }?;
+            }
+            Ok(dst)
+        };
+        Ok(DeviceStats {
+            mean: copy(mean)?,
+            var: copy(var)?,
+        })
+    }
+
+    /// PyTorch's running-stat update (momentum, unbiased variance) of one BN whose running mean
+    /// and variance are `c` values at `mean_at` and `var_at` of the flat device buffers.
+    pub fn bn_running_update_at(
+        &self,
+        buffers: &mut DBuf,
+        (mean_at, var_at, c): (usize, usize, usize),
+        stats: &DeviceStats,
+        count: usize,
+        momentum: f64,
+    ) -> Result<()> {
+        need("running statistics", buffers, mean_at.max(var_at) + c)?;
+        ensure!(stats.mean.len() == c, "running-stat update: {c} channels");
+        self.launch(
+            "batch_norm",
+            "bn_running_update",
+            self.grid(c),
+            &[
+                ptr(&buffers.view(mean_at, c)),
+                ptr(&buffers.view(var_at, c)),
+                ptr(&stats.mean),
+                ptr(&stats.var),
+                i32a(c),
+                Arg::F64(momentum),
+                Arg::F64(count as f64),
+            ],
+        )
+    }
+}
+
+impl<T: crate::backend::Elem> crate::backend::api::BatchNorm<T> for super::Cuda<T> {
+    type BnSaved = BnSaved;
+
+    fn batch_norm_train(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        dims: crate::backend::api::BnDims,
+        eps: f64,
+    ) -> Result<(DBuf, BnSaved, DeviceStats)> {
+        let (y, saved) = (**self).batch_norm_train(x, gamma, beta, dims, eps)?;
+        let Some(var) = saved.var.as_ref() else {
+            bail!("train-mode BN without batch statistics");
+        };
+        let stats = self.batch_stats_device(&saved.mean, var, 0, dims.1)?;
+        Ok((y, saved, stats))
+    }
+
+    fn batch_norm_eval(
+        &self,
+        x: &DBuf,
+        gamma: &DBuf,
+        beta: &DBuf,
+        running_mean: &DBuf,
+        running_var: &DBuf,
+        dims: crate::backend::api::BnDims,
+        eps: f64,
+    ) -> Result<(DBuf, BnSaved)> {
+        (**self).batch_norm_eval(x, gamma, beta, running_mean, running_var, dims, eps)
+    }
+
+    fn batch_norm_backward(
+        &self,
+        gy: &DBuf,
+        x: &DBuf,
+        gamma: &DBuf,
+        saved: &BnSaved,
+        dims: crate::backend::api::BnDims,
+        _need_dx: bool,
+    ) -> Result<crate::backend::api::BatchNormGrads<DBuf>> {
+        // Train mode (batch statistics) is what left a variance in the saved state.
+        let train = saved.var.is_some();
+        let g = (**self).batch_norm_backward(gy, x, gamma, saved, dims, train)?;
+        Ok(crate::backend::api::BatchNormGrads {
+            dx: Some(g.dx),
+            dgamma: g.dgamma,
+            dbeta: g.dbeta,
+        })
+    }
+
+    fn batch_norm_update_running(
+        &self,
+        buffers: &mut DBuf,
+        at: (usize, usize, usize),
+        stats: &DeviceStats,
+        count: usize,
+        momentum: f64,
+    ) -> Result<()> {
+        self.bn_running_update_at(buffers, at, stats, count, momentum)
+    }
+}
