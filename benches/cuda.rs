@@ -322,7 +322,7 @@ fn main() {
 fn train_step_bench(batch: usize, deploy: bool, rng: &mut StdRng) -> (String, f64) {
     use ghostv3::backend::cuda::global;
     use ghostv3::models::{self, ModelOptions};
-    use ghostv3::optim::{Ema, EmaConfig, Lamb};
+    use ghostv3::optim::{Ema, EmaConfig, OptimizerConfig, OptimizerKind, Update};
     use ghostv3::tensor::Device;
     use ghostv3::train::step;
     use ghostv3::Tensor;
@@ -333,17 +333,16 @@ fn train_step_bench(batch: usize, deploy: bool, rng: &mut StdRng) -> (String, f6
         ..Default::default()
     };
     let mut model = models::create("ghostnetv3_100", &opts).unwrap();
-    model.state_mut().place_on(Device::Cuda).unwrap();
-    let mut lamb = Lamb::new(
-        Layout::from_store(&model.state().params),
-        LambOptions::default(),
-    );
+    let st = model.state();
     let ema_cfg = EmaConfig {
         decay: 0.9999,
         ..Default::default()
     };
-    let st = model.state();
-    let mut ema = Ema::new(ema_cfg, st.params.tensor(), st.buffers.tensor()).unwrap();
+    let ema = Ema::new(ema_cfg, st.params.flat(), st.buffers.flat()).unwrap();
+    let layout = Layout::from_store(&st.params);
+    let cfg = OptimizerConfig::new(OptimizerKind::Lamb);
+    let mut update = Update::new(&cfg, &layout, Some(ema)).unwrap();
+    model.state_mut().place_on(Device::Cuda).unwrap();
     let n = batch * 3 * 224 * 224;
     let x = Tensor::new(
         &[batch, 3, 224, 224],
@@ -356,7 +355,7 @@ fn train_step_bench(batch: usize, deploy: bool, rng: &mut StdRng) -> (String, f6
             smoothing: 0.1,
         };
         let loss = step::Loss::ce(targets);
-        step::step(&mut model, &mut lamb, Some(&mut ema), &x, loss, false, None, 1e-3)
+        step::step(&mut model, &mut update, &x, loss, false, None, 1e-3)
             .unwrap()
             .loss
     };

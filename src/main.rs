@@ -235,7 +235,6 @@ struct InfoArgs {
     device: Device,
 }
 
-
 #[derive(Args)]
 struct ForwardArgs {
     #[command(flatten)]

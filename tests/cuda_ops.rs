@@ -12,7 +12,9 @@ use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, LambGpu, RepDwGeom};
 use ghostv3::models::{self, ModelOptions};
 use ghostv3::nn::Mode;
 use ghostv3::ops::{self, Conv2dArgs};
-use ghostv3::optim::{Ema, EmaConfig, Lamb, LambOptions, Layout, Optimizer};
+use ghostv3::optim::{
+    Ema, EmaConfig, Lamb, LambOptions, Layout, Optimizer, OptimizerConfig, OptimizerKind, Update,
+};
 use ghostv3::tensor::Device;
 use ghostv3::train::step;
 use ghostv3::{Tape, Tensor, Var};
@@ -950,7 +952,11 @@ fn cpu_step(
     let lv = ops::cross_entropy(&mut tape, lg, labels, smoothing);
     let (loss, logits) = (tape.value(lv).data()[0], tape.value(lg).clone());
     let grads = tape.backward(lv);
-    (loss, logits, leaves.flat_grads(m.state(), &grads).into_vec())
+    (
+        loss,
+        logits,
+        leaves.flat_grads(m.state(), &grads).into_vec(),
+    )
 }
 
 /// The whole training step of GhostNetV3 (train form: 3 kxk branches + 1x1 + identity, DFC,
@@ -993,14 +999,12 @@ fn whole_training_step_matches_cpu() {
         decay,
         ..Default::default()
     };
-    let none = Tensor::new(&[0], vec![]);
     let update = |g: &[f32]| {
-        let mut p = Tensor::new(&[p0.len()], p0.clone());
-        let mut ema = Ema::new(ema_cfg.clone(), &p, &none).unwrap();
-        let g = Tensor::new(&[g.len()], g.to_vec());
-        let mut lamb = Lamb::new(layout.clone(), lopts.clone());
-        lamb.step(&mut p, &g, lr, Some((&mut ema, &none))).unwrap();
-        (p.into_vec(), ema.params().to_vec())
+        let mut p = p0.clone();
+        let mut ema = Ema::new(ema_cfg.clone(), &p, &[]).unwrap();
+        Lamb::new(layout.clone(), lopts.clone()).step(&mut p, g, lr);
+        ema.update(&p, &[]);
+        (p, ema.params().to_vec())
     };
     let (p_cpu, ema_cpu) = update(&flat_cpu);
     let mut spread = [
@@ -1038,19 +1042,21 @@ fn whole_training_step_matches_cpu() {
     // ops, the fused rep_conv, LAMB + EMA on the device), then everything compared.
     let mut dev = models::create("ghostnetv3_050", &opts).unwrap();
     dev.state_mut().place_on(Device::Cuda).unwrap();
-    let mut lamb = Lamb::new(layout.clone(), lopts.clone());
-    let mut ema = Ema::new(
+    let ema = Ema::new(
         ema_cfg.clone(),
-        dev.state().params.tensor(),
-        dev.state().buffers.tensor(),
+        cpu.state().params.flat(),
+        cpu.state().buffers.flat(),
     )
     .unwrap();
+    let mut cfg = OptimizerConfig::new(OptimizerKind::Lamb);
+    cfg.weight_decay = Some(lopts.weight_decay);
+    let mut update = Update::new(&cfg, &layout, Some(ema)).unwrap();
     let targets = step::Targets::Labels {
         labels: &labels,
         smoothing,
     };
     let loss = step::Loss::ce(targets);
-    let out = step::step(&mut dev, &mut lamb, Some(&mut ema), &x, loss, false, None, lr).unwrap();
+    let out = step::step(&mut dev, &mut update, &x, loss, false, None, lr).unwrap();
     let logits_dev = out.logits.to_host();
     close("step logits", logits_dev.data(), logits_cpu.data(), 1e-4);
     close("step loss", &[out.loss as f32], &[loss_cpu], 1e-5);
@@ -1085,7 +1091,7 @@ fn whole_training_step_matches_cpu() {
         &spread[1],
         1e-4,
     );
-    let ema_gpu = ema.params().to_host().into_vec();
+    let ema_gpu = update.ema_tensors().unwrap().0.to_host().into_vec();
     within_spread("EMA", entries, &ema_gpu, &ema_cpu, &spread[2], 1e-4);
 }
 

@@ -407,7 +407,9 @@ fn small_models_eval_forward_backward_match_cpu() {
             let mut m = models::create(name, &opts).unwrap();
             randomize_bns(m.state_mut(), &mut StdRng::seed_from_u64(261));
             if cuda {
-                m.state_mut().place_on(ghostv3::tensor::Device::Cuda).unwrap();
+                m.state_mut()
+                    .place_on(ghostv3::tensor::Device::Cuda)
+                    .unwrap();
             }
             let mut tape = Tape::new();
             let xin = if cuda {

@@ -9,7 +9,42 @@ mod common;
 
 use anyhow::anyhow;
 use common::cuda::*;
-use ghostv3::backend::cuda::prefetch::DevicePrefetcher;
+use ghostv3::backend::cuda::prefetch::{DevicePrefetcher, PrefetchStats};
+use ghostv3::tensor::storage::HostBatch;
+
+/// The prefetcher with tensors in and out (as `tensor::storage::batches_to` wraps it).
+struct Pf<'g, T>(DevicePrefetcher<'g, T>);
+
+impl<'g, T: Send + 'static> Pf<'g, T> {
+    fn new(
+        g: &'g Gpu,
+        src: impl Iterator<Item = anyhow::Result<(Tensor, T)>> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let src = src.map(|r| r.map(|(t, p)| (HostBatch::from(t), p)));
+        Ok(Pf(DevicePrefetcher::new(g, src)?))
+    }
+
+    fn stats(&self) -> PrefetchStats {
+        self.0.stats()
+    }
+}
+
+impl<T: Send + 'static> Pf<'static, T> {
+    fn on_global_gpu(
+        src: impl Iterator<Item = anyhow::Result<(Tensor, T)>> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let src = src.map(|r| r.map(|(t, p)| (HostBatch::from(t), p)));
+        Ok(Pf(DevicePrefetcher::on_global_gpu(src)?))
+    }
+}
+
+impl<T: Send + 'static> Iterator for Pf<'_, T> {
+    type Item = anyhow::Result<(Tensor, T)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let r = self.0.next()?;
+        Some(r.map(|(buf, shape, p)| (Tensor::from_cuda(&shape, buf), p)))
+    }
+}
 use ghostv3::backend::cuda::{unavailable_reason, Gpu};
 use ghostv3::Tensor;
 use rand::rngs::StdRng;
@@ -52,9 +87,9 @@ fn host_relu(x: &[f32]) -> Vec<f32> {
 fn check(g: &Gpu, i: usize, dev: &Tensor, y: &ghostv3::backend::cuda::DBuf, host: &Tensor) {
     assert!(dev.is_cuda(), "batch {i} is not on the device");
     assert_eq!(dev.shape(), host.shape(), "batch {i}: shape");
-    let d = dev.cuda().unwrap();
-    assert_eq!(d.offset, 0);
-    let got = g.download(&d.buf).unwrap();
+    let (buf, offset) = dev.cuda_parts().unwrap();
+    assert_eq!(offset, 0);
+    let got = g.download(buf).unwrap();
     assert!(
         got == host.data(),
         "batch {i}: device values differ from the host batch (first bad element {:?})",
@@ -79,7 +114,7 @@ fn run(
     ghostv3::backend::cuda::prefetch::PrefetchStats,
 ) {
     let host = host_batches(seed, sizes, 5, 7);
-    let mut pf = DevicePrefetcher::new(g, source(&host)).unwrap();
+    let mut pf = Pf::new(g, source(&host)).unwrap();
     let mut seen = Vec::new();
     let mut prev: Option<(usize, Tensor, ghostv3::backend::cuda::DBuf)> = None;
     for item in pf.by_ref() {
@@ -87,7 +122,7 @@ fn run(
             Ok((t, (i, l))) => {
                 let hb = host[i].as_ref().expect("a batch where the source failed");
                 assert_eq!(l, labels(i, hb), "batch {i}: payload");
-                let y = g.relu(&t.cuda().unwrap().buf).unwrap();
+                let y = g.relu(&t.cuda_parts().unwrap().0).unwrap();
                 if let Some((j, pt, py)) = prev.take() {
                     check(g, j, &pt, &py, host[j].as_ref().unwrap());
                 }
@@ -180,10 +215,10 @@ fn dropping_mid_stream_is_clean() {
         let data = t.data().to_vec();
         Ok((t, data))
     });
-    let mut pf = DevicePrefetcher::new(&g, src).unwrap();
+    let mut pf = Pf::new(&g, src).unwrap();
     for _ in 0..3 {
         let (t, host) = pf.next().unwrap().unwrap();
-        assert!(g.download(&t.cuda().unwrap().buf).unwrap() == host);
+        assert!(g.download(&t.cuda_parts().unwrap().0).unwrap() == host);
     }
     drop(pf);
     let mut rng = StdRng::seed_from_u64(6);
@@ -201,7 +236,7 @@ fn a_panicking_source_is_an_error_then_the_end() {
         assert!(i < 2, "source broke at {i}");
         Ok((rand_t(&mut rng, &[1, 3, 2, 2], -1.0, 1.0), i))
     });
-    let mut pf = DevicePrefetcher::new(&g, src).unwrap();
+    let mut pf = Pf::new(&g, src).unwrap();
     assert_eq!(pf.next().unwrap().unwrap().1, 0);
     assert_eq!(pf.next().unwrap().unwrap().1, 1);
     let e = pf.next().unwrap().unwrap_err();
@@ -216,12 +251,12 @@ fn device_tensors_from_the_source_are_an_error() {
     let host = rand_t(&mut rng, &[1, 3, 2, 2], -1.0, 1.0);
     let dev = Tensor::from_cuda(host.shape(), g.upload(host.data()).unwrap());
     let src = vec![Ok((dev, 0)), Ok((host.clone(), 1))].into_iter();
-    let mut pf = DevicePrefetcher::new(&g, src).unwrap();
+    let mut pf = Pf::new(&g, src).unwrap();
     let e = pf.next().unwrap().unwrap_err();
     assert!(format!("{e}").contains("already on the CUDA device"), "{e}");
     let (t, i) = pf.next().unwrap().unwrap();
     assert_eq!(i, 1);
-    assert!(g.download(&t.cuda().unwrap().buf).unwrap() == host.data());
+    assert!(g.download(&t.cuda_parts().unwrap().0).unwrap() == host.data());
     assert!(pf.next().is_none());
 }
 
@@ -237,14 +272,14 @@ fn loader_epochs_through_the_prefetcher() {
     let src = loader
         .epoch(0)
         .map(|b| b.map(|b| (b.images, (b.labels, b.indices))));
-    let mut pf = DevicePrefetcher::new(&g, src).unwrap();
+    let mut pf = Pf::new(&g, src).unwrap();
     let mut k = 0;
     for item in pf.by_ref() {
         let (images, (labels, indices)) = item.unwrap();
         let h = &host[k];
         assert_eq!((&labels, &indices), (&h.labels, &h.indices), "batch {k}");
         assert_eq!(images.shape(), h.images.shape());
-        assert!(g.download(&images.cuda().unwrap().buf).unwrap() == h.images.data());
+        assert!(g.download(&images.cuda_parts().unwrap().0).unwrap() == h.images.data());
         k += 1;
     }
     assert_eq!(k, 5);
@@ -305,7 +340,7 @@ fn without_cuda_constructing_is_an_error_not_a_panic() {
         return;
     };
     let src = std::iter::empty::<anyhow::Result<(Tensor, ())>>();
-    match DevicePrefetcher::on_global_gpu(src) {
+    match Pf::on_global_gpu(src) {
         Ok(_) => panic!("a prefetcher without CUDA"),
         Err(e) => {
             println!("error: {e:#}");

@@ -129,14 +129,15 @@ pub fn batch_norm_eval<T: Elem>(
 /// PyTorch's running-statistics update of one BN from its batch statistics, where they were
 /// taken: r = (1 - momentum) * r + momentum * v for the running mean (`c` values at
 /// `mean_offset` of the flat `buffers`) with the batch mean, and the running variance (at
-/// `var_offset`) with the unbiased batch variance. `buffers` must live where `stats` do.
+/// `var_offset`) with the unbiased batch variance, on the device of `buffers` (device statistics
+/// come down to host buffers).
 pub fn update_running(
     buffers: &mut Tensor<f32>,
     (mean_offset, var_offset, c): (usize, usize, usize),
     stats: &BatchStats,
     momentum: f64,
 ) {
-    on_backend!(stats.device(), f32, |b| ok(b.batch_norm_update_running(
+    on_backend!(buffers.device(), f32, |b| ok(b.batch_norm_update_running(
         &mut *b.get_mut(buffers),
         (mean_offset, var_offset, c),
         &Place::<f32>::stats(b, stats),

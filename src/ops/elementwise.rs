@@ -56,10 +56,8 @@ pub fn mul_channel<T: Elem>(tape: &mut Tape<T>, x: Var, s: Var) -> Var {
     let (n, c, h, w) = xt.dims4();
     assert_eq!(st.shape(), [n, c, 1, 1], "mul_channel: scale shape");
     let hw = h * w;
-    let y = on_backend!([&xt, &st], |b| b.out(
-        xt.shape(),
-        b.mul_channel(&b.get(&xt), &b.get(&st), hw)
-    ));
+    let y = on_backend!([&xt, &st], |b| b
+        .out(xt.shape(), b.mul_channel(&b.get(&xt), &b.get(&st), hw)));
     tape.push(
         "mul_channel",
         y,

@@ -6,7 +6,6 @@ pub mod batch_norm;
 pub mod channel;
 pub mod concat;
 pub mod conv;
-pub mod cuda;
 pub mod dfc;
 pub mod dropout;
 pub mod elementwise;

@@ -15,12 +15,14 @@ mod ema;
 mod lamb;
 mod schedule;
 mod sgd;
+mod update;
 
 pub use adamw::{AdamW, AdamWOptions};
 pub use ema::{Ema, EmaConfig, EmaWarmup};
 pub use lamb::{Lamb, LambOptions};
 pub use schedule::{ScheduleConfig, ScheduleKind};
 pub use sgd::{Sgd, SgdOptions};
+pub use update::Update;
 
 use crate::nn::FlatStore;
 use anyhow::{bail, ensure, Result};

@@ -154,7 +154,9 @@ impl<T: Elem> Tensor<T> {
             };
         }
         match &mut self.storage {
-            Storage::Host { data, .. } => Arc::get_mut(data).expect("unique storage").as_mut_slice(),
+            Storage::Host { data, .. } => {
+                Arc::get_mut(data).expect("unique storage").as_mut_slice()
+            }
             Storage::Cuda { .. } => unreachable!("replaced by a host copy above"),
         }
     }
@@ -182,10 +184,8 @@ impl<T: Elem> Tensor<T> {
         use crate::backend::api::Elementwise;
         use storage::Place;
         assert_eq!(self.shape, other.shape, "add: shapes differ");
-        crate::on_backend!([self, other], |b| b.out(
-            &self.shape,
-            b.add(&b.get(self), &b.get(other))
-        ))
+        crate::on_backend!([self, other], |b| b
+            .out(&self.shape, b.add(&b.get(self), &b.get(other))))
     }
 
     /// A copy with storage of its own, on the same device.

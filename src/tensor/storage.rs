@@ -51,7 +51,9 @@ impl Device {
     pub fn check(self) -> anyhow::Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda => cuda::global().map(|_| ()).map_err(|e| anyhow::anyhow!("{e}")),
+            Device::Cuda => cuda::global()
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("{e}")),
         }
     }
 }
@@ -424,7 +426,11 @@ impl<T: Elem> Tensor<T> {
     /// A tensor on the CUDA device: `numel(shape)` values of `buf` from `offset` (a view into a
     /// flat device buffer, or a whole buffer). Only f32 values live on the device.
     pub fn cuda_view(buf: &Arc<DBuf>, offset: usize, shape: &[usize]) -> Self {
-        assert_eq!(T::DTYPE, DType::F32, "only f32 tensors live on the CUDA device");
+        assert_eq!(
+            T::DTYPE,
+            DType::F32,
+            "only f32 tensors live on the CUDA device"
+        );
         assert!(
             offset + super::numel(shape) <= buf.len(),
             "device view out of range"

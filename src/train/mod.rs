@@ -22,7 +22,7 @@ use crate::io::weights::state_tensors;
 use crate::io::{load_state, load_state_from, read_tensors, write_tensors, TensorData};
 use crate::models::{self, Model, ModelOptions};
 use crate::nn::RepOptions;
-use crate::optim::{Ema, Layout, Optimizer};
+use crate::optim::{Ema, Layout, Update};
 use crate::tensor::Device;
 use crate::{reparam, Tensor};
 use anyhow::{bail, ensure, Context, Result};
@@ -65,8 +65,8 @@ pub struct Trainer {
     pub run_dir: PathBuf,
     pub model: Model,
     ema_model: Option<Model>,
-    optimizer: Box<dyn Optimizer>,
-    ema: Option<Ema>,
+    /// The optimizer and the EMA (`optim::Update`: on the device the parameters are on).
+    update: Update,
     teacher: Option<Model>,
     train_loader: Loader,
     val_loader: Loader,
@@ -189,10 +189,11 @@ impl Trainer {
             }
         }
         load_state_from(t.model.state_mut(), &model_t, &path.display().to_string())?;
-        t.optimizer.load_state(&optim_t)?;
-        if let Some(ema) = t.ema.as_mut() {
+        t.update.optimizer.load_state(&optim_t)?;
+        if let Some(ema) = t.update.ema.as_mut() {
             ema.load_state(&ema_t)?;
         }
+        t.update.reset_device();
         t.epoch = info["epoch"].as_u64().context("epoch")? as usize;
         t.best_top1 = info["best_top1"].as_f64().unwrap_or(0.0);
         t.move_to_device()?;
@@ -235,11 +236,11 @@ impl Trainer {
             load_state(model.state_mut(), init)?;
         }
         let layout = Layout::from_store(&model.state().params);
-        let optimizer = cfg.optimizer.build(&layout)?;
+
         let ema = match &cfg.ema {
             Some(e) => Some(Ema::new(
                 e.clone(),
-                model.state().params.flat(), // TRANSITIONAL (optimizer port)
+                model.state().params.flat(),
                 model.state().buffers.flat(),
             )?),
             None => None,
@@ -290,13 +291,13 @@ impl Trainer {
             train_loader.batches_per_epoch() > 0,
             "the training set is smaller than one batch"
         );
+        let update = Update::new(&cfg.optimizer, &layout, ema)?;
         Ok(Trainer {
             cfg,
             run_dir: run_dir.to_path_buf(),
             model,
             ema_model,
-            optimizer,
-            ema,
+            update,
             teacher,
             train_loader,
             val_loader,
@@ -315,9 +316,8 @@ impl Trainer {
             .check()
             .map_err(|e| anyhow::anyhow!("train.device = \"{}\": {e}", device.name()))?;
         self.model.state_mut().place_on(device)?;
-        if let (Some(ema), Some(em)) = (self.ema.as_mut(), self.ema_model.as_mut()) {
+        if let Some(em) = self.ema_model.as_mut() {
             em.state_mut().place_on(device)?;
-            let _ = ema; // TRANSITIONAL (optimizer port)
         }
         if let Some(t) = self.teacher.as_mut() {
             t.state_mut().place_on(device)?;
@@ -343,7 +343,7 @@ impl Trainer {
             self.say(&format!(
                 "device: {}; optimizer: {}",
                 crate::tensor::storage::describe(self.cfg.train.device),
-                self.optimizer.name()
+                self.update.describe()
             ));
         }
         self.say(&format!(
@@ -374,14 +374,12 @@ impl Trainer {
         let (train_loss, images, skipped, lr) = self.train_epoch(epoch)?;
         let train_s = t0.elapsed().as_secs_f64();
         let (top1, top5, val_loss) = evaluate(&mut self.model, &self.val_loader)?;
-        let (ema_top1, ema_top5) = match (&self.ema, self.ema_model.as_mut()) {
-            (Some(ema), Some(em)) => {
-                // The EMA model evaluates copies of the average (the average is updated in
-                // place by the next step).
-                // TRANSITIONAL (optimizer port)
-                let (p, b) = (ema.params().to_vec(), ema.buffers().to_vec());
-                em.state_mut().params.set_tensor(Tensor::new(&[p.len()], p));
-                em.state_mut().buffers.set_tensor(Tensor::new(&[b.len()], b));
+        let (ema_top1, ema_top5) = match (self.update.ema_tensors(), self.ema_model.as_mut()) {
+            (Some((p, b)), Some(em)) => {
+                // The EMA model evaluates copies of the average, on the run's device.
+                let device = self.cfg.train.device;
+                em.state_mut().params.set_tensor(p.to_device(device)?);
+                em.state_mut().buffers.set_tensor(b.to_device(device)?);
                 let (a, b, _) = evaluate(em, &self.val_loader)?;
                 (Some(a), Some(b))
             }
@@ -565,8 +563,7 @@ impl Trainer {
         };
         let out = step::step(
             &mut self.model,
-            self.optimizer.as_mut(),
-            self.ema.as_mut(),
+            &mut self.update,
             images,
             loss,
             true,
@@ -594,10 +591,11 @@ impl Trainer {
     fn save_checkpoint(&mut self) -> Result<()> {
         let host = self.model.state().to_host()?;
         let mut t = state_tensors(&host);
-        for (k, v) in self.optimizer.state() {
+        self.update.sync_to_host()?;
+        for (k, v) in self.update.optimizer.state() {
             t.insert(format!("optim.{k}"), TensorData::F32(vec![v.len()], v));
         }
-        if let Some(ema) = &self.ema {
+        if let Some(ema) = &self.update.ema {
             for (k, v) in ema.state() {
                 t.insert(format!("ema.{k}"), TensorData::F32(vec![v.len()], v));
             }
@@ -636,7 +634,9 @@ impl Trainer {
 /// on the device the model's state is on.
 pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<(f64, f64, f64)> {
     let device = model.state().device();
-    evaluate_with(loader, |x| Ok(model.predict(&x.to_device(device)?).to_host()))
+    evaluate_with(loader, |x| {
+        Ok(model.predict(&x.to_device(device)?).to_host())
+    })
 }
 
 /// `evaluate` with any function from an image batch to logits (e.g. the fast inference path).

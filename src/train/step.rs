@@ -8,7 +8,7 @@ use crate::autograd::Tape;
 use crate::models::Model;
 use crate::nn::Mode;
 use crate::ops;
-use crate::optim::{Ema, Optimizer};
+use crate::optim::Update;
 use crate::tensor::Tensor;
 use anyhow::Result;
 use rand::rngs::StdRng;
@@ -106,29 +106,16 @@ pub fn forward_backward(
 }
 
 /// One optimizer pass over the model's flat parameters (in place, on their device), with the
-/// EMA of the weights and running statistics when given.
-pub fn apply(
-    model: &mut Model,
-    optimizer: &mut dyn Optimizer,
-    ema: Option<&mut Ema>,
-    grads: &Tensor<f32>,
-    lr: f64,
-) -> Result<()> {
+/// EMA of the weights and running statistics when the update has one.
+pub fn apply(model: &mut Model, update: &mut Update, grads: &Tensor<f32>, lr: f64) -> Result<()> {
     let st = model.state_mut();
-    // TRANSITIONAL (optimizer port): the host optimizer API.
-    optimizer.step(st.params.flat_mut(), grads.data(), lr);
-    if let Some(e) = ema {
-        e.update(st.params.flat(), st.buffers.flat());
-    }
-    Ok(())
+    update.step(st.params.tensor_mut(), st.buffers.tensor(), grads, lr)
 }
 
 /// The whole step: [`forward_backward`], then [`apply`] unless the loss is not finite.
-#[allow(clippy::too_many_arguments)]
 pub fn step(
     model: &mut Model,
-    optimizer: &mut dyn Optimizer,
-    ema: Option<&mut Ema>,
+    update: &mut Update,
     images: &Tensor<f32>,
     loss: Loss<'_>,
     dropout: bool,
@@ -137,7 +124,7 @@ pub fn step(
 ) -> Result<Backward> {
     let b = forward_backward(model, images, loss, dropout, rng)?;
     if let Some(g) = &b.grads {
-        apply(model, optimizer, ema, g, lr)?;
+        apply(model, update, g, lr)?;
     }
     Ok(b)
 }

@@ -64,23 +64,23 @@ impl<T: Elem> Elementwise<T> for Cuda<T> {
     }
 
     fn add(&self, a: &DBuf, b: &DBuf) -> Result<DBuf> {
-        self.0.add( a, b)
+        self.0.add(a, b)
     }
 
     fn mul(&self, a: &DBuf, b: &DBuf) -> Result<DBuf> {
-        self.0.mul( a, b)
+        self.0.mul(a, b)
     }
 
     fn scale(&self, x: &DBuf, a: f64) -> Result<DBuf> {
-        self.0.scale( x, a as f32)
+        self.0.scale(x, a as f32)
     }
 
     fn mul_channel(&self, x: &DBuf, s: &DBuf, hw: usize) -> Result<DBuf> {
-        self.0.mul_channel( x, s, hw)
+        self.0.mul_channel(x, s, hw)
     }
 
     fn mul_channel_backward_scale(&self, gy: &DBuf, x: &DBuf, hw: usize) -> Result<DBuf> {
-        self.0.mul_channel_backward_scale( gy, x, hw)
+        self.0.mul_channel_backward_scale(gy, x, hw)
     }
 
     fn gather(&self, segments: &[(&DBuf, usize)], len: usize) -> Result<DBuf> {

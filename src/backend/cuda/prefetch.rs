@@ -32,7 +32,6 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-
 /// Pinned host buffers in the ring.
 const SLOTS: usize = 3;
 /// Batches whose copy is enqueued beyond the one handed out.
