@@ -7,7 +7,7 @@
 //! (launch gaps included: this is what a training step pays).
 
 use ghostv3::backend::cpu::conv::ConvGeom;
-use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, LambGpu, RepDwGeom};
+use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, RepDwGeom};
 use ghostv3::optim::{LambOptions, Layout};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -257,13 +257,27 @@ fn main() {
         .collect();
     let layout = Layout::from_shapes(&shapes);
     let np = layout.numel();
-    let mut p = rand_buf(&g, &mut rng, np, -0.5, 0.5);
-    let gr = rand_buf(&g, &mut rng, np, -0.01, 0.01);
-    let mut e = rand_buf(&g, &mut rng, np, -0.5, 0.5);
-    let mut lamb = LambGpu::new(&g, &layout, LambOptions::default()).unwrap();
-    let t = time(&g, || {
-        lamb.step(&g, &mut p, &gr, 1e-3, Some((&mut e, 0.9999)))
+    // The optimizer interface users run (optim::Lamb on device tensors of the process GPU).
+    let gg = ghostv3::backend::cuda::global().unwrap();
+    let dev = |rng: &mut StdRng, lo: f32, hi: f32| {
+        let v: Vec<f32> = (0..np).map(|_| rng.random_range(lo..hi)).collect();
+        ghostv3::Tensor::new(&[np], v)
+            .to_device(ghostv3::tensor::Device::Cuda)
             .unwrap()
+    };
+    let mut p = dev(&mut rng, -0.5, 0.5);
+    let gr = dev(&mut rng, -0.01, 0.01);
+    let e0 = dev(&mut rng, -0.5, 0.5);
+    let none = ghostv3::Tensor::new(&[0], vec![]);
+    let ema_cfg = ghostv3::optim::EmaConfig {
+        decay: 0.9999,
+        ..Default::default()
+    };
+    let mut e = ghostv3::optim::Ema::new(ema_cfg, &e0, &none).unwrap();
+    let mut lamb = ghostv3::optim::Lamb::new(layout.clone(), LambOptions::default());
+    let t = time(gg, || {
+        use ghostv3::optim::Optimizer;
+        lamb.step(&mut p, &gr, 1e-3, Some((&mut e, &none))).unwrap()
     });
     rows.push(Row {
         name: format!("LAMB+EMA step, {np} params, {} tensors", layout.len()),
@@ -338,11 +352,12 @@ fn train_step_bench(batch: usize, deploy: bool, rng: &mut StdRng) -> (String, f6
         decay: 0.9999,
         ..Default::default()
     };
-    let ema = Ema::new(ema_cfg, st.params.flat(), st.buffers.flat()).unwrap();
     let layout = Layout::from_store(&st.params);
+    model.state_mut().place_on(Device::Cuda).unwrap();
+    let st = model.state();
+    let ema = Ema::new(ema_cfg, st.params.tensor(), st.buffers.tensor()).unwrap();
     let cfg = OptimizerConfig::new(OptimizerKind::Lamb);
     let mut update = Update::new(&cfg, &layout, Some(ema)).unwrap();
-    model.state_mut().place_on(Device::Cuda).unwrap();
     let n = batch * 3 * 224 * 224;
     let x = Tensor::new(
         &[batch, 3, 224, 224],

@@ -5,7 +5,10 @@
 //!   like the optimizers: the floor that any one-pass update is measured against.
 //! * `lamb`: one LAMB step (global grad-norm clip, moments, per-tensor trust ratios).
 //! * `ema`: one EMA update of all weights and buffers.
-//! * `lamb_ema`: LAMB step + EMA update, what the trainer does per step.
+//! * `lamb_ema`: LAMB step with the EMA update in it, what the trainer does per step.
+//!
+//! All on host tensors through `optim::Optimizer::step` (the CPU loops of
+//! `backend::cpu::optim`).
 //!
 //! After the group a line `ratio lamb/baseline: ..` gives each time over the baseline's, both
 //! taken from the iterations criterion timed in this same run. Run with
@@ -13,6 +16,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use ghostv3::optim::{Ema, EmaConfig, Lamb, LambOptions, Layout, Optimizer};
+use ghostv3::Tensor;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -148,9 +152,13 @@ fn fake_layout() -> Layout {
     layout
 }
 
-fn random(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+/// A 1-D host tensor of uniform values in (-scale, scale).
+fn random(n: usize, scale: f32, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    Tensor::new(
+        &[n],
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect(),
+    )
 }
 
 /// True for a real `cargo bench` run; false for `cargo test --benches` and `--list`.
@@ -203,8 +211,9 @@ fn optim_step(c: &mut Criterion) {
             timed(iters, &per_iter, || {
                 let neg_lr = -lr as f32;
                 params
+                    .data_mut()
                     .par_chunks_mut(16 * 1024)
-                    .zip(grads.par_chunks(16 * 1024))
+                    .zip(grads.data().par_chunks(16 * 1024))
                     .for_each(|(p, g)| {
                         for (p, &g) in p.iter_mut().zip(g) {
                             *p += neg_lr * g;
@@ -221,7 +230,8 @@ fn optim_step(c: &mut Criterion) {
     g.bench_function("lamb", |b| {
         b.iter_custom(|iters| {
             timed(iters, &per_iter, || {
-                lamb.step(black_box(&mut params), black_box(&grads), lr)
+                lamb.step(black_box(&mut params), black_box(&grads), lr, None)
+                    .unwrap()
             })
         })
     });
@@ -244,8 +254,9 @@ fn optim_step(c: &mut Criterion) {
     g.bench_function("lamb_ema", |b| {
         b.iter_custom(|iters| {
             timed(iters, &per_iter, || {
-                lamb.step(black_box(&mut params), black_box(&grads), lr);
-                ema.update(&params, &buffers);
+                let ema = Some((&mut ema, &buffers));
+                lamb.step(black_box(&mut params), black_box(&grads), lr, ema)
+                    .unwrap();
             })
         })
     });

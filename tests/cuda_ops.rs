@@ -8,7 +8,7 @@ mod common;
 
 use common::cuda::*;
 use ghostv3::backend::cpu::conv::ConvGeom;
-use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, LambGpu, RepDwGeom};
+use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, RepDwGeom};
 use ghostv3::models::{self, ModelOptions};
 use ghostv3::nn::Mode;
 use ghostv3::ops::{self, Conv2dArgs};
@@ -819,47 +819,41 @@ fn fused_lamb_and_ema_match_cpu() {
         };
         let n = layout.numel();
         let p0 = rand_vec(&mut rng, n, -0.5, 0.5);
-        let mut cpu = Lamb::new(layout.clone(), opts.clone());
         let cfg = EmaConfig {
             decay: 0.9,
             ..Default::default()
         };
-        let mut ema = Ema::new(cfg, &p0, &[]).unwrap();
-        let mut p_cpu = p0.clone();
-        let mut lamb = LambGpu::new(&g, &layout, opts.clone()).unwrap();
-        let mut p_gpu = g.upload(&p0).unwrap();
-        let mut e_gpu = g.upload(&p0).unwrap();
+        // The one optimizer interface on host tensors and on device tensors.
+        let none = Tensor::new(&[0], vec![]);
+        let host_p = Tensor::new(&[n], p0.clone());
+        let mut p = [host_p.clone(), host_p.to_device(Device::Cuda).unwrap()];
+        let mut opt = [
+            Lamb::new(layout.clone(), opts.clone()),
+            Lamb::new(layout.clone(), opts.clone()),
+        ];
+        let mut ema = [
+            Ema::new(cfg.clone(), &p[0], &none).unwrap(),
+            Ema::new(cfg.clone(), &p[1], &none).unwrap(),
+        ];
         for step in 0..3 {
-            let grads = rand_vec(&mut rng, n, -0.1, 0.1);
+            let grads = Tensor::new(&[n], rand_vec(&mut rng, n, -0.1, 0.1));
             let lr = 5e-3 * (step + 1) as f64;
-            let d = ema.decay();
-            cpu.step(&mut p_cpu, &grads, lr);
-            ema.update(&p_cpu, &[]);
-            let gb = g.upload(&grads).unwrap();
-            lamb.step(&g, &mut p_gpu, &gb, lr, Some((&mut e_gpu, d)))
-                .unwrap();
+            for k in 0..2 {
+                let e = Some((&mut ema[k], &none));
+                opt[k].step(&mut p[k], &grads, lr, e).unwrap();
+            }
             let case = format!("lamb clip={max_grad_norm:?} step {step}");
-            close(&format!("{case} params"), &down(&g, &p_gpu), &p_cpu, 1e-6);
-            close(
-                &format!("{case} exp_avg"),
-                &down(&g, &lamb.exp_avg),
-                cpu.exp_avg(),
-                1e-6,
-            );
-            close(
-                &format!("{case} exp_avg_sq"),
-                &down(&g, &lamb.exp_avg_sq),
-                cpu.exp_avg_sq(),
-                1e-6,
-            );
-            close(
-                &format!("{case} ema"),
-                &down(&g, &e_gpu),
-                ema.params(),
-                1e-6,
-            );
+            let host = |t: &Tensor| t.to_host().into_vec();
+            close(&format!("{case} params"), &host(&p[1]), &host(&p[0]), 1e-6);
+            let (s_cpu, s_dev) = (opt[0].state(), opt[1].state());
+            for ((name, c), (_, d)) in s_cpu.iter().zip(&s_dev) {
+                close(&format!("{case} {name}"), d, c, 1e-6);
+            }
+            let (e_cpu, e_dev) = (host(ema[0].params()), host(ema[1].params()));
+            close(&format!("{case} ema"), &e_dev, &e_cpu, 1e-6);
         }
     }
+    let _ = &g;
 }
 
 /// Views into one flat buffer (as parameters and gradients live): kernels read a weight view,
@@ -1000,11 +994,13 @@ fn whole_training_step_matches_cpu() {
         ..Default::default()
     };
     let update = |g: &[f32]| {
-        let mut p = p0.clone();
-        let mut ema = Ema::new(ema_cfg.clone(), &p, &[]).unwrap();
-        Lamb::new(layout.clone(), lopts.clone()).step(&mut p, g, lr);
-        ema.update(&p, &[]);
-        (p, ema.params().to_vec())
+        let mut p = Tensor::new(&[p0.len()], p0.clone());
+        let none = Tensor::new(&[0], vec![]);
+        let mut ema = Ema::new(ema_cfg.clone(), &p, &none).unwrap();
+        let g = Tensor::new(&[g.len()], g.to_vec());
+        let mut lamb = Lamb::new(layout.clone(), lopts.clone());
+        lamb.step(&mut p, &g, lr, Some((&mut ema, &none))).unwrap();
+        (p.into_vec(), ema.params().to_host().into_vec())
     };
     let (p_cpu, ema_cpu) = update(&flat_cpu);
     let mut spread = [
@@ -1044,8 +1040,8 @@ fn whole_training_step_matches_cpu() {
     dev.state_mut().place_on(Device::Cuda).unwrap();
     let ema = Ema::new(
         ema_cfg.clone(),
-        cpu.state().params.flat(),
-        cpu.state().buffers.flat(),
+        dev.state().params.tensor(),
+        dev.state().buffers.tensor(),
     )
     .unwrap();
     let mut cfg = OptimizerConfig::new(OptimizerKind::Lamb);

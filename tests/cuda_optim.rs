@@ -1,25 +1,31 @@
-//! The device optimizers of `train --device cuda` (src/backend/cuda/optim.rs: fused AdamW and
-//! SGD kernels with the EMA in the same pass) against the CPU optimizers they stand for
-//! (`optim::AdamW`, `optim::Sgd`, `optim::Ema`): several steps on fresh random gradients over a
-//! multi-tensor layout with odd sizes, tensors larger than one 16 Ki chunk and both decay
-//! groups; parameters, optimizer state and EMA after every step, in ulps (the kernels do the CPU
-//! arithmetic in the CPU order, the clip norm included, so the expected difference is 0). Then
-//! the checkpoint round trip: GPU state -> host optimizer -> a new GPU optimizer continues as
-//! the CPU does. Without a GPU the last test runs them all on the CPU emulator.
+//! The optimizers and the EMA on the device (`optim::Optimizer::step` on device tensors: the
+//! fused LAMB, AdamW and SGD kernels of src/backend/cuda/optim.rs, the EMA in the same pass)
+//! against the same interface on host tensors (the CPU loops): several steps on fresh random
+//! gradients over a multi-tensor layout with odd sizes, tensors larger than one 16 Ki chunk and
+//! both decay groups; parameters, EMA (weights and running statistics) and the optimizer state
+//! after every step. AdamW and SGD in ulps (their kernels do the CPU arithmetic in the CPU
+//! order, the clip norm included, so the expected difference is 0); LAMB within 1e-6 (its
+//! kernels reduce the norms in f64 in another order). Then the state across devices: a GPU
+//! run's checkpoint form resumes on the GPU and on the CPU, a CPU run's on the GPU, the state
+//! following the parameters' device. Without a GPU the last test runs them all on the CPU
+//! emulator.
 
 mod common;
 
 use common::cuda::*;
-use ghostv3::backend::cuda::optim::{self as dopt, DeviceOptimizer};
-use ghostv3::backend::cuda::{DBuf, Gpu};
 use ghostv3::optim::{
     Ema, EmaConfig, Layout, LayoutEntry, Optimizer, OptimizerConfig, OptimizerKind,
 };
+use ghostv3::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-/// Largest allowed distance in units in the last place.
+/// Largest allowed distance in units in the last place (AdamW, SGD).
 const MAX_ULPS: u32 = 1;
+/// LAMB's tolerance (of `common::cuda::close`).
+const LAMB_TOL: f64 = 1e-6;
+/// Length of the running-statistics buffer the EMA also averages.
+const BUFFERS: usize = 333;
 
 /// conv.weight and fc.weight span two chunks each (18432 and 16687 elements); BN and biases are
 /// in the no-decay group; sizes are odd.
@@ -32,6 +38,18 @@ fn layout() -> Layout {
         ("fc.bias", vec![37]),
         ("dw.weight", vec![7, 1, 5, 5]),
     ])
+}
+
+fn host_t(v: &[f32]) -> Tensor {
+    Tensor::new(&[v.len()], v.to_vec())
+}
+
+fn dev_t(v: &[f32]) -> Tensor {
+    host_t(v).to_cuda().unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_host().into_vec()
 }
 
 /// Distance in representable f32 values (0: the same bits, up to the sign of zero).
@@ -68,94 +86,113 @@ fn same(case: &str, gpu: &[f32], cpu: &[f32]) {
     );
 }
 
-/// The device optimizer's state, through `save_into` into a fresh host optimizer of `cfg`,
-/// against the CPU optimizer's.
-fn same_state(
-    g: &Gpu,
-    case: &str,
-    cfg: &OptimizerConfig,
-    layout: &Layout,
-    dev: &dyn DeviceOptimizer,
-    cpu: &dyn Optimizer,
-) {
-    let mut host = cfg.build(layout).unwrap();
-    dev.save_into(g, host.as_mut()).unwrap();
-    let (got, want) = (host.state(), cpu.state());
-    let names = |s: &[(String, Vec<f32>)]| s.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&got), names(&want), "{case}: state buffers");
-    assert_eq!(host.steps(), cpu.steps(), "{case}: step counter");
-    for ((name, a), (_, b)) in got.iter().zip(&want) {
-        same(&format!("{case} {name}"), a, b);
-    }
-}
-
-/// A CPU run and a GPU run of one recipe from the same parameters, stepped in lockstep.
+/// A CPU run and a GPU run of one recipe from the same parameters and EMA, stepped in
+/// lockstep through the one interface.
 struct Pair {
     cfg: OptimizerConfig,
     layout: Layout,
     cpu: Box<dyn Optimizer>,
-    dev: Box<dyn DeviceOptimizer>,
-    p_cpu: Vec<f32>,
-    p_gpu: DBuf,
-    ema: Ema,
-    e_gpu: DBuf,
+    dev: Box<dyn Optimizer>,
+    p_cpu: Tensor,
+    p_gpu: Tensor,
+    e_cpu: Ema,
+    e_gpu: Ema,
 }
 
 impl Pair {
-    fn new(g: &Gpu, cfg: OptimizerConfig, layout: Layout, rng: &mut StdRng) -> Pair {
+    fn new(cfg: OptimizerConfig, layout: Layout, rng: &mut StdRng) -> Pair {
         let p0 = rand_vec(rng, layout.numel(), -0.5, 0.5);
+        let b0 = rand_vec(rng, BUFFERS, -1.0, 1.0);
         let ema_cfg = EmaConfig {
             decay: 0.9,
             ..Default::default()
         };
+        let (p_cpu, p_gpu) = (host_t(&p0), dev_t(&p0));
         Pair {
             cpu: cfg.build(&layout).unwrap(),
-            dev: dopt::build(g, &cfg, &layout).unwrap(),
-            ema: Ema::new(ema_cfg, &p0, &[]).unwrap(),
-            p_gpu: g.upload(&p0).unwrap(),
-            e_gpu: g.upload(&p0).unwrap(),
-            p_cpu: p0,
+            dev: cfg.build(&layout).unwrap(),
+            e_cpu: Ema::new(ema_cfg.clone(), &p_cpu, &host_t(&b0)).unwrap(),
+            e_gpu: Ema::new(ema_cfg, &p_gpu, &dev_t(&b0)).unwrap(),
+            p_cpu,
+            p_gpu,
             cfg,
             layout,
         }
     }
 
-    /// `steps` steps on fresh gradients (the EMA on two steps out of three), everything
-    /// compared after each.
-    fn run(&mut self, g: &Gpu, case: &str, steps: usize, rng: &mut StdRng) {
+    /// The GPU's values against the CPU's: in ulps, LAMB within [`LAMB_TOL`].
+    fn check(&self, case: &str, gpu: &[f32], cpu: &[f32]) {
+        if self.cfg.kind == OptimizerKind::Lamb {
+            close(case, gpu, cpu, LAMB_TOL);
+        } else {
+            same(case, gpu, cpu);
+        }
+    }
+
+    /// Everything of the two runs compared: parameters, EMA, optimizer and EMA state.
+    fn compare(&self, case: &str) {
+        self.check(
+            &format!("{case} params"),
+            &values(&self.p_gpu),
+            self.p_cpu.data(),
+        );
+        let (eg, ec) = (&self.e_gpu, &self.e_cpu);
+        self.check(
+            &format!("{case} ema"),
+            &values(eg.params()),
+            ec.params().data(),
+        );
+        self.check(
+            &format!("{case} ema buffers"),
+            &values(eg.buffers()),
+            ec.buffers().data(),
+        );
+        assert_eq!(eg.updates(), ec.updates(), "{case}: EMA updates");
+        let (got, want) = (self.dev.state(), self.cpu.state());
+        let names = |s: &[(String, Vec<f32>)]| s.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&got), names(&want), "{case}: state buffers");
+        assert_eq!(self.dev.steps(), self.cpu.steps(), "{case}: step counter");
+        for ((name, a), (_, b)) in got.iter().zip(&want) {
+            self.check(&format!("{case} {name}"), a, b);
+        }
+    }
+
+    /// `steps` steps on fresh gradients and running statistics (the EMA on two steps out of
+    /// three; the gradient of every second GPU step from the host), everything compared after
+    /// each.
+    fn run(&mut self, case: &str, steps: usize, rng: &mut StdRng) {
         for s in 0..steps {
             let n = self.layout.numel();
             let grads = rand_vec(rng, n, -0.1, 0.1);
+            let bufs = rand_vec(rng, BUFFERS, -1.0, 1.0);
             let lr = 1e-2 * (1 + self.cpu.steps()) as f64;
             let with_ema = s % 3 != 2;
-            let d = self.ema.decay();
-            self.cpu.step(&mut self.p_cpu, &grads, lr);
-            if with_ema {
-                self.ema.update(&self.p_cpu, &[]);
-            }
-            let gb = g.upload(&grads).unwrap();
-            let ema = with_ema.then_some((&mut self.e_gpu, d));
-            self.dev.step(g, &mut self.p_gpu, &gb, lr, ema).unwrap();
-            let case = format!("{case} step {}", self.cpu.steps());
-            same(
-                &format!("{case} params"),
-                &down(g, &self.p_gpu),
-                &self.p_cpu,
+            let (b_cpu, b_gpu) = (host_t(&bufs), dev_t(&bufs));
+            let e = with_ema.then_some((&mut self.e_cpu, &b_cpu));
+            self.cpu
+                .step(&mut self.p_cpu, &host_t(&grads), lr, e)
+                .unwrap();
+            let g_gpu = if s % 2 == 1 {
+                host_t(&grads)
+            } else {
+                dev_t(&grads)
+            };
+            let e = with_ema.then_some((&mut self.e_gpu, &b_gpu));
+            self.dev.step(&mut self.p_gpu, &g_gpu, lr, e).unwrap();
+            assert!(
+                self.p_gpu.is_cuda(),
+                "{case}: the parameters left the device"
             );
-            same(
-                &format!("{case} ema"),
-                &down(g, &self.e_gpu),
-                self.ema.params(),
-            );
-            same_state(
-                g,
-                &case,
-                &self.cfg,
-                &self.layout,
-                self.dev.as_ref(),
-                self.cpu.as_ref(),
-            );
+            self.compare(&format!("{case} step {}", self.cpu.steps()));
         }
+    }
+}
+
+fn lamb(weight_decay: f64, max_grad_norm: Option<f64>) -> OptimizerConfig {
+    OptimizerConfig {
+        weight_decay: Some(weight_decay),
+        max_grad_norm: Some(max_grad_norm.unwrap_or(0.0)),
+        ..OptimizerConfig::new(OptimizerKind::Lamb)
     }
 }
 
@@ -177,11 +214,27 @@ fn sgd(momentum: f64, nesterov: bool, weight_decay: f64, clip: Option<f64>) -> O
     }
 }
 
+/// LAMB: clipping active and off, decay on the decay group only, and off (no trust ratio).
+#[test]
+fn lamb_matches_cpu() {
+    let Some(_g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(299);
+    let cases = [
+        ("lamb wd=0.05 clip=1", lamb(0.05, Some(1.0))),
+        ("lamb wd=0.05 no clip", lamb(0.05, None)),
+        ("lamb wd=0 clip=1", lamb(0.0, Some(1.0))),
+    ];
+    for (case, cfg) in cases {
+        let mut pair = Pair::new(cfg, layout(), &mut rng);
+        pair.run(case, 3, &mut rng);
+    }
+}
+
 /// AdamW: clipping active (||g|| ~ 11 > 1), off, and on but inactive (factor 1); decay on the
 /// decay group only, and off; non-default betas and eps.
 #[test]
 fn adamw_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let Some(_g) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(300);
     let cases = [
         ("adamw wd=0.05 clip=1", adamw(0.05, Some(1.0))),
@@ -196,9 +249,8 @@ fn adamw_matches_cpu() {
         ),
     ];
     for (case, cfg) in cases {
-        let mut pair = Pair::new(&g, cfg, layout(), &mut rng);
-        assert_eq!(pair.dev.describe(), "fused AdamW + EMA kernel");
-        pair.run(&g, case, 3, &mut rng);
+        let mut pair = Pair::new(cfg, layout(), &mut rng);
+        pair.run(case, 3, &mut rng);
     }
 }
 
@@ -206,7 +258,7 @@ fn adamw_matches_cpu() {
 /// (no buffer) with decay and clipping. PyTorch's dampening is not an option of optim::Sgd.
 #[test]
 fn sgd_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    let Some(_g) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(301);
     let cases = [
         ("sgd nesterov", sgd(0.9, true, 0.0, None)),
@@ -224,17 +276,16 @@ fn sgd_matches_cpu() {
         ),
     ];
     for (case, cfg) in cases {
-        let mut pair = Pair::new(&g, cfg, layout(), &mut rng);
-        assert_eq!(pair.dev.describe(), "fused SGD + EMA kernel");
-        pair.run(&g, case, 3, &mut rng);
+        let mut pair = Pair::new(cfg, layout(), &mut rng);
+        pair.run(case, 3, &mut rng);
     }
 }
 
 /// A layout with gaps between tensors: the gaps of the parameters stay as they are, and the EMA
-/// (which blends the whole buffer on the CPU, gaps included) still matches.
+/// (which blends the whole buffer, gaps included) still matches.
 #[test]
 fn layout_with_gaps() {
-    let Some(g) = gpu() else { return };
+    let Some(_g) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(302);
     let entry = |name: &str, offset: usize, shape: Vec<usize>, decay: bool| LayoutEntry {
         name: name.into(),
@@ -253,13 +304,14 @@ fn layout_with_gaps() {
     )
     .unwrap();
     for (case, cfg) in [
+        ("gaps lamb", lamb(0.05, Some(1.0))),
         ("gaps adamw", adamw(0.05, Some(1.0))),
         ("gaps sgd", sgd(0.9, true, 0.05, None)),
     ] {
-        let mut pair = Pair::new(&g, cfg, layout.clone(), &mut rng);
-        let p0 = pair.p_cpu.clone();
-        pair.run(&g, case, 2, &mut rng);
-        let p = down(&g, &pair.p_gpu);
+        let mut pair = Pair::new(cfg, layout.clone(), &mut rng);
+        let p0 = pair.p_cpu.to_vec();
+        pair.run(case, 2, &mut rng);
+        let p = values(&pair.p_gpu);
         for i in (0..3)
             .chain(17_003..17_010)
             .chain(17_027..17_100)
@@ -274,27 +326,80 @@ fn layout_with_gaps() {
     }
 }
 
-/// Checkpoint round trip: two steps on the GPU, the state saved into a host optimizer (the
-/// checkpoint format), loaded into a new GPU optimizer that then continues exactly as the CPU
-/// optimizer does; a state of another optimizer or size is refused.
+/// The checkpoint form across devices: two steps on the GPU, the state (host format) loaded
+/// into a new optimizer that continues on the GPU exactly as the CPU optimizer does; then the
+/// GPU optimizer steps host parameters (its state follows them to the host) and goes back; a
+/// CPU run's state resumes on the GPU; the EMA's state likewise. A state of another optimizer
+/// or size is refused and changes nothing.
 #[test]
-fn state_round_trip_through_the_host_optimizer() {
-    let Some(g) = gpu() else { return };
+fn state_moves_between_devices() {
+    let Some(_g) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(303);
     let cases = [
+        ("round trip lamb", lamb(0.05, Some(1.0))),
         ("round trip adamw", adamw(0.05, Some(1.0))),
         ("round trip sgd", sgd(0.9, true, 0.05, None)),
         ("round trip sgd no momentum", sgd(0.0, false, 0.05, None)),
     ];
     for (case, cfg) in cases {
-        let mut pair = Pair::new(&g, cfg.clone(), layout(), &mut rng);
-        pair.run(&g, &format!("{case} before"), 2, &mut rng);
-        let mut host = cfg.build(&pair.layout).unwrap();
-        pair.dev.save_into(&g, host.as_mut()).unwrap();
-        let mut fresh = dopt::build(&g, &cfg, &pair.layout).unwrap();
-        fresh.load_from(&g, host.as_ref()).unwrap();
+        let mut pair = Pair::new(cfg.clone(), layout(), &mut rng);
+        pair.run(&format!("{case} before"), 2, &mut rng);
+
+        // GPU checkpoint -> a new optimizer and EMA on the GPU.
+        let mut fresh = cfg.build(&pair.layout).unwrap();
+        fresh.load_state(&pair.dev.state()).unwrap();
         pair.dev = fresh;
-        pair.run(&g, &format!("{case} resumed"), 2, &mut rng);
+        let mut ema = Ema::new(
+            pair.e_cpu.config().clone(),
+            &pair.p_gpu,
+            pair.e_gpu.buffers(),
+        )
+        .unwrap();
+        ema.load_state(&pair.e_gpu.state()).unwrap();
+        assert!(
+            ema.params().is_cuda(),
+            "{case}: a loaded EMA stays on its device"
+        );
+        pair.e_gpu = ema;
+        pair.run(&format!("{case} resumed"), 2, &mut rng);
+
+        // The GPU optimizer on host parameters (state down), then on the device again (up).
+        pair.p_gpu = pair.p_gpu.to_host();
+        pair.e_gpu.set(
+            &pair.e_gpu.params().to_host(),
+            &pair.e_gpu.buffers().to_host(),
+        );
+        let grads = rand_vec(&mut rng, pair.layout.numel(), -0.1, 0.1);
+        let lr = 3e-3;
+        pair.cpu
+            .step(&mut pair.p_cpu, &host_t(&grads), lr, None)
+            .unwrap();
+        pair.dev
+            .step(&mut pair.p_gpu, &dev_t(&grads), lr, None)
+            .unwrap();
+        assert!(!pair.p_gpu.is_cuda());
+        pair.check(
+            &format!("{case} on the host"),
+            pair.p_gpu.data(),
+            pair.p_cpu.data(),
+        );
+        pair.p_gpu = pair.p_gpu.to_cuda().unwrap();
+        pair.e_gpu.set(
+            &pair.e_gpu.params().to_cuda().unwrap(),
+            &pair.e_gpu.buffers().to_cuda().unwrap(),
+        );
+        pair.run(&format!("{case} back on the device"), 1, &mut rng);
+
+        // A CPU run's checkpoint -> the GPU.
+        let mut from_cpu = cfg.build(&pair.layout).unwrap();
+        from_cpu.load_state(&pair.cpu.state()).unwrap();
+        pair.dev = from_cpu;
+        pair.p_gpu = pair.p_cpu.to_cuda().unwrap();
+        pair.e_gpu.set(
+            &pair.e_cpu.params().to_cuda().unwrap(),
+            &pair.e_cpu.buffers().to_cuda().unwrap(),
+        );
+        pair.run(&format!("{case} from a CPU checkpoint"), 1, &mut rng);
 
         // Refused: another optimizer's state, and a state of another size.
         let other = match cfg.kind {
@@ -302,18 +407,18 @@ fn state_round_trip_through_the_host_optimizer() {
             _ => sgd(0.9, true, 0.0, None),
         };
         let other = other.build(&pair.layout).unwrap();
-        assert!(pair.dev.load_from(&g, other.as_ref()).is_err(), "{case}");
+        assert!(pair.dev.load_state(&other.state()).is_err(), "{case}");
         let small = cfg
             .build(&Layout::from_shapes(&[("w", vec![3, 3])]))
             .unwrap();
-        let e = pair.dev.load_from(&g, small.as_ref());
+        let e = pair.dev.load_state(&small.state());
         if cfg.momentum == Some(0.0) {
             // SGD without momentum has only a step counter: any layout's state fits.
             assert!(e.is_ok(), "{case}: {e:?}");
         } else {
             assert!(e.is_err(), "{case}: a state of 9 values loaded");
             // Nothing was loaded: the run goes on as the CPU's.
-            pair.run(&g, &format!("{case} after a refused load"), 1, &mut rng);
+            pair.run(&format!("{case} after a refused load"), 1, &mut rng);
         }
     }
 }

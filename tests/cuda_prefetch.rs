@@ -20,7 +20,7 @@ impl<'g, T: Send + 'static> Pf<'g, T> {
         g: &'g Gpu,
         src: impl Iterator<Item = anyhow::Result<(Tensor, T)>> + Send + 'static,
     ) -> anyhow::Result<Self> {
-        let src = src.map(|r| r.map(|(t, p)| (HostBatch::from(t), p)));
+        let src = src.map(|r| r.and_then(|(t, p)| Ok((HostBatch::try_from(t)?, p))));
         Ok(Pf(DevicePrefetcher::new(g, src)?))
     }
 
@@ -33,7 +33,7 @@ impl<T: Send + 'static> Pf<'static, T> {
     fn on_global_gpu(
         src: impl Iterator<Item = anyhow::Result<(Tensor, T)>> + Send + 'static,
     ) -> anyhow::Result<Self> {
-        let src = src.map(|r| r.map(|(t, p)| (HostBatch::from(t), p)));
+        let src = src.map(|r| r.and_then(|(t, p)| Ok((HostBatch::try_from(t)?, p))));
         Ok(Pf(DevicePrefetcher::on_global_gpu(src)?))
     }
 }
@@ -122,7 +122,7 @@ fn run(
             Ok((t, (i, l))) => {
                 let hb = host[i].as_ref().expect("a batch where the source failed");
                 assert_eq!(l, labels(i, hb), "batch {i}: payload");
-                let y = g.relu(&t.cuda_parts().unwrap().0).unwrap();
+                let y = g.relu(t.cuda_parts().unwrap().0).unwrap();
                 if let Some((j, pt, py)) = prev.take() {
                     check(g, j, &pt, &py, host[j].as_ref().unwrap());
                 }
@@ -218,7 +218,7 @@ fn dropping_mid_stream_is_clean() {
     let mut pf = Pf::new(&g, src).unwrap();
     for _ in 0..3 {
         let (t, host) = pf.next().unwrap().unwrap();
-        assert!(g.download(&t.cuda_parts().unwrap().0).unwrap() == host);
+        assert!(g.download(t.cuda_parts().unwrap().0).unwrap() == host);
     }
     drop(pf);
     let mut rng = StdRng::seed_from_u64(6);
@@ -256,7 +256,7 @@ fn device_tensors_from_the_source_are_an_error() {
     assert!(format!("{e}").contains("already on the CUDA device"), "{e}");
     let (t, i) = pf.next().unwrap().unwrap();
     assert_eq!(i, 1);
-    assert!(g.download(&t.cuda_parts().unwrap().0).unwrap() == host.data());
+    assert!(g.download(t.cuda_parts().unwrap().0).unwrap() == host.data());
     assert!(pf.next().is_none());
 }
 
@@ -279,7 +279,7 @@ fn loader_epochs_through_the_prefetcher() {
         let h = &host[k];
         assert_eq!((&labels, &indices), (&h.labels, &h.indices), "batch {k}");
         assert_eq!(images.shape(), h.images.shape());
-        assert!(g.download(&images.cuda_parts().unwrap().0).unwrap() == h.images.data());
+        assert!(g.download(images.cuda_parts().unwrap().0).unwrap() == h.images.data());
         k += 1;
     }
     assert_eq!(k, 5);

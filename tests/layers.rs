@@ -127,19 +127,6 @@ const TOP: [&str; 12] = [
     "tensor", "train",
 ];
 
-/// Import edges that still break the layering, each with what removes it. The tests fail on
-/// any edge not listed here, and on a listed edge that has gone (so the list only shrinks).
-const KNOWN: [(&str, &str, &str); 1] = [(
-    "backend/cuda/optim",
-    "optim",
-    "the device optimizers build from optim's Layout and options and convert to its host \
-     optimizers' checkpoint format: the optimizer port (one trait in backend::api)",
-)];
-
-fn known(file: &str, module: &str) -> bool {
-    KNOWN.iter().any(|(f, m, _)| *f == file && *m == module)
-}
-
 #[test]
 fn top_level_modules_form_no_cycle() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -150,7 +137,7 @@ fn top_level_modules_form_no_cycle() {
         }
         let e = edges.entry(top.clone()).or_default();
         for m in names_after(&src, "crate::") {
-            if m != top && TOP.contains(&m.as_str()) && !known(&rel, &m) {
+            if m != top && TOP.contains(&m.as_str()) {
                 e.insert(m);
             }
         }
@@ -198,15 +185,12 @@ fn backend_imports_nothing_above_it() {
         "reparam",
     ];
     let mut bad = Vec::new();
-    let mut seen = Vec::new();
     for (rel, src) in sources() {
         if !rel.starts_with("backend") {
             continue;
         }
         for m in names_after(&src, "crate::") {
-            if known(&rel, &m) {
-                seen.push((rel.clone(), m));
-            } else if above.contains(&m.as_str()) {
+            if above.contains(&m.as_str()) {
                 bad.push(format!("{rel}: crate::{m}"));
             }
         }
@@ -215,12 +199,6 @@ fn backend_imports_nothing_above_it() {
         }
     }
     assert!(bad.is_empty(), "backend imports upward: {bad:#?}");
-    for (f, m, why) in KNOWN {
-        assert!(
-            seen.iter().any(|(a, b)| a == f && b == m),
-            "{f} -> {m} is gone ({why}): remove it from KNOWN"
-        );
-    }
 }
 
 #[test]
@@ -236,9 +214,7 @@ fn only_the_dispatcher_asks_where_a_tensor_lives() {
     ];
     // What may: the backends themselves, the dispatcher, and the CLI/recipe code that turns a
     // user's `--device` choice into placement (main.rs picks the fast CPU path by it).
-    // optim/update pairs the host optimizers with the fused device ones (the dispatcher picks
-    // the path; it names the CUDA backend's optimizer types): the optimizer port removes it.
-    let allowed = ["tensor/storage", "tensor", "main", "optim/update"];
+    let allowed = ["tensor/storage", "tensor", "main"];
     let mut bad = Vec::new();
     for (rel, src) in sources() {
         if rel.starts_with("backend") || allowed.contains(&rel.as_str()) {

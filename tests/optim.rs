@@ -11,16 +11,33 @@
 //!
 //! LAMB, AdamW and SGD are also compared over 5 steps against independent f64 implementations
 //! (torch is not available here) on a random 3-tensor layout whose large tensor spans several
-//! parallel chunks.
+//! parallel chunks, and their bits over many configurations against a digest of the results
+//! of the host optimizers before the one-interface refactor (`cpu_bits_unchanged`).
+//!
+//! Everything here runs on host tensors (the CPU backend); tests/cuda_optim.rs runs the same
+//! interface on the device.
 
 use ghostv3::nn::Builder;
 use ghostv3::optim::{
     AdamW, AdamWOptions, Ema, EmaConfig, EmaWarmup, Lamb, LambOptions, Layout, LayoutEntry,
     Optimizer, OptimizerConfig, OptimizerKind, ScheduleConfig, ScheduleKind, Sgd, SgdOptions,
 };
+use ghostv3::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+
+/// A 1-D host tensor of `v`.
+fn t(v: &[f32]) -> Tensor {
+    Tensor::new(&[v.len()], v.to_vec())
+}
+
+/// One optimizer step of host slices (no EMA): `p` updated in place.
+fn step(opt: &mut dyn Optimizer, p: &mut [f32], g: &[f32], lr: f64) {
+    let mut pt = t(p);
+    opt.step(&mut pt, &t(g), lr, None).unwrap();
+    p.copy_from_slice(pt.data());
+}
 
 const B1: f64 = 0.9;
 const B2: f64 = 0.999;
@@ -107,7 +124,7 @@ fn layout_rejects_overlap_and_overflow() {
     let l = Layout::from_entries(vec![e("a", 1, 2), e("b", 4, 2)], 7).unwrap();
     let mut opt = Sgd::new(l, SgdOptions::default());
     let mut p = vec![1.0f32; 7];
-    opt.step(&mut p, &[5.0; 7], 0.1);
+    step(&mut opt, &mut p, &[5.0; 7], 0.1);
     assert_eq!((p[0], p[3], p[6]), (1.0, 1.0, 1.0));
     assert!(p[1] < 1.0 && p[5] < 1.0);
 }
@@ -116,7 +133,7 @@ fn layout_rejects_overlap_and_overflow() {
 #[should_panic(expected = "lamb: grads have 5 values, layout has 6")]
 fn step_panics_on_buffer_size_mismatch() {
     let mut opt = Lamb::new(tiny_layout(), LambOptions::default());
-    opt.step(&mut [0.0; 6], &[0.0; 5], 0.1);
+    step(&mut opt, &mut [0.0; 6], &[0.0; 5], 0.1);
 }
 
 #[test]
@@ -211,10 +228,10 @@ fn lamb_two_steps_clip_trust_and_no_decay_bias() {
     let gnorm = (25.0f64 + 2.0 * 1e-4f64 * 1e-4).sqrt();
     let gc: Vec<f64> = g0.iter().map(|&g| g as f64 / gnorm).collect();
 
-    opt.step(&mut p, &g0, lr);
+    step(&mut opt, &mut p, &g0, lr);
     // Clipping shows in the first moment: exp_avg = (1 - b1) * g / clip.
     let m1: Vec<f64> = gc.iter().map(|g| (1.0 - B1) * g).collect();
-    assert_close("exp_avg step 1", opt.exp_avg(), &m1, 1e-6);
+    assert_close("exp_avg step 1", opt.exp_avg().data(), &m1, 1e-6);
 
     // w: update = g'/(|g'|+eps) + wd * p, trust = ||p|| / ||update|| (||p|| = 5).
     let u: Vec<f64> = (0..4).map(|i| dir1(gc[i], LAMB_EPS) + wd * p0[i]).collect();
@@ -228,7 +245,7 @@ fn lamb_two_steps_clip_trust_and_no_decay_bias() {
 
     // Step 2, same gradient: same direction, decay and trust on the new weights.
     let p1 = want.clone();
-    opt.step(&mut p, &g0, lr);
+    step(&mut opt, &mut p, &g0, lr);
     let u: Vec<f64> = (0..4).map(|i| dir1(gc[i], LAMB_EPS) + wd * p1[i]).collect();
     let trust = norm(&p1[..4]) / norm(&u);
     let mut want: Vec<f64> = (0..4).map(|i| p1[i] - lr * trust * u[i]).collect();
@@ -252,10 +269,10 @@ fn lamb_no_clip_then_zero_gradient() {
     let g = [0.3, 0.0, 0.0, 0.0, 0.0, -0.4]; // ||g|| = 0.5
     let mut p: Vec<f32> = p0.iter().map(|&v| v as f32).collect();
     let gf: Vec<f32> = g.iter().map(|&v| v as f32).collect();
-    opt.step(&mut p, &gf, lr);
+    step(&mut opt, &mut p, &gf, lr);
     assert_close(
         "exp_avg unclipped",
-        opt.exp_avg(),
+        opt.exp_avg().data(),
         &g.map(|g| (1.0 - B1) * g),
         1e-6,
     );
@@ -265,7 +282,7 @@ fn lamb_no_clip_then_zero_gradient() {
     p1.extend((4..6).map(|i| p0[i] - lr * dir1(g[i], LAMB_EPS)));
     assert_close("lamb step 1", &p, &p1, 1e-6);
 
-    opt.step(&mut p, &[0.0; 6], lr);
+    step(&mut opt, &mut p, &[0.0; 6], lr);
     let u: Vec<f64> = (0..4)
         .map(|i| dir2_zero(g[i], LAMB_EPS) + wd * p1[i])
         .collect();
@@ -290,22 +307,22 @@ fn lamb_zero_norms_give_trust_one() {
     // w = 0 with a gradient: ||p|| = 0 -> trust 1, update = g/(|g|+eps) (L2 term is 0).
     let mut p = [0.0f32; 6];
     let g = [0.5f32, -2.0, 0.0, 1.0, 0.0, 0.0];
-    opt.step(&mut p, &g, lr);
+    step(&mut opt, &mut p, &g, lr);
     let want: Vec<f64> = g.iter().map(|&g| -lr * dir1(g as f64, LAMB_EPS)).collect();
     assert_close("||p|| = 0", &p, &want, 1e-6);
 
     // w = 0 and g = 0 from the start: update = 0, ||update|| = 0 -> trust 1, p stays 0.
     let mut opt = Lamb::new(tiny_layout(), LambOptions::default());
     let mut p = [0.0f32; 6];
-    opt.step(&mut p, &[0.0; 6], lr);
-    opt.step(&mut p, &[0.0; 6], lr);
+    step(&mut opt, &mut p, &[0.0; 6], lr);
+    step(&mut opt, &mut p, &[0.0; 6], lr);
     assert_eq!(p, [0.0; 6]);
 
     // Zero gradient, non-zero weights: update = wd * p, trust = ||p|| / (wd ||p||) = 1 / wd,
     // so p -= lr * p; the bias (update 0, no decay) stays.
     let mut opt = Lamb::new(tiny_layout(), LambOptions::default());
     let mut p = [3.0f32, 0.0, 0.0, 4.0, 1.0, 1.0];
-    opt.step(&mut p, &[0.0; 6], lr);
+    step(&mut opt, &mut p, &[0.0; 6], lr);
     assert_close(
         "zero grad",
         &p,
@@ -327,7 +344,7 @@ fn lamb_without_weight_decay_is_bias_corrected_adam() {
     );
     let mut p = [10.0f32, 10.0, 10.0, 10.0, 10.0, 10.0];
     let g = [0.1f32, -0.2, 0.3, -0.4, 0.5, 0.0]; // ||g|| < 1: no clip
-    opt.step(&mut p, &g, lr);
+    step(&mut opt, &mut p, &g, lr);
     let want: Vec<f64> = g
         .iter()
         .map(|&g| 10.0 - lr * dir1(g as f64, LAMB_EPS))
@@ -357,7 +374,7 @@ fn adamw_two_steps_decoupled_decay_and_clip() {
     let mut p: Vec<f32> = p0.iter().map(|&v| v as f32).collect();
     let gf: Vec<f32> = g.iter().map(|&v| v as f32).collect();
 
-    opt.step(&mut p, &gf, lr);
+    step(&mut opt, &mut p, &gf, lr);
     // w: p * (1 - lr wd) - lr * g'/(|g'| + eps); b: no decay.
     let p1: Vec<f64> = (0..6)
         .map(|i| {
@@ -368,7 +385,7 @@ fn adamw_two_steps_decoupled_decay_and_clip() {
     assert_close("adamw step 1", &p, &p1, 1e-6);
 
     // Step 2 with a zero gradient: no clipping (norm 0), decay again, momentum-only direction.
-    opt.step(&mut p, &[0.0; 6], lr);
+    step(&mut opt, &mut p, &[0.0; 6], lr);
     let p2: Vec<f64> = (0..6)
         .map(|i| {
             let d = if i < 4 { 1.0 - lr * wd } else { 1.0 };
@@ -399,7 +416,7 @@ fn sgd_nesterov_two_steps() {
     let mut opt = sgd(mu, true, wd, None);
     let mut p = [1.0f32, 2.0, -1.0, 0.0, 1.0, -1.0];
     let g1 = [0.5f32, -0.5, 1.0, 2.0, 1.0, 0.0];
-    opt.step(&mut p, &g1, lr);
+    step(&mut opt, &mut p, &g1, lr);
     // w[0]: g' = 0.5 + 0.1*1 = 0.6, buf = 0.6, d = 0.6 + 0.9*0.6 = 1.14, p = 1 - 0.114 = 0.886
     // w[1]: g' = -0.5 + 0.2 = -0.3, d = -0.57, p = 2.057
     // w[2]: g' = 1 - 0.1 = 0.9, d = 1.71, p = -1.171
@@ -409,7 +426,7 @@ fn sgd_nesterov_two_steps() {
     assert_close("sgd nesterov step 1", &p, &p1, 1e-6);
 
     let g2 = [0.0f32, 1.0, 0.0, -1.0, 1.0, 2.0];
-    opt.step(&mut p, &g2, lr);
+    step(&mut opt, &mut p, &g2, lr);
     // w[0]: g' = 0.0886, buf = 0.54 + 0.0886 = 0.6286, d = 0.0886 + 0.56574 = 0.65434
     // w[1]: g' = 1.2057, buf = -0.27 + 1.2057 = 0.9357, d = 1.2057 + 0.84213 = 2.04783
     // w[2]: g' = -0.1171, buf = 0.81 - 0.1171 = 0.6929, d = -0.1171 + 0.62361 = 0.50651
@@ -435,10 +452,10 @@ fn sgd_momentum_plain_and_clip() {
     let mut p = [0.0f32; 6];
     let g = [3.0f32, 0.0, 0.0, 4.0, 0.0, 0.0];
     let c = 1.0 / (5.0 + 1e-6);
-    opt.step(&mut p, &g, lr);
+    step(&mut opt, &mut p, &g, lr);
     let p1: Vec<f64> = g.iter().map(|&g| -lr * g as f64 * c).collect();
     assert_close("sgd momentum step 1", &p, &p1, 1e-6);
-    opt.step(&mut p, &g, lr);
+    step(&mut opt, &mut p, &g, lr);
     // buf = 0.9 g' + g' = 1.9 g'
     let p2: Vec<f64> = g.iter().map(|&g| -lr * g as f64 * c * 2.9).collect();
     assert_close("sgd momentum step 2", &p, &p2, 1e-6);
@@ -446,7 +463,7 @@ fn sgd_momentum_plain_and_clip() {
     // momentum 0: plain SGD with L2 on the weight only, and no momentum buffer in the state.
     let mut opt = sgd(0.0, false, 0.5, None);
     let mut p = [1.0f32, 1.0, 1.0, 1.0, 1.0, 1.0];
-    opt.step(&mut p, &[1.0; 6], 0.1);
+    step(&mut opt, &mut p, &[1.0; 6], 0.1);
     assert_close(
         "sgd no momentum",
         &p,
@@ -598,7 +615,7 @@ fn sgd_reference(layout: &Layout, o: &SgdOptions, run: &Run) -> Vec<f64> {
 fn run_f32(opt: &mut dyn Optimizer, run: &Run) -> Vec<f32> {
     let mut p = to_f32(&run.p0);
     for (g, &lr) in run.grads.iter().zip(&run.lrs) {
-        opt.step(&mut p, &to_f32(g), lr);
+        step(opt, &mut p, &to_f32(g), lr);
     }
     p
 }
@@ -693,7 +710,7 @@ fn resume_matches(cfg: OptimizerConfig) {
     let mut a = cfg.build(&layout).unwrap();
     let mut p = to_f32(&run.p0);
     for (g, &lr) in run.grads.iter().zip(&run.lrs).take(2) {
-        a.step(&mut p, &to_f32(g), lr);
+        step(a.as_mut(), &mut p, &to_f32(g), lr);
     }
     let saved = a.state();
     drop(a);
@@ -701,7 +718,7 @@ fn resume_matches(cfg: OptimizerConfig) {
     b.load_state(&saved).unwrap();
     assert_eq!(b.steps(), 2);
     for (g, &lr) in run.grads.iter().zip(&run.lrs).skip(2) {
-        b.step(&mut p, &to_f32(g), lr);
+        step(b.as_mut(), &mut p, &to_f32(g), lr);
     }
     assert_eq!(p, straight, "{:?}: resumed run differs", cfg.kind);
 }
@@ -722,7 +739,7 @@ fn load_state_errors_name_the_buffer() {
     let layout = tiny_layout();
     let mut opt = Lamb::new(layout.clone(), LambOptions::default());
     let mut p = [1.0f32; 6];
-    opt.step(&mut p, &[0.5; 6], 0.1);
+    step(&mut opt, &mut p, &[0.5; 6], 0.1);
     let good = opt.state();
     let names: Vec<&str> = good.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["exp_avg", "exp_avg_sq", "step"]);
@@ -751,7 +768,7 @@ fn load_state_errors_name_the_buffer() {
     assert!(fresh.load_state(&bad_step).is_err());
     // Nothing was loaded by the failed attempts.
     assert_eq!(fresh.steps(), 0);
-    assert!(fresh.exp_avg().iter().all(|&v| v == 0.0));
+    assert!(fresh.exp_avg().data().iter().all(|&v| v == 0.0));
 
     // Step counters beyond f32's 2^24 survive the round trip exactly.
     let big = vec![
@@ -772,6 +789,190 @@ fn load_state_errors_name_the_buffer() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The bits of the CPU path
+
+/// (name, offset, shape, decay) of a layout without gaps: tensors over two and three chunks,
+/// odd sizes, both decay groups.
+fn dense_entries() -> (Vec<LayoutEntry>, usize) {
+    let shapes: [(&str, Vec<usize>); 7] = [
+        ("conv.weight", vec![64, 32, 3, 3]),
+        ("bn.weight", vec![63]),
+        ("bn.bias", vec![63]),
+        ("fc.weight", vec![37, 451]),
+        ("fc.bias", vec![37]),
+        ("big.weight", vec![200, 230]),
+        ("dw.weight", vec![7, 1, 5, 5]),
+    ];
+    let mut offset = 0;
+    let entries = shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let len = shape.iter().product();
+            let e = LayoutEntry {
+                name: name.into(),
+                offset,
+                len,
+                decay: shape.len() > 1 && !name.ends_with(".bias"),
+                shape,
+            };
+            offset += len;
+            e
+        })
+        .collect();
+    (entries, offset)
+}
+
+/// A layout with gaps before, between and after the tensors.
+fn gap_entries() -> (Vec<LayoutEntry>, usize) {
+    let e = |name: &str, offset, shape: Vec<usize>, decay| LayoutEntry {
+        name: name.into(),
+        offset,
+        len: shape.iter().product(),
+        shape,
+        decay,
+    };
+    (
+        vec![
+            e("a.weight", 3, vec![17, 1000], true),
+            e("a.bias", 17_010, vec![17], false),
+            e("b.weight", 17_100, vec![5, 9], true),
+            e("c.weight", 17_200, vec![40_000], true),
+        ],
+        57_300,
+    )
+}
+
+/// Every optimizer configuration the digest covers: clipping on (active and not) and off,
+/// decay on and off, other betas and eps, SGD with and without momentum and Nesterov.
+fn bit_cases() -> Vec<OptimizerConfig> {
+    let c = |kind, wd: f64, clip: Option<f64>| OptimizerConfig {
+        weight_decay: Some(wd),
+        // 0 turns clipping off (LAMB's default would be 1).
+        max_grad_norm: Some(clip.unwrap_or(0.0)),
+        ..OptimizerConfig::new(kind)
+    };
+    let (lamb, adamw, sgd) = (
+        OptimizerKind::Lamb,
+        OptimizerKind::Adamw,
+        OptimizerKind::Sgd,
+    );
+    let sgd_with = |m: f64, n: bool, wd, clip| OptimizerConfig {
+        momentum: Some(m),
+        nesterov: Some(n),
+        ..c(sgd, wd, clip)
+    };
+    vec![
+        c(lamb, 0.05, Some(1.0)),
+        c(lamb, 0.05, None),
+        OptimizerConfig {
+            betas: Some((0.8, 0.99)),
+            eps: Some(1e-5),
+            ..c(lamb, 0.0, Some(1.0))
+        },
+        c(lamb, 0.01, Some(50.0)),
+        c(adamw, 0.05, Some(1.0)),
+        c(adamw, 0.05, None),
+        OptimizerConfig {
+            betas: Some((0.8, 0.99)),
+            eps: Some(1e-6),
+            ..c(adamw, 0.0, Some(50.0))
+        },
+        c(sgd, 0.0, None),
+        sgd_with(0.9, false, 0.05, Some(1.0)),
+        sgd_with(0.8, true, 1e-4, Some(50.0)),
+        sgd_with(0.0, false, 0.01, Some(0.5)),
+    ]
+}
+
+fn uniform(rng: &mut StdRng, n: usize, s: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-s..s)).collect()
+}
+
+/// FNV-1a over the bits of the values, in order.
+fn digest(h: &mut u64, v: &[f32]) {
+    for x in v {
+        *h ^= u64::from(x.to_bits());
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+/// The CPU path has the bits it had before the optimizers moved behind `backend::api::Optim`
+/// (the loops are the same code in `backend::cpu::optim`): 4 steps of every configuration of
+/// [`bit_cases`] on both layouts, with the EMA (decay warm-up) fused into the step on 3 of
+/// them; the parameters after every step, then the optimizer and EMA state, hashed. The digest
+/// was taken from the host optimizers of the previous interface (`step(&mut [f32], &[f32],
+/// lr)` then `Ema::update`) on the same runs.
+#[test]
+fn cpu_bits_unchanged() {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (li, (entries, numel)) in [dense_entries(), gap_entries()].into_iter().enumerate() {
+        let layout = Layout::from_entries(entries, numel).unwrap();
+        for (ci, cfg) in bit_cases().into_iter().enumerate() {
+            let mut opt = cfg.build(&layout).unwrap();
+            let mut rng = StdRng::seed_from_u64(1000 + 100 * li as u64 + ci as u64);
+            let mut p = t(&uniform(&mut rng, numel, 0.5));
+            let bufs0 = uniform(&mut rng, 333, 1.0);
+            let ema_cfg = EmaConfig {
+                decay: 0.9,
+                warmup: EmaWarmup::NumUpdates,
+                ..Default::default()
+            };
+            let mut ema = Ema::new(ema_cfg, &p, &t(&bufs0)).unwrap();
+            for s in 0..4 {
+                let scale = [0.1f32, 0.001, 0.3, 0.02][s];
+                let g = t(&uniform(&mut rng, numel, scale));
+                let b = t(&uniform(&mut rng, 333, 1.0));
+                let lr = 1e-2 * (1 + s) as f64;
+                let with_ema = (s != 2).then_some((&mut ema, &b));
+                opt.step(&mut p, &g, lr, with_ema).unwrap();
+                digest(&mut h, p.data());
+            }
+            for (_, v) in opt.state().iter().chain(&ema.state()) {
+                digest(&mut h, v);
+            }
+        }
+    }
+    assert_eq!(h, 0x19d9_fce9_7f26_f3ae, "the CPU optimizers' bits changed");
+}
+
+/// The EMA given to a step is the EMA updated after it, to the bit, for every optimizer and
+/// layout (with gaps, which the EMA blends too); the step without it leaves the EMA alone.
+#[test]
+fn fused_ema_is_update_after_step() {
+    for (entries, numel) in [dense_entries(), gap_entries()] {
+        let layout = Layout::from_entries(entries, numel).unwrap();
+        for cfg in bit_cases() {
+            let mut rng = StdRng::seed_from_u64(5);
+            let p0 = t(&uniform(&mut rng, numel, 0.5));
+            let b0 = t(&uniform(&mut rng, 50, 1.0));
+            let ema_cfg = EmaConfig {
+                decay: 0.95,
+                ..Default::default()
+            };
+            let (mut pa, mut pb) = (p0.deep_copy(), p0.deep_copy());
+            let mut ea = Ema::new(ema_cfg.clone(), &p0, &b0).unwrap();
+            let mut eb = Ema::new(ema_cfg, &p0, &b0).unwrap();
+            let (mut oa, mut ob) = (cfg.build(&layout).unwrap(), cfg.build(&layout).unwrap());
+            for s in 0..3 {
+                let g = t(&uniform(&mut rng, numel, 0.1));
+                let b = t(&uniform(&mut rng, 50, 1.0));
+                let with_ema = s != 1;
+                oa.step(&mut pa, &g, 1e-2, with_ema.then_some((&mut ea, &b)))
+                    .unwrap();
+                ob.step(&mut pb, &g, 1e-2, None).unwrap();
+                if with_ema {
+                    eb.update(&pb, &b);
+                }
+                assert_eq!(pa.data(), pb.data(), "{:?} params", cfg.kind);
+                assert_eq!(ea.params().data(), eb.params().data(), "{:?}", cfg.kind);
+                assert_eq!(ea.buffers().data(), eb.buffers().data(), "{:?}", cfg.kind);
+                assert_eq!(ea.updates(), eb.updates());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // EMA
 
 #[test]
@@ -782,10 +983,10 @@ fn ema_constant_decay_closed_form() {
         ..Default::default()
     };
     let (e0, eb0) = ([1.0f32, -2.0, 0.5], [4.0f32]);
-    let mut ema = Ema::new(cfg, &e0, &eb0).unwrap();
+    let mut ema = Ema::new(cfg, &t(&e0), &t(&eb0)).unwrap();
     let (x, xb) = ([3.0f32, 0.0, 0.5], [0.0f32]);
     for _ in 0..5 {
-        ema.update(&x, &xb);
+        ema.update(&t(&x), &t(&xb));
     }
     // ema_n = x + d^n (e0 - x), weights and BN buffers alike.
     let dn = d.powi(5);
@@ -794,8 +995,8 @@ fn ema_constant_decay_closed_form() {
         .zip(&x)
         .map(|(&e, &x)| x as f64 + dn * (e - x) as f64)
         .collect();
-    assert_close("ema params", ema.params(), &want, 1e-6);
-    assert_close("ema buffers", ema.buffers(), &[4.0 * dn], 1e-6);
+    assert_close("ema params", ema.params().data(), &want, 1e-6);
+    assert_close("ema buffers", ema.buffers().data(), &[4.0 * dn], 1e-6);
     assert_eq!(ema.updates(), 5);
 }
 
@@ -809,12 +1010,12 @@ fn ema_num_updates_warmup_closed_form() {
     assert!((cfg.decay_at(0) - 0.1).abs() < 1e-15);
     assert!((cfg.decay_at(10) - 11.0 / 20.0).abs() < 1e-15);
     assert_eq!(cfg.decay_at(1_000_000), 0.9999);
-    let mut ema = Ema::new(cfg, &[1.0], &[]).unwrap();
+    let mut ema = Ema::new(cfg, &t(&[1.0]), &t(&[])).unwrap();
     for _ in 0..3 {
-        ema.update(&[0.0], &[]);
+        ema.update(&t(&[0.0]), &t(&[]));
     }
     // prod_{t<n} (1+t)/(10+t) = 1 / C(n+9, 9); n = 3: 1/220.
-    assert_close("ema warm-up", ema.params(), &[1.0 / 220.0], 1e-6);
+    assert_close("ema warm-up", ema.params().data(), &[1.0 / 220.0], 1e-6);
 }
 
 #[test]
@@ -827,14 +1028,19 @@ fn ema_power_warmup_is_running_mean_for_gamma1_power1() {
         warmup_power: 1.0,
     };
     assert_eq!(cfg.decay_at(0), 0.0);
-    let mut ema = Ema::new(cfg, &[100.0, 7.0], &[5.0]).unwrap();
+    let mut ema = Ema::new(cfg, &t(&[100.0, 7.0]), &t(&[5.0])).unwrap();
     let xs = [1.0f32, 2.0, 6.0, 3.0];
     for &x in &xs {
-        ema.update(&[x, -x], &[2.0 * x]);
+        ema.update(&t(&[x, -x]), &t(&[2.0 * x]));
     }
     let mean = xs.iter().sum::<f32>() as f64 / 4.0;
-    assert_close("ema mean", ema.params(), &[mean, -mean], 1e-6);
-    assert_close("ema mean buffers", ema.buffers(), &[2.0 * mean], 1e-6);
+    assert_close("ema mean", ema.params().data(), &[mean, -mean], 1e-6);
+    assert_close(
+        "ema mean buffers",
+        ema.buffers().data(),
+        &[2.0 * mean],
+        1e-6,
+    );
     // timm's default power 2/3: 1 - 2^(-2/3) at the second update.
     let d = EmaConfig {
         warmup: EmaWarmup::Power,
@@ -854,26 +1060,26 @@ fn ema_state_round_trip_and_config() {
             decay: 1.5,
             ..Default::default()
         },
-        &[],
-        &[]
+        &t(&[]),
+        &t(&[])
     )
     .is_err());
 
     let xs: Vec<[f32; 2]> = (0..6).map(|i| [i as f32, 1.0 / (1.0 + i as f32)]).collect();
-    let mut a = Ema::new(cfg.clone(), &[0.0, 0.0], &[1.0]).unwrap();
-    let mut b = Ema::new(cfg.clone(), &[0.0, 0.0], &[1.0]).unwrap();
+    let mut a = Ema::new(cfg.clone(), &t(&[0.0, 0.0]), &t(&[1.0])).unwrap();
+    let mut b = Ema::new(cfg.clone(), &t(&[0.0, 0.0]), &t(&[1.0])).unwrap();
     for x in &xs[..3] {
-        a.update(x, &[x[0]]);
-        b.update(x, &[x[0]]);
+        a.update(&t(x), &t(&[x[0]]));
+        b.update(&t(x), &t(&[x[0]]));
     }
-    let mut c = Ema::new(cfg, &[9.0, 9.0], &[9.0]).unwrap();
+    let mut c = Ema::new(cfg, &t(&[9.0, 9.0]), &t(&[9.0])).unwrap();
     c.load_state(&b.state()).unwrap();
     for x in &xs[3..] {
-        a.update(x, &[x[0]]);
-        c.update(x, &[x[0]]);
+        a.update(&t(x), &t(&[x[0]]));
+        c.update(&t(x), &t(&[x[0]]));
     }
-    assert_eq!(a.params(), c.params());
-    assert_eq!(a.buffers(), c.buffers());
+    assert_eq!(a.params().data(), c.params().data());
+    assert_eq!(a.buffers().data(), c.buffers().data());
     assert_eq!(c.updates(), 6);
     let err = c
         .load_state(&[("params".into(), vec![0.0; 2])])

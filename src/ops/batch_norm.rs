@@ -126,8 +126,8 @@ pub fn batch_norm_eval<T: Elem>(
     })
 }
 
-/// PyTorch's running-statistics update of one BN from its batch statistics, where they were
-/// taken: r = (1 - momentum) * r + momentum * v for the running mean (`c` values at
+/// PyTorch's running-statistics update of one BN from its batch statistics:
+/// r = (1 - momentum) * r + momentum * v for the running mean (`c` values at
 /// `mean_offset` of the flat `buffers`) with the batch mean, and the running variance (at
 /// `var_offset`) with the unbiased batch variance, on the device of `buffers` (device statistics
 /// come down to host buffers).
@@ -137,11 +137,19 @@ pub fn update_running(
     stats: &BatchStats,
     momentum: f64,
 ) {
-    on_backend!(buffers.device(), f32, |b| ok(b.batch_norm_update_running(
-        &mut *b.get_mut(buffers),
-        (mean_offset, var_offset, c),
-        &Place::<f32>::stats(b, stats),
-        stats.count,
-        momentum
-    )))
+    let at = (mean_offset, var_offset, c);
+    on_backend!(buffers.device(), f32, |b| running_update(
+        b, buffers, at, stats, momentum
+    ))
+}
+
+fn running_update<B: Place<f32> + BatchNorm<f32>>(
+    b: &B,
+    buffers: &mut Tensor<f32>,
+    at: (usize, usize, usize),
+    stats: &BatchStats,
+    momentum: f64,
+) {
+    let s = b.stats(stats);
+    ok(b.batch_norm_update_running(&mut *b.get_mut(buffers), at, &s, stats.count, momentum))
 }

@@ -8,12 +8,13 @@
 //! p          = p - (lr / bc1) * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
 //! ```
 
-use super::{
-    adam_state, check_lr, load_adam_state, split_chunks_mut, torch_clip_coef, validate_adam,
-    Layout, Optimizer,
-};
+use super::ema::run_step;
+use super::{adam_state, check_lr, load_adam_state, place, validate_adam, Ema, Layout, Optimizer};
+use crate::backend::api::optim::{AdamWScalars, Optim, PlanSlot};
+use crate::on_backend;
+use crate::tensor::storage::Place;
+use crate::tensor::Tensor;
 use anyhow::Result;
-use rayon::prelude::*;
 
 /// Hyperparameters of [`AdamW`]; `Default` is PyTorch's `AdamW(...)` defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,35 +49,10 @@ impl AdamWOptions {
 pub struct AdamW {
     layout: Layout,
     opts: AdamWOptions,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+    exp_avg: Tensor<f32>,
+    exp_avg_sq: Tensor<f32>,
+    plan: PlanSlot,
     step: u64,
-}
-
-/// Per-step f32 scalars (PyTorch's Python floats, rounded to f32).
-struct Coef {
-    clip: f32,
-    w1: f32,
-    b2: f32,
-    w2: f32,
-    neg_step: f32,
-    sqrt_bc2: f32,
-    eps: f32,
-}
-
-/// One chunk. Slices as arguments and no inlining, so that LLVM knows they do not alias and
-/// vectorizes the loop.
-#[inline(never)]
-fn kernel(k: &Coef, decay: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let g = g * k.clip;
-        *p *= decay;
-        // torch.lerp with a small weight: m + w * (g - m).
-        *m += k.w1 * (g - *m);
-        *v = k.b2 * *v + k.w2 * g * g;
-        let denom = v.sqrt() / k.sqrt_bc2 + k.eps;
-        *p += k.neg_step * (*m / denom);
-    }
 }
 
 impl AdamW {
@@ -86,8 +62,9 @@ impl AdamW {
         AdamW {
             layout,
             opts,
-            exp_avg: vec![0.0; n],
-            exp_avg_sq: vec![0.0; n],
+            exp_avg: Tensor::zeros(&[n]),
+            exp_avg_sq: Tensor::zeros(&[n]),
+            plan: PlanSlot::default(),
             step: 0,
         }
     }
@@ -99,46 +76,57 @@ impl AdamW {
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
-}
 
-impl Optimizer for AdamW {
-    fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
-        self.layout.check("adamw", params, grads);
-        check_lr("adamw", lr);
-        self.step += 1;
+    /// PyTorch's scalars of step number `self.step`, computed in f64 (Python floats) and
+    /// applied as f32.
+    fn scalars(&self, lr: f64) -> AdamWScalars {
         let t = self.step as f64;
         let (b1, b2) = self.opts.betas;
         let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
-        // PyTorch's scalars, computed in f64 (Python floats) and applied as f32.
-        let k = Coef {
-            clip: torch_clip_coef(&self.layout, grads, self.opts.max_grad_norm),
+        AdamWScalars {
             w1: (1.0 - b1) as f32,
             b2: b2 as f32,
             w2: (1.0 - b2) as f32,
             neg_step: (-(lr / bc1)) as f32,
             sqrt_bc2: bc2.sqrt() as f32,
             eps: self.opts.eps as f32,
-        };
-        let decay = (1.0 - lr * self.opts.weight_decay) as f32;
-        let layout = &self.layout;
-        let chunks = layout.chunks();
-        chunks
-            .iter()
-            .zip(split_chunks_mut(chunks, params))
-            .zip(split_chunks_mut(chunks, &mut self.exp_avg))
-            .zip(split_chunks_mut(chunks, &mut self.exp_avg_sq))
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .for_each(|(((c, p), m), v)| {
-                let g = &grads[c.offset..c.offset + c.len];
-                // p * 1.0 is exact, so the no-decay group needs no branch in the loop.
-                let decay = if layout.entries()[c.tensor].decay {
-                    decay
-                } else {
-                    1.0
-                };
-                kernel(&k, decay, p, g, m, v);
-            });
+            decay: (1.0 - lr * self.opts.weight_decay) as f32,
+            // torch clip_grad_norm_: min(max_norm / (||g|| + 1e-6), 1) in f32.
+            max_grad_norm: self.opts.max_grad_norm.map(|m| m as f32),
+        }
+    }
+
+    fn step_on<B: Place<f32> + Optim>(
+        &mut self,
+        b: &B,
+        params: &mut Tensor<f32>,
+        grads: &Tensor<f32>,
+        k: &AdamWScalars,
+        ema: Option<(&mut Ema, &Tensor<f32>)>,
+    ) -> Result<()> {
+        place(&mut self.exp_avg, b.device())?;
+        place(&mut self.exp_avg_sq, b.device())?;
+        let plan = self.plan.get(b, self.layout.table())?;
+        let (m, v) = (&mut self.exp_avg, &mut self.exp_avg_sq);
+        run_step(b, params, grads, ema, |s| {
+            b.adamw_step(plan, s, &mut b.get_mut(m), &mut b.get_mut(v), k)
+        })
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(
+        &mut self,
+        params: &mut Tensor<f32>,
+        grads: &Tensor<f32>,
+        lr: f64,
+        ema: Option<(&mut Ema, &Tensor<f32>)>,
+    ) -> Result<()> {
+        self.layout.check("adamw", params.numel(), grads.numel());
+        check_lr("adamw", lr);
+        self.step += 1;
+        let k = self.scalars(lr);
+        on_backend!([&*params], |b| self.step_on(b, params, grads, &k, ema))
     }
 
     fn state(&self) -> Vec<(String, Vec<f32>)> {
@@ -146,7 +134,8 @@ impl Optimizer for AdamW {
     }
 
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        self.step = load_adam_state("adamw", state, &mut self.exp_avg, &mut self.exp_avg_sq)?;
+        let (m, v, step) = load_adam_state("adamw", state, self.layout.numel())?;
+        (self.exp_avg, self.exp_avg_sq, self.step) = (m, v, step);
         Ok(())
     }
 

@@ -11,10 +11,17 @@
 //!   becomes a copy), then `min(decay, 1 - (1 + t / warmup_gamma)^-warmup_power)`.
 //!
 //! Integer counters (`num_batches_tracked`) are not in the flat buffers; the caller copies them.
+//!
+//! The average lives on a device like the weights: 1-D tensors, blended by the backend they
+//! are on (`backend::api::Optim::ema_blend`), or in the optimizer's own pass when it is given
+//! to [`super::Optimizer::step`].
 
-use super::{decode_step, encode_step, match_state, CHUNK};
+use super::{decode_step, encode_step, match_state, place};
+use crate::backend::api::optim::{EmaCoef, Optim, Step};
+use crate::on_backend;
+use crate::tensor::storage::{ok, Place};
+use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Decay warm-up rule, see the module docs.
@@ -82,37 +89,39 @@ impl EmaConfig {
     }
 }
 
+/// The EMA of the flat weights and flat BN buffers, as 1-D tensors on their device.
 pub struct Ema {
     cfg: EmaConfig,
-    params: Vec<f32>,
-    buffers: Vec<f32>,
+    params: Tensor<f32>,
+    buffers: Tensor<f32>,
     updates: u64,
 }
 
-/// `e = d * e + (1 - d) * x`, chunk-parallel; `d` and `1 - d` are f32 scalars as in PyTorch.
-fn blend(ema: &mut [f32], x: &[f32], d: f64) {
-    let (d, w) = (d as f32, (1.0 - d) as f32);
-    ema.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(e, x)| blend_chunk(e, x, d, w));
+/// A copy of `t` as a 1-D tensor of its own, on the same device.
+fn flat_copy(t: &Tensor<f32>) -> Tensor<f32> {
+    t.deep_copy().reshape(&[t.numel()])
 }
 
-/// Not inlined, so that LLVM knows `e` and `x` do not alias and vectorizes the loop.
-#[inline(never)]
-fn blend_chunk(e: &mut [f32], x: &[f32], d: f32, w: f32) {
-    for (e, &x) in e.iter_mut().zip(x) {
-        *e = d * *e + w * x;
-    }
+/// `e` blended with `x` (either device: copied to `e`'s backend when elsewhere).
+fn blend<B: Place<f32> + Optim>(
+    b: &B,
+    e: &mut Tensor<f32>,
+    x: &Tensor<f32>,
+    k: EmaCoef,
+) -> Result<()> {
+    let x = b.get(x);
+    b.ema_blend(&mut b.get_mut(e), &x, k)
 }
 
 impl Ema {
-    /// Starts the average at the current weights (timm deep-copies the model).
-    pub fn new(cfg: EmaConfig, params: &[f32], buffers: &[f32]) -> Result<Ema> {
+    /// Starts the average at the current weights (timm deep-copies the model): copies of
+    /// `params` and `buffers` on their device.
+    pub fn new(cfg: EmaConfig, params: &Tensor<f32>, buffers: &Tensor<f32>) -> Result<Ema> {
         cfg.validate()?;
         Ok(Ema {
             cfg,
-            params: params.to_vec(),
-            buffers: buffers.to_vec(),
+            params: flat_copy(params),
+            buffers: flat_copy(buffers),
             updates: 0,
         })
     }
@@ -126,43 +135,55 @@ impl Ema {
         self.cfg.decay_at(self.updates)
     }
 
-    /// One EMA step over all weights and buffers.
-    pub fn update(&mut self, params: &[f32], buffers: &[f32]) {
+    /// The blend weights of the next update: `d` and `1 - d` as f32 (PyTorch's scalars).
+    fn coef(&self) -> EmaCoef {
+        let d = self.decay();
+        EmaCoef {
+            d: d as f32,
+            w: (1.0 - d) as f32,
+        }
+    }
+
+    fn check(&self, params: &Tensor<f32>, buffers: &Tensor<f32>) {
         assert_eq!(
-            params.len(),
-            self.params.len(),
+            params.numel(),
+            self.params.numel(),
             "ema: params length changed"
         );
         assert_eq!(
-            buffers.len(),
-            self.buffers.len(),
+            buffers.numel(),
+            self.buffers.numel(),
             "ema: buffers length changed"
         );
-        let d = self.decay();
-        blend(&mut self.params, params, d);
-        blend(&mut self.buffers, buffers, d);
+    }
+
+    /// One EMA step over all weights and buffers, on the device of the average (inputs from
+    /// elsewhere are copied there). Panics on a device fault.
+    pub fn update(&mut self, params: &Tensor<f32>, buffers: &Tensor<f32>) {
+        self.check(params, buffers);
+        let k = self.coef();
+        let (e, eb) = (&mut self.params, &mut self.buffers);
+        ok(on_backend!([&*e], |b| blend(b, e, params, k)
+            .and_then(|_| blend(b, eb, buffers, k))));
         self.updates += 1;
     }
 
-    /// Counts one update made elsewhere (on the GPU) and returns the decay it used; the host
-    /// copies go stale until [`Ema::set`] brings the device average back.
-    pub fn advance(&mut self) -> f64 {
-        let d = self.decay();
-        self.updates += 1;
-        d
+    /// Overwrites the average with copies of the given weights (timm `set`), on their device
+    /// (this is how the average moves to another device); the update count is kept.
+    pub fn set(&mut self, params: &Tensor<f32>, buffers: &Tensor<f32>) {
+        self.check(params, buffers);
+        self.params = flat_copy(params);
+        self.buffers = flat_copy(buffers);
     }
 
-    /// Overwrites the average with the given weights (timm `set`); the update count is kept.
-    pub fn set(&mut self, params: &[f32], buffers: &[f32]) {
-        self.params.copy_from_slice(params);
-        self.buffers.copy_from_slice(buffers);
-    }
-
-    pub fn params(&self) -> &[f32] {
+    /// The averaged weights (a 1-D tensor on the average's device). A clone held across the
+    /// next device update makes that update panic: take a `deep_copy`.
+    pub fn params(&self) -> &Tensor<f32> {
         &self.params
     }
 
-    pub fn buffers(&self) -> &[f32] {
+    /// The averaged BN buffers (a 1-D tensor on the average's device).
+    pub fn buffers(&self) -> &Tensor<f32> {
         &self.buffers
     }
 
@@ -171,29 +192,69 @@ impl Ema {
         self.updates
     }
 
-    /// `params`, `buffers` and the update counter, for a checkpoint.
+    /// `params`, `buffers` and the update counter, for a checkpoint (host values).
     pub fn state(&self) -> Vec<(String, Vec<f32>)> {
         vec![
-            ("params".into(), self.params.clone()),
-            ("buffers".into(), self.buffers.clone()),
+            ("params".into(), self.params.to_host().into_vec()),
+            ("buffers".into(), self.buffers.to_host().into_vec()),
             ("updates".into(), encode_step(self.updates)),
         ]
     }
 
+    /// Restores [`Ema::state`] (checked in full first) onto the average's device.
     pub fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
         let b = match_state(
             "ema",
             state,
             &[
-                ("params", self.params.len()),
-                ("buffers", self.buffers.len()),
+                ("params", self.params.numel()),
+                ("buffers", self.buffers.numel()),
                 ("updates", 2),
             ],
         )?;
         let updates = decode_step("updates", b[2])?;
-        self.params.copy_from_slice(b[0]);
-        self.buffers.copy_from_slice(b[1]);
-        self.updates = updates;
+        let device = self.params.device();
+        let params = super::host(b[0]).to_device(device)?;
+        let buffers = super::host(b[1]).to_device(device)?;
+        (self.params, self.buffers, self.updates) = (params, buffers, updates);
         Ok(())
     }
+}
+
+/// One optimizer update on backend `b` (the parameters' backend): `f` runs the optimizer's
+/// kernel on the step's buffers; with `ema`, the average moves to `b` when it is elsewhere, its
+/// weights are blended in `f`'s pass (with the new parameters) and its buffers after it, as
+/// [`Ema::update`] after the step would.
+pub(super) fn run_step<B: Place<f32> + Optim>(
+    b: &B,
+    params: &mut Tensor<f32>,
+    grads: &Tensor<f32>,
+    ema: Option<(&mut Ema, &Tensor<f32>)>,
+    f: impl FnOnce(Step<'_, B::Buf>) -> Result<()>,
+) -> Result<()> {
+    let g = b.get(grads);
+    let Some((e, buffers)) = ema else {
+        let mut p = b.get_mut(params);
+        return f(Step {
+            params: &mut p,
+            grads: &g,
+            ema: None,
+        });
+    };
+    e.check(params, buffers);
+    let k = e.coef();
+    place(&mut e.params, b.device())?;
+    place(&mut e.buffers, b.device())?;
+    {
+        let mut p = b.get_mut(params);
+        let mut ep = b.get_mut(&mut e.params);
+        f(Step {
+            params: &mut p,
+            grads: &g,
+            ema: Some((&mut ep, k)),
+        })?;
+    }
+    blend(b, &mut e.buffers, buffers, k)?;
+    e.updates += 1;
+    Ok(())
 }

@@ -1,9 +1,14 @@
 //! Optimizers (LAMB, AdamW, SGD), the EMA of weights and the learning-rate schedules.
 //!
 //! Everything works on FLAT buffers (DESIGN.md, "Flat buffers"): parameters, gradients and each
-//! moment buffer are one contiguous `[f32]` described by one [`Layout`]. A step is a few passes
-//! over memory in parallel chunks instead of one small loop per tensor, which is also the shape
-//! of the later fused CUDA kernel.
+//! moment buffer are one contiguous 1-D tensor described by one [`Layout`], on the CPU or the
+//! GPU. A step is a few passes over memory in parallel chunks instead of one small loop per
+//! tensor: the loops of `backend::cpu::optim` or the fused kernels of `backend::cuda::optim`,
+//! both behind `backend::api::Optim`, chosen by `on_backend!` from where the parameters are.
+//! Each optimizer's per-step math (bias corrections, learning rate, decay, clip threshold) is
+//! computed once here, in `<name>.rs`, and handed to the backend as plain scalars. Optimizer
+//! state lives on the device of the parameters it steps (moved there at a step), and its
+//! checkpoint form ([`Optimizer::state`]) is the same host format from either device.
 //!
 //! Semantics follow timm and PyTorch so that users can compare numbers one to one:
 //! [`Lamb`] is `timm.optim.Lamb`, [`AdamW`] is `torch.optim.AdamW`, [`Sgd`] is `torch.optim.SGD`
@@ -24,7 +29,9 @@ pub use schedule::{ScheduleConfig, ScheduleKind};
 pub use sgd::{Sgd, SgdOptions};
 pub use update::Update;
 
+use crate::backend::api::optim::{Chunk, FlatTable, CHUNK};
 use crate::nn::FlatStore;
+use crate::tensor::{Device, Tensor};
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 
@@ -39,28 +46,15 @@ pub struct LayoutEntry {
     pub decay: bool,
 }
 
-/// Largest number of elements one parallel work item touches: 16Ki f32 is 64 KiB per buffer,
-/// so the 4-5 buffers of a LAMB chunk stay in L2 between its two passes.
-pub(crate) const CHUNK: usize = 16 * 1024;
-
-/// A run of at most [`CHUNK`] elements inside one tensor: the unit of parallel work.
-#[derive(Clone, Debug)]
-pub(crate) struct Chunk {
-    pub tensor: usize,
-    pub offset: usize,
-    pub len: usize,
-    /// The chunk is the whole tensor, so per-tensor norms are complete after one pass over it.
-    pub whole: bool,
-}
-
 /// The table of tensors of a flat buffer: (name, offset, len, shape, decay).
 ///
 /// Offsets are increasing and ranges do not overlap (gaps are allowed and left untouched).
 #[derive(Clone, Debug)]
 pub struct Layout {
     entries: Vec<LayoutEntry>,
-    numel: usize,
-    chunks: Vec<Chunk>,
+    /// The chunks (at most `backend::api::optim::CHUNK` elements, never across tensors) and
+    /// decay groups, as the optimizer kernels take them.
+    table: FlatTable,
 }
 
 /// timm's `param_groups_weight_decay`: 0-D/1-D tensors and `*.bias` go to the no-decay group.
@@ -145,10 +139,14 @@ impl Layout {
                 start += len;
             }
         }
+        let decay = entries.iter().map(|e| e.decay).collect();
         Ok(Layout {
             entries,
-            numel,
-            chunks,
+            table: FlatTable {
+                numel,
+                chunks,
+                decay,
+            },
         })
     }
 
@@ -167,84 +165,30 @@ impl Layout {
 
     /// Length of the flat buffers this layout describes.
     pub fn numel(&self) -> usize {
-        self.numel
+        self.table.numel
     }
 
     pub fn find(&self, name: &str) -> Option<&LayoutEntry> {
         self.entries.iter().find(|e| e.name == name)
     }
 
-    pub(crate) fn chunks(&self) -> &[Chunk] {
-        &self.chunks
+    /// The chunk table and decay groups, as plain data for the optimizer kernels.
+    pub fn table(&self) -> &FlatTable {
+        &self.table
     }
 
     /// Panics with a clear message when a caller hands buffers of the wrong size.
-    pub(crate) fn check(&self, what: &str, params: &[f32], grads: &[f32]) {
+    pub(crate) fn check(&self, what: &str, params: usize, grads: usize) {
+        let numel = self.table.numel;
         assert_eq!(
-            params.len(),
-            self.numel,
-            "{what}: params have {} values, layout has {}",
-            params.len(),
-            self.numel
+            params, numel,
+            "{what}: params have {params} values, layout has {numel}"
         );
         assert_eq!(
-            grads.len(),
-            self.numel,
-            "{what}: grads have {} values, layout has {}",
-            grads.len(),
-            self.numel
+            grads, numel,
+            "{what}: grads have {grads} values, layout has {numel}"
         );
     }
-}
-
-/// Successive disjoint mutable slices of `buf`, one per chunk (chunks are sorted and disjoint),
-/// without allocating a table of them.
-pub(crate) fn split_chunks_mut<'a>(
-    chunks: &'a [Chunk],
-    buf: &'a mut [f32],
-) -> impl Iterator<Item = &'a mut [f32]> + 'a {
-    let mut rest = buf;
-    let mut pos = 0;
-    chunks.iter().map(move |c| {
-        let taken = std::mem::take(&mut rest);
-        let (_, tail) = taken.split_at_mut(c.offset - pos);
-        let (s, tail) = tail.split_at_mut(c.len);
-        rest = tail;
-        pos = c.offset + c.len;
-        s
-    })
-}
-
-/// Sum of squares, accumulated in f32 lanes over short blocks (vectorizes) and in f64 across
-/// blocks (accurate for millions of elements). Deterministic: fixed order.
-pub(crate) fn sum_sq(x: &[f32]) -> f64 {
-    const LANES: usize = 8;
-    let mut total = 0f64;
-    for block in x.chunks(1024) {
-        let mut acc = [0f32; LANES];
-        let mut it = block.chunks_exact(LANES);
-        for c in &mut it {
-            for i in 0..LANES {
-                acc[i] += c[i] * c[i];
-            }
-        }
-        let mut s: f32 = it.remainder().iter().map(|v| v * v).sum();
-        s += acc.iter().sum::<f32>();
-        total += s as f64;
-    }
-    total
-}
-
-/// Global L2 norm of the gradient over the layout's tensors, computed chunk-parallel with a
-/// deterministic reduction (the same bits every run, so a resumed run matches).
-pub(crate) fn global_grad_norm(layout: &Layout, grads: &[f32]) -> f64 {
-    use rayon::prelude::*;
-    let mut partial = vec![0f64; layout.chunks.len()];
-    partial
-        .par_iter_mut()
-        .zip(layout.chunks.par_iter())
-        .for_each(|(s, c)| *s = sum_sq(&grads[c.offset..c.offset + c.len]));
-    partial.iter().sum::<f64>().sqrt()
 }
 
 /// Validates an optional `max_grad_norm`: `None` or `0` means no clipping.
@@ -257,17 +201,18 @@ pub(crate) fn clip_option(max_grad_norm: Option<f64>) -> Result<Option<f64>> {
     }
 }
 
-/// PyTorch's `clip_grad_norm_` factor, used by AdamW and SGD (timm's `--clip-grad`):
-/// `min(max_norm / (norm + 1e-6), 1)`, multiplied into the gradient.
-pub(crate) fn torch_clip_coef(layout: &Layout, grads: &[f32], max_norm: Option<f64>) -> f32 {
-    match max_norm {
-        None => 1.0,
-        Some(m) => {
-            // f32 tensor math, as torch: the norm is an f32 tensor.
-            let norm = global_grad_norm(layout, grads) as f32;
-            (m as f32 / (norm + 1e-6)).min(1.0)
-        }
-    }
+/// `t` on `device`: moved there when it is elsewhere (an optimizer's state follows the
+/// parameters it steps). The old handle is dropped, so the tensor stays a whole buffer that
+/// nothing else views, as an in-place update needs.
+pub(crate) fn place(t: &mut Tensor<f32>, device: Device) -> Result<()> {
+    *t = t.to_device(device)?;
+    Ok(())
+}
+
+/// A flat state buffer of a checkpoint as a 1-D host tensor (moved to the parameters' device
+/// at the next step).
+pub(crate) fn host(v: &[f32]) -> Tensor<f32> {
+    Tensor::new(&[v.len()], v.to_vec())
 }
 
 /// A step counter in a checkpoint: f32 is exact only up to 2^24, so the counter is stored as
@@ -285,42 +230,38 @@ pub(crate) fn decode_step(name: &str, v: &[f32]) -> Result<u64> {
     Ok(((v[1] as u64) << 24) | v[0] as u64)
 }
 
-/// Checks a saved state against the expected buffer names and sizes before anything is loaded,
-/// so a failed load leaves the optimizer untouched. Returns the buffers in `expected` order.
 /// Adam-family state (`exp_avg`, `exp_avg_sq`, `step`) as saved in a checkpoint; shared by
 /// LAMB and AdamW, whose moments are the same.
 pub(crate) fn adam_state(
-    exp_avg: &[f32],
-    exp_avg_sq: &[f32],
+    exp_avg: &Tensor<f32>,
+    exp_avg_sq: &Tensor<f32>,
     step: u64,
 ) -> Vec<(String, Vec<f32>)> {
     vec![
-        ("exp_avg".into(), exp_avg.to_vec()),
-        ("exp_avg_sq".into(), exp_avg_sq.to_vec()),
+        ("exp_avg".into(), exp_avg.to_host().into_vec()),
+        ("exp_avg_sq".into(), exp_avg_sq.to_host().into_vec()),
         ("step".into(), encode_step(step)),
     ]
 }
 
-/// Restores [`adam_state`] into the moment buffers (checked first: nothing is loaded half-way);
-/// returns the step.
+/// Reads [`adam_state`] for moments of `n` values (checked in full first, so a failed load
+/// changes nothing): the moments as host tensors, and the step.
 pub(crate) fn load_adam_state(
     who: &str,
     state: &[(String, Vec<f32>)],
-    exp_avg: &mut [f32],
-    exp_avg_sq: &mut [f32],
-) -> Result<u64> {
-    let n = exp_avg.len();
+    n: usize,
+) -> Result<(Tensor<f32>, Tensor<f32>, u64)> {
     let b = match_state(
         who,
         state,
         &[("exp_avg", n), ("exp_avg_sq", n), ("step", 2)],
     )?;
     let step = decode_step("step", b[2])?;
-    exp_avg.copy_from_slice(b[0]);
-    exp_avg_sq.copy_from_slice(b[1]);
-    Ok(step)
+    Ok((host(b[0]), host(b[1]), step))
 }
 
+/// Checks a saved state against the expected buffer names and sizes before anything is loaded,
+/// so a failed load leaves the optimizer untouched. Returns the buffers in `expected` order.
 pub(crate) fn match_state<'a>(
     who: &str,
     state: &'a [(String, Vec<f32>)],
@@ -354,15 +295,33 @@ pub(crate) fn match_state<'a>(
         .collect()
 }
 
-/// An optimizer over flat buffers laid out by a [`Layout`].
+/// An optimizer over flat buffers laid out by a [`Layout`], on the CPU or the GPU.
 pub trait Optimizer: Send {
-    /// One update: `params` and `grads` are the flat buffers of the layout; `lr` comes from the
-    /// schedule. `grads` is left unmodified (timm's LAMB also clips a copy, not `p.grad`).
-    /// Panics if a buffer's length differs from the layout's or `lr` is negative or not finite.
-    fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64);
-    /// Moment buffers and the step counter, by name, for a checkpoint.
+    /// One update of the flat parameters `params` (a 1-D host or device tensor of the layout's
+    /// length, updated in place; on the device it must be a whole buffer nothing else views)
+    /// from the flat gradient `grads` (same length; host or device: it is copied to the
+    /// parameters' device when elsewhere); `lr` comes from the schedule. `grads` is left
+    /// unmodified (timm's LAMB also clips a copy, not `p.grad`). The step runs where `params`
+    /// live; the optimizer's state moves there first when it is elsewhere.
+    ///
+    /// With `ema`, also the EMA's update with the new parameters (blended in the optimizer's
+    /// pass where the device kernel has it) and with the running statistics `buffers`: the
+    /// same as [`Ema::update`] after the step.
+    ///
+    /// Panics if a buffer's length differs from the layout's (or the EMA's) or `lr` is
+    /// negative or not finite; errors are the backend's (a device fault).
+    fn step(
+        &mut self,
+        params: &mut Tensor<f32>,
+        grads: &Tensor<f32>,
+        lr: f64,
+        ema: Option<(&mut Ema, &Tensor<f32>)>,
+    ) -> Result<()>;
+    /// Moment buffers and the step counter, by name, for a checkpoint (host values, downloaded
+    /// from the device when the state is there).
     fn state(&self) -> Vec<(String, Vec<f32>)>;
     /// Restores [`Optimizer::state`]; errors name a missing, unexpected or wrongly sized buffer.
+    /// The state moves to the parameters' device at the next step.
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()>;
     fn name(&self) -> &str;
     /// Number of steps taken so far.

@@ -10,12 +10,13 @@
 //!
 //! Defaults are timm's `--opt sgd`, which is Nesterov SGD with momentum 0.9.
 
-use super::{
-    check_lr, decode_step, encode_step, match_state, split_chunks_mut, torch_clip_coef, Layout,
-    Optimizer,
-};
+use super::ema::run_step;
+use super::{check_lr, decode_step, encode_step, host, match_state, place, Ema, Layout, Optimizer};
+use crate::backend::api::optim::{Optim, PlanSlot, SgdScalars};
+use crate::on_backend;
+use crate::tensor::storage::Place;
+use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
-use rayon::prelude::*;
 
 /// Hyperparameters of [`Sgd`]; `Default` is timm's `--opt sgd` (momentum 0.9, Nesterov, no decay).
 #[derive(Clone, Debug, PartialEq)]
@@ -64,52 +65,21 @@ impl SgdOptions {
 pub struct Sgd {
     layout: Layout,
     opts: SgdOptions,
-    /// Empty when momentum is 0 (PyTorch keeps no buffer then).
-    momentum_buffer: Vec<f32>,
+    /// None when momentum is 0 (PyTorch keeps no buffer then); it holds the chunks back to back.
+    momentum_buffer: Option<Tensor<f32>>,
+    plan: PlanSlot,
     step: u64,
-}
-
-/// (clip coefficient, weight decay, momentum, -lr) as f32.
-type Scalars = (f32, f32, f32, f32);
-
-// The kernels take slices as arguments and are not inlined, so that LLVM knows the buffers do
-// not alias and vectorizes the loops.
-
-#[inline(never)]
-fn plain((coef, wd, _, neg_lr): Scalars, p: &mut [f32], g: &[f32]) {
-    for (p, &g) in p.iter_mut().zip(g) {
-        let g = g * coef + wd * *p;
-        *p += neg_lr * g;
-    }
-}
-
-#[inline(never)]
-fn momentum<const NESTEROV: bool>(
-    (coef, wd, mom, neg_lr): Scalars,
-    p: &mut [f32],
-    g: &[f32],
-    buf: &mut [f32],
-) {
-    for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
-        let g = g * coef + wd * *p;
-        *b = mom * *b + g;
-        let d = if NESTEROV { g + mom * *b } else { *b };
-        *p += neg_lr * d;
-    }
 }
 
 impl Sgd {
     pub fn new(layout: Layout, opts: SgdOptions) -> Sgd {
         opts.validate().expect("invalid SGD options");
-        let n = if opts.momentum != 0.0 {
-            layout.numel()
-        } else {
-            0
-        };
+        let momentum_buffer = (opts.momentum != 0.0).then(|| Tensor::zeros(&[layout.numel()]));
         Sgd {
             layout,
             opts,
-            momentum_buffer: vec![0.0; n],
+            momentum_buffer,
+            plan: PlanSlot::default(),
             step: 0,
         }
     }
@@ -121,68 +91,74 @@ impl Sgd {
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
+
+    /// The f32 scalars of a step with learning rate `lr`.
+    fn scalars(&self, lr: f64) -> SgdScalars {
+        SgdScalars {
+            wd: self.opts.weight_decay as f32,
+            momentum: self.opts.momentum as f32,
+            neg_lr: -lr as f32,
+            nesterov: self.opts.nesterov,
+            // torch clip_grad_norm_: min(max_norm / (||g|| + 1e-6), 1) in f32.
+            max_grad_norm: self.opts.max_grad_norm.map(|m| m as f32),
+        }
+    }
+
+    fn step_on<B: Place<f32> + Optim>(
+        &mut self,
+        b: &B,
+        params: &mut Tensor<f32>,
+        grads: &Tensor<f32>,
+        k: &SgdScalars,
+        ema: Option<(&mut Ema, &Tensor<f32>)>,
+    ) -> Result<()> {
+        if let Some(m) = self.momentum_buffer.as_mut() {
+            place(m, b.device())?;
+        }
+        let plan = self.plan.get(b, self.layout.table())?;
+        let m = self.momentum_buffer.as_mut();
+        run_step(b, params, grads, ema, |s| match m {
+            Some(m) => b.sgd_step(plan, s, Some(&mut b.get_mut(m)), k),
+            None => b.sgd_step(plan, s, None, k),
+        })
+    }
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
-        self.layout.check("sgd", params, grads);
+    fn step(
+        &mut self,
+        params: &mut Tensor<f32>,
+        grads: &Tensor<f32>,
+        lr: f64,
+        ema: Option<(&mut Ema, &Tensor<f32>)>,
+    ) -> Result<()> {
+        self.layout.check("sgd", params.numel(), grads.numel());
         check_lr("sgd", lr);
         self.step += 1;
-        let coef = torch_clip_coef(&self.layout, grads, self.opts.max_grad_norm);
-        let wd = self.opts.weight_decay as f32;
-        let mom = self.opts.momentum as f32;
-        let nesterov = self.opts.nesterov;
-        let neg_lr = -lr as f32;
-
-        let layout = &self.layout;
-        let chunks = layout.chunks();
-        let wd_of = |t: usize| if layout.entries()[t].decay { wd } else { 0.0 };
-        // A zero buffer makes the first step `buf = g` exactly, as PyTorch's clone; without
-        // momentum the buffer is empty and `buf` below is an empty slice per chunk.
-        let mut buf: &mut [f32] = &mut self.momentum_buffer;
-        let with_buf = !buf.is_empty();
-        chunks
-            .iter()
-            .zip(split_chunks_mut(chunks, params))
-            .map(|(c, p)| {
-                let take = if with_buf { c.len } else { 0 };
-                let (b, rest) = std::mem::take(&mut buf).split_at_mut(take);
-                buf = rest;
-                (c, p, b)
-            })
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .for_each(|(c, p, b)| {
-                let g = &grads[c.offset..c.offset + c.len];
-                let k = (coef, wd_of(c.tensor), mom, neg_lr);
-                match (with_buf, nesterov) {
-                    (false, _) => plain(k, p, g),
-                    (true, false) => momentum::<false>(k, p, g, b),
-                    (true, true) => momentum::<true>(k, p, g, b),
-                }
-            });
+        let k = self.scalars(lr);
+        on_backend!([&*params], |b| self.step_on(b, params, grads, &k, ema))
     }
 
     fn state(&self) -> Vec<(String, Vec<f32>)> {
         let mut s = Vec::new();
-        if !self.momentum_buffer.is_empty() {
-            s.push(("momentum_buffer".into(), self.momentum_buffer.clone()));
+        if let Some(b) = &self.momentum_buffer {
+            s.push(("momentum_buffer".into(), b.to_host().into_vec()));
         }
         s.push(("step".into(), encode_step(self.step)));
         s
     }
 
     fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        let n = self.momentum_buffer.len();
-        let expected: &[(&str, usize)] = if n > 0 {
+        let n = self.momentum_buffer.as_ref().map_or(0, |b| b.numel());
+        let expected: &[(&str, usize)] = if self.momentum_buffer.is_some() {
             &[("momentum_buffer", n), ("step", 2)]
         } else {
             &[("step", 2)]
         };
         let b = match_state("sgd", state, expected)?;
         let step = decode_step("step", b[b.len() - 1])?;
-        if n > 0 {
-            self.momentum_buffer.copy_from_slice(b[0]);
+        if let Some(m) = self.momentum_buffer.as_mut() {
+            *m = host(b[0]);
         }
         self.step = step;
         Ok(())

@@ -69,16 +69,19 @@ pub fn describe(device: Device) -> String {
     }
 }
 
+/// Batches of (images, payload) on a device.
+pub type Batches<P> = Box<dyn Iterator<Item = anyhow::Result<(Tensor<f32>, P)>>>;
+
 /// Batches of (images, payload) moved to `device`: on the GPU through the pinned-buffer
 /// prefetcher (the copy of batch k+1 queued on a copy stream before batch k is handed out).
 pub fn batches_to<P: Send + 'static>(
     device: Device,
     src: impl Iterator<Item = anyhow::Result<(Tensor<f32>, P)>> + Send + 'static,
-) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<(Tensor<f32>, P)>>>> {
+) -> anyhow::Result<Batches<P>> {
     Ok(match device {
         Device::Cpu => Box::new(src),
         Device::Cuda => {
-            let host = src.map(|r| r.map(|(t, p)| (HostBatch::from(t), p)));
+            let host = src.map(|r| r.and_then(|(t, p)| Ok((HostBatch::try_from(t)?, p))));
             let dev = cuda::prefetch::DevicePrefetcher::on_global_gpu(host)?;
             Box::new(dev.map(|r| r.map(|(buf, shape, p)| (Tensor::from_cuda(&shape, buf), p))))
         }
@@ -88,12 +91,19 @@ pub fn batches_to<P: Send + 'static>(
 /// A host batch as the prefetcher takes it.
 pub use cuda::prefetch::HostBatch;
 
-impl From<Tensor<f32>> for HostBatch {
-    fn from(t: Tensor<f32>) -> HostBatch {
-        HostBatch {
+impl TryFrom<Tensor<f32>> for HostBatch {
+    type Error = anyhow::Error;
+    /// A host tensor's values (a device tensor is an error: the source must yield host batches).
+    fn try_from(t: Tensor<f32>) -> anyhow::Result<HostBatch> {
+        anyhow::ensure!(
+            t.device() == Device::Cpu,
+            "batch {:?} is already on the CUDA device (the source must yield host tensors)",
+            t.shape()
+        );
+        Ok(HostBatch {
             shape: t.shape().to_vec(),
             values: t.into_vec(),
-        }
+        })
     }
 }
 

@@ -240,8 +240,8 @@ impl Trainer {
         let ema = match &cfg.ema {
             Some(e) => Some(Ema::new(
                 e.clone(),
-                model.state().params.flat(),
-                model.state().buffers.flat(),
+                model.state().params.tensor(),
+                model.state().buffers.tensor(),
             )?),
             None => None,
         };

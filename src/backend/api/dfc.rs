@@ -15,6 +15,12 @@ pub enum GateBn<'a, B: ?Sized> {
     Running(&'a B, &'a B),
 }
 
+/// The fused gate's forward: y, the BN's saved state and (train mode) the batch statistics.
+pub type GateForward<O, S, St> = (O, S, Option<St>);
+
+/// The fused gate's backward: d out, and (when asked for) the BN's gradients.
+pub type GateBackward<O> = (O, Option<BatchNormGrads<O>>);
+
 pub trait DfcGate<T: Elem>: BatchNorm<T> {
     /// Whether this backend runs the gate as one fused op (`dfc_gate`, `dfc_gate_backward`).
     fn fused_dfc(&self) -> bool {
@@ -35,7 +41,7 @@ pub trait DfcGate<T: Elem>: BatchNorm<T> {
         dims: Dims4,
         gate_hw: (usize, usize),
         eps: f64,
-    ) -> Result<(Self::Owned, Self::BnSaved, Option<Self::Stats>)> {
+    ) -> Result<GateForward<Self::Owned, Self::BnSaved, Self::Stats>> {
         let _ = (out, g, gamma, beta, bn, dims, gate_hw, eps);
         bail!("{}: no fused DFC gate", self.name())
     }
@@ -53,7 +59,7 @@ pub trait DfcGate<T: Elem>: BatchNorm<T> {
         dims: Dims4,
         gate_hw: (usize, usize),
         need_bn: bool,
-    ) -> Result<(Self::Owned, Option<BatchNormGrads<Self::Owned>>)> {
+    ) -> Result<GateBackward<Self::Owned>> {
         let _ = (gy, out, g, gamma, saved, dims, gate_hw, need_bn);
         bail!("{}: no fused DFC gate", self.name())
     }

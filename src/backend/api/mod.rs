@@ -11,6 +11,7 @@ pub mod conv;
 pub mod dfc;
 pub mod elementwise;
 pub mod loss;
+pub mod optim;
 pub mod pool;
 pub mod rep_conv;
 
@@ -21,6 +22,7 @@ pub use conv::{Conv, ConvGeom, ConvGrads, LinearDims};
 pub use dfc::{DfcGate, GateBn};
 pub use elementwise::Elementwise;
 pub use loss::Loss;
+pub use optim::Optim;
 pub use pool::{Dims4, MaxPoolGeom, Pool};
 pub use rep_conv::{FusedRep1x1, FusedRepDw, Rep1x1Geom, RepDwGeom, RepGrads};
 

@@ -31,7 +31,7 @@
 //! - [`rep_conv`] (rep_conv.cu): the fused re-parameterized depth-wise conv ([`RepDwGeom`]);
 //! - [`rep_conv_1x1`] (rep_conv_1x1.cu): the fused re-parameterized 1x1 conv ([`Rep1x1Geom`]);
 //! - [`dfc`] (dfc.cu): the DFC attention gate;
-//! - [`optim`] (optim.cu): LAMB ([`LambGpu`]), AdamW and SGD on the device.
+//! - [`optim`] (optim.cu): LAMB, AdamW and SGD on the device ([`OptimPlan`]), the EMA blend.
 
 pub mod alloc;
 mod backend;
@@ -56,7 +56,7 @@ pub use backend::Cuda;
 pub use batch_norm::{BnGrads, BnSaved, DeviceStats};
 pub use conv::ConvGradsGpu;
 pub use device::{cublas_present, driver_present, unavailable_reason, DBuf, Gpu};
-pub use optim::LambGpu;
+pub use optim::OptimPlan;
 pub use pool::MaxPoolGeom;
 pub use rep_conv::{RepDwGeom, RepDwGrads, RepDwSaved};
 pub use rep_conv_1x1::{Rep1x1Geom, Rep1x1Grads, Rep1x1Saved};
