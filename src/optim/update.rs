@@ -36,15 +36,6 @@ impl Update {
         self.optimizer.step(params, grads, lr, ema)
     }
 
-    /// Nothing to do: the state is read from where it is (kept for callers of the old
-    /// host/device pair).
-    pub fn sync_to_host(&mut self) -> Result<()> {
-        Ok(())
-    }
-
-    /// Nothing to do: a loaded state moves to the parameters' device at the next step.
-    pub fn reset_device(&mut self) {}
-
     /// Copies of the EMA's parameters and running statistics, on the EMA's device.
     pub fn ema_tensors(&self) -> Option<(Tensor<f32>, Tensor<f32>)> {
         let ema = self.ema.as_ref()?;

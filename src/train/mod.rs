@@ -193,7 +193,6 @@ impl Trainer {
         if let Some(ema) = t.update.ema.as_mut() {
             ema.load_state(&ema_t)?;
         }
-        t.update.reset_device();
         t.epoch = info["epoch"].as_u64().context("epoch")? as usize;
         t.best_top1 = info["best_top1"].as_f64().unwrap_or(0.0);
         t.move_to_device()?;
@@ -591,7 +590,6 @@ impl Trainer {
     fn save_checkpoint(&mut self) -> Result<()> {
         let host = self.model.state().to_host()?;
         let mut t = state_tensors(&host);
-        self.update.sync_to_host()?;
         for (k, v) in self.update.optimizer.state() {
             t.insert(format!("optim.{k}"), TensorData::F32(vec![v.len()], v));
         }
