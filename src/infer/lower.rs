@@ -8,7 +8,7 @@ use super::graph::{Act, ConvSpec, Graph, Op, ValueId};
 use crate::models::ghostnet::GhostNet;
 use crate::models::mobilenetv2::MobileNetV2;
 use crate::models::shufflenetv2::ShuffleNetV2;
-use crate::models::{Model, Net};
+use crate::models::{Model, Net, Network};
 use crate::nn::ghost::{GhostBottleneck, GhostModule};
 use crate::nn::{BatchNorm2d, Conv2d, Linear, RepConv, State};
 use anyhow::{bail, Result};

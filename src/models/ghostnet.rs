@@ -4,15 +4,15 @@
 //! training (`rep.branches > 0`), folded back into the plain form. Layer names and order follow
 //! timm exactly (spec sections 2 and 7).
 
+use super::Network;
 use crate::autograd::{Tape, Var};
 use crate::nn::ghost::{BottleneckCfg, GhostBottleneck};
 use crate::nn::{
-    BatchNorm2d, Builder, Conv2d, Ctx, Linear, Mode, ParamLeaves, RepForm, RepOptions, State,
+    BatchNorm2d, Builder, Conv2d, Ctx, Linear, Mode, RepConv, RepForm, RepOptions, State,
 };
 use crate::ops::{self, Conv2dArgs};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
-use rand::rngs::StdRng;
 
 /// timm's make_divisible with divisor 4: round to the nearest multiple (halves up), never below
 /// 4, and never more than 10% below `v`.
@@ -231,38 +231,6 @@ impl GhostNet {
         })
     }
 
-    /// Runs the network on `x` (a tape variable holding [N, 3, H, W]) and returns the logits
-    /// [N, num_classes] and the parameter leaves (for gradients). In train mode the BN running
-    /// statistics are updated; dropout draws from `rng` when given.
-    pub fn forward(
-        &mut self,
-        tape: &mut Tape<f32>,
-        x: Var,
-        mode: Mode,
-        rng: Option<&mut StdRng>,
-    ) -> (Var, ParamLeaves) {
-        let mut ctx = Ctx::new(tape, &mut self.state, mode, rng);
-        let mut h = self.stem.0.forward(&mut ctx, x);
-        h = self.stem.1.forward(&mut ctx, h);
-        h = ops::relu(ctx.tape, h);
-        for blk in &self.blocks {
-            h = blk.forward(&mut ctx, h);
-        }
-        h = self.final_conv.0.forward(&mut ctx, h);
-        h = self.final_conv.1.forward(&mut ctx, h);
-        h = ops::relu(ctx.tape, h);
-        h = ops::global_avg_pool(ctx.tape, h);
-        h = self.conv_head.forward(&mut ctx, h);
-        h = ops::relu(ctx.tape, h);
-        let n = ctx.tape.shape(h)[0];
-        h = ops::reshape(ctx.tape, h, &[n, HEAD_CHANNELS]);
-        if let (Mode::Train { dropout: true }, Some(rng)) = (ctx.mode, ctx.rng.as_deref_mut()) {
-            h = ops::dropout(ctx.tape, h, self.cfg.drop_rate, rng);
-        }
-        let logits = self.classifier.forward(&mut ctx, h);
-        (logits, ctx.into_leaves())
-    }
-
     /// Eval-mode logits of a batch, without recording gradients.
     pub fn predict(&mut self, x: &Tensor<f32>) -> Tensor<f32> {
         let mut tape = Tape::inference();
@@ -270,9 +238,34 @@ impl GhostNet {
         let (y, _) = self.forward(&mut tape, xv, Mode::Eval, None);
         tape.value(y).clone()
     }
+}
+
+impl Network for GhostNet {
+    state_field!();
+
+    fn logits(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let mut h = self.stem.0.forward(ctx, x);
+        h = self.stem.1.forward(ctx, h);
+        h = ops::relu(ctx.tape, h);
+        for blk in &self.blocks {
+            h = blk.forward(ctx, h);
+        }
+        h = self.final_conv.0.forward(ctx, h);
+        h = self.final_conv.1.forward(ctx, h);
+        h = ops::relu(ctx.tape, h);
+        h = ops::global_avg_pool(ctx.tape, h);
+        h = self.conv_head.forward(ctx, h);
+        h = ops::relu(ctx.tape, h);
+        let n = ctx.tape.shape(h)[0];
+        h = ops::reshape(ctx.tape, h, &[n, HEAD_CHANNELS]);
+        if let (Mode::Train { dropout: true }, Some(rng)) = (ctx.mode, ctx.rng.as_deref_mut()) {
+            h = ops::dropout(ctx.tape, h, self.cfg.drop_rate, rng);
+        }
+        self.classifier.forward(ctx, h)
+    }
 
     /// Every re-parameterizable conv, in a fixed order shared by the train and deploy forms.
-    pub fn rep_convs(&self) -> Vec<&crate::nn::RepConv> {
+    fn rep_convs(&self) -> Vec<&RepConv> {
         self.blocks.iter().flat_map(|b| b.rep_convs()).collect()
     }
 }

@@ -3,13 +3,10 @@
 //! trained re-parameterized (`rep_branches`), folded back into the plain conv + BN.
 
 use super::ghostnet::make_divisible;
-use super::{pool_dropout_linear, rep_conv_bn, ModelOptions, Network};
-use crate::autograd::{Tape, Var};
-use crate::nn::{
-    BatchNorm2d, Builder, Conv2d, ConvBn, Ctx, Linear, Mode, ParamLeaves, RepConv, State,
-};
+use super::{conv_chain, pool_dropout_linear, rep_conv_bn, ModelOptions, Network};
+use crate::autograd::Var;
+use crate::nn::{BatchNorm2d, Builder, Conv2d, ConvBn, Ctx, Linear, RepConv, State};
 use crate::ops::{self, Conv2dArgs};
-use rand::rngs::StdRng;
 
 /// (block type is inverted residual, repeats, kernel, stride, expansion, out channels) per stage.
 const STAGES: [(bool, usize, usize, usize, usize, usize); 7] = [
@@ -115,41 +112,21 @@ impl MobileNetV2 {
 }
 
 impl Network for MobileNetV2 {
-    fn state(&self) -> &State {
-        &self.state
-    }
+    state_field!();
 
-    fn state_mut(&mut self) -> &mut State {
-        &mut self.state
-    }
-
-    fn forward(
-        &mut self,
-        tape: &mut Tape<f32>,
-        x: Var,
-        mode: Mode,
-        rng: Option<&mut StdRng>,
-    ) -> (Var, ParamLeaves) {
-        let mut ctx = Ctx::new(tape, &mut self.state, mode, rng);
-        let mut h = self.stem.forward(&mut ctx, x);
+    fn logits(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let mut h = self.stem.forward(ctx, x);
         h = ops::relu6(ctx.tape, h);
         for blk in &self.blocks {
             let input = h;
-            let last = blk.convs.len() - 1;
-            for (i, c) in blk.convs.iter().enumerate() {
-                h = c.forward(&mut ctx, h);
-                if i < last {
-                    h = ops::relu6(ctx.tape, h);
-                }
-            }
+            h = conv_chain(ctx, &blk.convs, h, ops::relu6);
             if blk.skip {
                 h = ops::add(ctx.tape, h, input);
             }
         }
-        h = self.head.forward(&mut ctx, h);
+        h = self.head.forward(ctx, h);
         h = ops::relu6(ctx.tape, h);
-        let logits = pool_dropout_linear(&mut ctx, h, self.opts.drop_rate, &self.classifier);
-        (logits, ctx.into_leaves())
+        pool_dropout_linear(ctx, h, self.opts.drop_rate, &self.classifier)
     }
 
     fn rep_convs(&self) -> Vec<&RepConv> {

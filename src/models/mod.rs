@@ -5,13 +5,26 @@
 //! To add a model: a row in `REGISTRY` (and, for a new family, an `Arch` variant, a `Net` variant
 //! and its constructor in `create`).
 
+/// [`Network::state`] and [`Network::state_mut`] of a network that keeps its [`State`] in its
+/// field `state` (all of them; defined before the model modules so that they can use it).
+macro_rules! state_field {
+    () => {
+        fn state(&self) -> &State {
+            &self.state
+        }
+        fn state_mut(&mut self) -> &mut State {
+            &mut self.state
+        }
+    };
+}
+
 pub mod ghostnet;
 pub mod mobilenetv2;
 pub mod resnet;
 pub mod shufflenetv2;
 
 use crate::autograd::{Tape, Var};
-use crate::nn::{Mode, ParamLeaves, RepConv, RepForm, RepOptions, State};
+use crate::nn::{Ctx, Mode, ParamLeaves, RepConv, RepForm, RepOptions, State};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use ghostnet::{GhostNet, GhostNetConfig, GhostVersion};
@@ -50,6 +63,11 @@ const fn entry(name: &'static str, arch: Arch, names_from: &'static str) -> Mode
     }
 }
 
+/// torchvision's ShuffleNetV2 of stage output channels `c`.
+const fn shufflenet(name: &'static str, c: [usize; 4]) -> ModelInfo {
+    entry(name, Arch::ShuffleNetV2(c), "torchvision")
+}
+
 use GhostVersion::{V1, V2, V3};
 
 /// Every model the engine builds. The single place to add one.
@@ -66,26 +84,10 @@ pub const REGISTRY: &[ModelInfo] = &[
     entry("ghostnetv2_160", Arch::GhostNet(V2, 1.6), "timm"),
     entry("mobilenetv2_100", Arch::MobileNetV2(1.0), "timm"),
     entry("mobilenetv2_140", Arch::MobileNetV2(1.4), "timm"),
-    entry(
-        "shufflenet_v2_x0_5",
-        Arch::ShuffleNetV2([48, 96, 192, 1024]),
-        "torchvision",
-    ),
-    entry(
-        "shufflenet_v2_x1_0",
-        Arch::ShuffleNetV2([116, 232, 464, 1024]),
-        "torchvision",
-    ),
-    entry(
-        "shufflenet_v2_x1_5",
-        Arch::ShuffleNetV2([176, 352, 704, 1024]),
-        "torchvision",
-    ),
-    entry(
-        "shufflenet_v2_x2_0",
-        Arch::ShuffleNetV2([244, 488, 976, 2048]),
-        "torchvision",
-    ),
+    shufflenet("shufflenet_v2_x0_5", [48, 96, 192, 1024]),
+    shufflenet("shufflenet_v2_x1_0", [116, 232, 464, 1024]),
+    shufflenet("shufflenet_v2_x1_5", [176, 352, 704, 1024]),
+    shufflenet("shufflenet_v2_x2_0", [244, 488, 976, 2048]),
     entry("resnet18", Arch::ResNet([2, 2, 2, 2], false), "timm"),
     entry("resnet34", Arch::ResNet([3, 4, 6, 3], false), "timm"),
     entry("resnet50", Arch::ResNet([3, 4, 6, 3], true), "timm"),
@@ -170,6 +172,12 @@ impl ModelOptions {
 pub trait Network {
     fn state(&self) -> &State;
     fn state_mut(&mut self) -> &mut State;
+    /// The logits [N, classes] of x [N, 3, H, W], the parameters and running statistics read
+    /// (and in train mode, the statistics updated) through `ctx`.
+    fn logits(&self, ctx: &mut Ctx, x: Var) -> Var;
+    /// Every re-parameterizable conv, in an order shared by all forms of the network.
+    fn rep_convs(&self) -> Vec<&RepConv>;
+
     /// Logits [N, classes] of x [N, 3, H, W] and the parameter leaves (for gradients). Train mode
     /// updates the BN running statistics; dropout draws from `rng` when given.
     fn forward(
@@ -178,29 +186,15 @@ pub trait Network {
         x: Var,
         mode: Mode,
         rng: Option<&mut StdRng>,
-    ) -> (Var, ParamLeaves);
-    /// Every re-parameterizable conv, in an order shared by all forms of the network.
-    fn rep_convs(&self) -> Vec<&RepConv>;
-}
-
-impl Network for GhostNet {
-    fn state(&self) -> &State {
-        &self.state
-    }
-    fn state_mut(&mut self) -> &mut State {
-        &mut self.state
-    }
-    fn forward(
-        &mut self,
-        tape: &mut Tape<f32>,
-        x: Var,
-        mode: Mode,
-        rng: Option<&mut StdRng>,
     ) -> (Var, ParamLeaves) {
-        GhostNet::forward(self, tape, x, mode, rng)
-    }
-    fn rep_convs(&self) -> Vec<&RepConv> {
-        GhostNet::rep_convs(self)
+        // The pass reads the layers while it writes the state: the state is lent to it (moved
+        // out and back, no copy).
+        let mut state = std::mem::take(self.state_mut());
+        let mut ctx = Ctx::new(tape, &mut state, mode, rng);
+        let logits = self.logits(&mut ctx, x);
+        let leaves = ctx.into_leaves();
+        *self.state_mut() = state;
+        (logits, leaves)
     }
 }
 
@@ -439,6 +433,30 @@ pub(crate) fn rep_conv_bn(
         },
         form,
     )
+}
+
+/// The convs of a block one after another, with `act` between them (not after the last).
+pub(crate) fn conv_chain(
+    ctx: &mut crate::nn::Ctx,
+    convs: &[RepConv],
+    mut h: Var,
+    act: fn(&mut Tape<f32>, Var) -> Var,
+) -> Var {
+    for (i, c) in convs.iter().enumerate() {
+        if i > 0 {
+            h = act(ctx.tape, h);
+        }
+        h = c.forward(ctx, h);
+    }
+    h
+}
+
+/// The conv-BN-ReLU stem and its 3x3 stride-2 max pool (torchvision's ResNet and ShuffleNetV2).
+pub(crate) fn stem_max_pool(ctx: &mut crate::nn::Ctx, stem: &crate::nn::ConvBn, x: Var) -> Var {
+    use crate::ops;
+    let h = stem.forward(ctx, x);
+    let h = ops::relu(ctx.tape, h);
+    ops::max_pool2d(ctx.tape, h, 3, 2, 1)
 }
 
 /// Global average pool, flatten, dropout in training, classifier: the head most models share.

@@ -2,13 +2,10 @@
 //! paper's Table 3), timm names: conv1/bn1 stem, 3x3 max pool, layer1..4, fc. The block convs can
 //! be trained re-parameterized (`rep_branches`), folded back into the plain conv + BN.
 
-use super::{pool_dropout_linear, rep_conv_bn, ModelOptions, Network};
-use crate::autograd::{Tape, Var};
-use crate::nn::{
-    BatchNorm2d, Builder, Conv2d, ConvBn, Ctx, Linear, Mode, ParamLeaves, RepConv, State,
-};
+use super::{conv_chain, pool_dropout_linear, rep_conv_bn, stem_max_pool, ModelOptions, Network};
+use crate::autograd::Var;
+use crate::nn::{BatchNorm2d, Builder, Conv2d, ConvBn, Ctx, Linear, RepConv, State};
 use crate::ops::{self, Conv2dArgs};
-use rand::rngs::StdRng;
 
 /// A BasicBlock (conv1 3x3, conv2 3x3) or Bottleneck (conv1 1x1, conv2 3x3 with the stride, conv3
 /// 1x1 to 4x the width); ReLU after every BN but the last, then add the shortcut and ReLU.
@@ -106,43 +103,21 @@ impl ResNet {
 }
 
 impl Network for ResNet {
-    fn state(&self) -> &State {
-        &self.state
-    }
+    state_field!();
 
-    fn state_mut(&mut self) -> &mut State {
-        &mut self.state
-    }
-
-    fn forward(
-        &mut self,
-        tape: &mut Tape<f32>,
-        x: Var,
-        mode: Mode,
-        rng: Option<&mut StdRng>,
-    ) -> (Var, ParamLeaves) {
-        let mut ctx = Ctx::new(tape, &mut self.state, mode, rng);
-        let mut h = self.stem.forward(&mut ctx, x);
-        h = ops::relu(ctx.tape, h);
-        h = ops::max_pool2d(ctx.tape, h, 3, 2, 1);
+    fn logits(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let mut h = stem_max_pool(ctx, &self.stem, x);
         for blk in &self.blocks {
             let input = h;
-            let last = blk.convs.len() - 1;
-            for (i, c) in blk.convs.iter().enumerate() {
-                h = c.forward(&mut ctx, h);
-                if i < last {
-                    h = ops::relu(ctx.tape, h);
-                }
-            }
+            h = conv_chain(ctx, &blk.convs, h, ops::relu);
             let sc = match &blk.downsample {
-                Some(d) => d.forward(&mut ctx, input),
+                Some(d) => d.forward(ctx, input),
                 None => input,
             };
             h = ops::add(ctx.tape, h, sc);
             h = ops::relu(ctx.tape, h);
         }
-        let logits = pool_dropout_linear(&mut ctx, h, self.opts.drop_rate, &self.fc);
-        (logits, ctx.into_leaves())
+        pool_dropout_linear(ctx, h, self.opts.drop_rate, &self.fc)
     }
 
     fn rep_convs(&self) -> Vec<&RepConv> {

@@ -3,13 +3,10 @@
 //! and shuffle, conv5, global mean, fc. The block convs (depth-wise 3x3 and 1x1) can be trained
 //! re-parameterized (`rep_branches`), folded back into the plain conv + BN.
 
-use super::{pool_dropout_linear, rep_conv_bn, ModelOptions, Network};
-use crate::autograd::{Tape, Var};
-use crate::nn::{
-    BatchNorm2d, Builder, Conv2d, ConvBn, Ctx, Linear, Mode, ParamLeaves, RepConv, State,
-};
+use super::{pool_dropout_linear, rep_conv_bn, stem_max_pool, ModelOptions, Network};
+use crate::autograd::Var;
+use crate::nn::{BatchNorm2d, Builder, Conv2d, ConvBn, Ctx, Linear, RepConv, State};
 use crate::ops::{self, Conv2dArgs};
-use rand::rngs::StdRng;
 
 const REPEATS: [usize; 3] = [4, 8, 4];
 const STEM: usize = 24;
@@ -104,48 +101,32 @@ impl ShuffleNetV2 {
 }
 
 impl Network for ShuffleNetV2 {
-    fn state(&self) -> &State {
-        &self.state
-    }
+    state_field!();
 
-    fn state_mut(&mut self) -> &mut State {
-        &mut self.state
-    }
-
-    fn forward(
-        &mut self,
-        tape: &mut Tape<f32>,
-        x: Var,
-        mode: Mode,
-        rng: Option<&mut StdRng>,
-    ) -> (Var, ParamLeaves) {
-        let mut ctx = Ctx::new(tape, &mut self.state, mode, rng);
-        let mut h = self.stem.forward(&mut ctx, x);
-        h = ops::relu(ctx.tape, h);
-        h = ops::max_pool2d(ctx.tape, h, 3, 2, 1);
+    fn logits(&self, ctx: &mut Ctx, x: Var) -> Var {
+        let mut h = stem_max_pool(ctx, &self.stem, x);
         for blk in &self.blocks {
             let (left, right) = match &blk.branch1 {
                 Some([dw, pw]) => {
-                    let mut l = dw.forward(&mut ctx, h);
-                    l = pw.forward(&mut ctx, l);
+                    let mut l = dw.forward(ctx, h);
+                    l = pw.forward(ctx, l);
                     (ops::relu(ctx.tape, l), h)
                 }
                 None => ops::split_channels(ctx.tape, h),
             };
             let [pw1, dw, pw2] = &blk.branch2;
-            let mut r = pw1.forward(&mut ctx, right);
+            let mut r = pw1.forward(ctx, right);
             r = ops::relu(ctx.tape, r);
-            r = dw.forward(&mut ctx, r);
-            r = pw2.forward(&mut ctx, r);
+            r = dw.forward(ctx, r);
+            r = pw2.forward(ctx, r);
             r = ops::relu(ctx.tape, r);
             h = ops::concat_channels(ctx.tape, left, r);
             h = ops::channel_shuffle(ctx.tape, h, 2);
         }
-        h = self.conv5.forward(&mut ctx, h);
+        h = self.conv5.forward(ctx, h);
         h = ops::relu(ctx.tape, h);
         // torchvision has no dropout here.
-        let logits = pool_dropout_linear(&mut ctx, h, 0.0, &self.fc);
-        (logits, ctx.into_leaves())
+        pool_dropout_linear(ctx, h, 0.0, &self.fc)
     }
 
     fn rep_convs(&self) -> Vec<&RepConv> {

@@ -8,12 +8,9 @@
 //! p          = p - (lr / bc1) * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
 //! ```
 
-use super::ema::run_step;
-use super::{adam_state, check_lr, load_adam_state, place, validate_adam, Ema, Layout, Optimizer};
-use crate::backend::api::optim::{AdamWScalars, Optim, PlanSlot};
-use crate::on_backend;
-use crate::tensor::storage::Place;
-use crate::tensor::Tensor;
+use super::flat::{Flat, Rule};
+use super::{validate_adam, ADAM_MOMENTS};
+use crate::backend::api::optim::{AdamWScalars, Optim, Step};
 use anyhow::Result;
 
 /// Hyperparameters of [`AdamW`]; `Default` is PyTorch's `AdamW(...)` defaults.
@@ -38,50 +35,25 @@ impl Default for AdamWOptions {
     }
 }
 
-impl AdamWOptions {
-    pub fn validate(&self) -> Result<()> {
-        validate_adam(self.betas, self.eps, self.weight_decay)?;
-        super::clip_option(self.max_grad_norm)?;
-        Ok(())
-    }
-}
+/// AdamW over flat buffers.
+pub type AdamW = Flat<AdamWOptions>;
 
-pub struct AdamW {
-    layout: Layout,
-    opts: AdamWOptions,
-    exp_avg: Tensor<f32>,
-    exp_avg_sq: Tensor<f32>,
-    plan: PlanSlot,
-    step: u64,
-}
+impl Rule for AdamWOptions {
+    type Scalars = AdamWScalars;
+    const NAME: &'static str = "adamw";
 
-impl AdamW {
-    pub fn new(layout: Layout, opts: AdamWOptions) -> AdamW {
-        opts.validate().expect("invalid AdamW options");
-        let n = layout.numel();
-        AdamW {
-            layout,
-            opts,
-            exp_avg: Tensor::zeros(&[n]),
-            exp_avg_sq: Tensor::zeros(&[n]),
-            plan: PlanSlot::default(),
-            step: 0,
-        }
+    fn validate(&self) -> Result<()> {
+        validate_adam(self.betas, self.eps, self.weight_decay, self.max_grad_norm)
     }
 
-    pub fn options(&self) -> &AdamWOptions {
-        &self.opts
+    fn moments(&self) -> &'static [&'static str] {
+        ADAM_MOMENTS
     }
 
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    /// PyTorch's scalars of step number `self.step`, computed in f64 (Python floats) and
-    /// applied as f32.
-    fn scalars(&self, lr: f64) -> AdamWScalars {
-        let t = self.step as f64;
-        let (b1, b2) = self.opts.betas;
+    /// PyTorch's scalars, computed in f64 (Python floats) and applied as f32.
+    fn scalars(&self, step: u64, lr: f64) -> AdamWScalars {
+        let (b1, b2) = self.betas;
+        let t = step as f64;
         let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
         AdamWScalars {
             w1: (1.0 - b1) as f32,
@@ -89,61 +61,23 @@ impl AdamW {
             w2: (1.0 - b2) as f32,
             neg_step: (-(lr / bc1)) as f32,
             sqrt_bc2: bc2.sqrt() as f32,
-            eps: self.opts.eps as f32,
-            decay: (1.0 - lr * self.opts.weight_decay) as f32,
+            eps: self.eps as f32,
+            decay: (1.0 - lr * self.weight_decay) as f32,
             // torch clip_grad_norm_: min(max_norm / (||g|| + 1e-6), 1) in f32.
-            max_grad_norm: self.opts.max_grad_norm.map(|m| m as f32),
+            max_grad_norm: self.max_grad_norm.map(|m| m as f32),
         }
     }
 
-    fn step_on<B: Place<f32> + Optim>(
-        &mut self,
+    fn run<B: Optim>(
         b: &B,
-        params: &mut Tensor<f32>,
-        grads: &Tensor<f32>,
+        plan: &mut B::Plan,
+        s: Step<'_, B::Buf>,
+        moments: &mut [&mut B::Buf],
         k: &AdamWScalars,
-        ema: Option<(&mut Ema, &Tensor<f32>)>,
     ) -> Result<()> {
-        place(&mut self.exp_avg, b.device())?;
-        place(&mut self.exp_avg_sq, b.device())?;
-        let plan = self.plan.get(b, self.layout.table())?;
-        let (m, v) = (&mut self.exp_avg, &mut self.exp_avg_sq);
-        run_step(b, params, grads, ema, |s| {
-            b.adamw_step(plan, s, &mut b.get_mut(m), &mut b.get_mut(v), k)
-        })
-    }
-}
-
-impl Optimizer for AdamW {
-    fn step(
-        &mut self,
-        params: &mut Tensor<f32>,
-        grads: &Tensor<f32>,
-        lr: f64,
-        ema: Option<(&mut Ema, &Tensor<f32>)>,
-    ) -> Result<()> {
-        self.layout.check("adamw", params.numel(), grads.numel());
-        check_lr("adamw", lr);
-        self.step += 1;
-        let k = self.scalars(lr);
-        on_backend!([&*params], |b| self.step_on(b, params, grads, &k, ema))
-    }
-
-    fn state(&self) -> Vec<(String, Vec<f32>)> {
-        adam_state(&self.exp_avg, &self.exp_avg_sq, self.step)
-    }
-
-    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        let (m, v, step) = load_adam_state("adamw", state, self.layout.numel())?;
-        (self.exp_avg, self.exp_avg_sq, self.step) = (m, v, step);
-        Ok(())
-    }
-
-    fn name(&self) -> &str {
-        "adamw"
-    }
-
-    fn steps(&self) -> u64 {
-        self.step
+        let [exp_avg, exp_avg_sq] = moments else {
+            unreachable!("AdamW keeps two moments")
+        };
+        b.adamw_step(plan, s, exp_avg, exp_avg_sq, k)
     }
 }

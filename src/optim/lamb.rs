@@ -15,12 +15,9 @@
 //! fixed here: bias_correction, grad_averaging, no trust_clip, no caution, coupled decay.
 //! Scalars are rounded to f32 before use, as PyTorch does with Python floats on f32 tensors.
 
-use super::ema::run_step;
-use super::{adam_state, check_lr, load_adam_state, place, validate_adam, Ema, Layout, Optimizer};
-use crate::backend::api::optim::{LambScalars, Optim, PlanSlot};
-use crate::on_backend;
-use crate::tensor::storage::Place;
-use crate::tensor::Tensor;
+use super::flat::{Flat, Rule};
+use super::{validate_adam, ADAM_MOMENTS};
+use crate::backend::api::optim::{LambScalars, Optim, Step};
 use anyhow::Result;
 
 /// Hyperparameters of [`Lamb`]; `Default` is timm's `Lamb(...)` defaults.
@@ -45,60 +42,24 @@ impl Default for LambOptions {
     }
 }
 
-impl LambOptions {
-    pub fn validate(&self) -> Result<()> {
-        validate_adam(self.betas, self.eps, self.weight_decay)?;
-        super::clip_option(self.max_grad_norm)?;
-        Ok(())
-    }
-}
+/// LAMB over flat buffers.
+pub type Lamb = Flat<LambOptions>;
 
-pub struct Lamb {
-    layout: Layout,
-    opts: LambOptions,
-    exp_avg: Tensor<f32>,
-    exp_avg_sq: Tensor<f32>,
-    /// The backend's tables for this layout (on the CPU also the update scratch).
-    plan: PlanSlot,
-    step: u64,
-}
+impl Rule for LambOptions {
+    type Scalars = LambScalars;
+    const NAME: &'static str = "lamb";
 
-impl Lamb {
-    pub fn new(layout: Layout, opts: LambOptions) -> Lamb {
-        opts.validate().expect("invalid LAMB options");
-        let n = layout.numel();
-        Lamb {
-            layout,
-            opts,
-            exp_avg: Tensor::zeros(&[n]),
-            exp_avg_sq: Tensor::zeros(&[n]),
-            plan: PlanSlot::default(),
-            step: 0,
-        }
+    fn validate(&self) -> Result<()> {
+        validate_adam(self.betas, self.eps, self.weight_decay, self.max_grad_norm)
     }
 
-    pub fn options(&self) -> &LambOptions {
-        &self.opts
+    fn moments(&self) -> &'static [&'static str] {
+        ADAM_MOMENTS
     }
 
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
-    /// The first moment (a 1-D tensor on the device of the last step's parameters).
-    pub fn exp_avg(&self) -> &Tensor<f32> {
-        &self.exp_avg
-    }
-
-    /// The second moment (a 1-D tensor on the device of the last step's parameters).
-    pub fn exp_avg_sq(&self) -> &Tensor<f32> {
-        &self.exp_avg_sq
-    }
-
-    /// The f32 scalars of step number `self.step` with learning rate `lr`.
-    fn scalars(&self, lr: f64) -> LambScalars {
-        let t = self.step as f64;
-        let (b1, b2) = self.opts.betas;
+    fn scalars(&self, step: u64, lr: f64) -> LambScalars {
+        let t = step as f64;
+        let (b1, b2) = self.betas;
         // Python float math, as timm (`beta1 ** step` is C pow): f64, then used as f32 scalars.
         let (bc1, bc2) = (1.0 - b1.powf(t), 1.0 - b2.powf(t));
         LambScalars {
@@ -107,62 +68,24 @@ impl Lamb {
             one_minus_b2: (1.0 - b2) as f32,
             bc1: bc1 as f32,
             sqrt_bc2: bc2.sqrt() as f32,
-            eps: self.opts.eps as f32,
+            eps: self.eps as f32,
             neg_lr: -lr as f32,
-            wd: self.opts.weight_decay as f32,
+            wd: self.weight_decay as f32,
             // f32 tensor math in timm: (global_norm / max_grad_norm).clamp_(min=1.0).
-            max_grad_norm: self.opts.max_grad_norm.map(|m| m as f32),
+            max_grad_norm: self.max_grad_norm.map(|m| m as f32),
         }
     }
 
-    fn step_on<B: Place<f32> + Optim>(
-        &mut self,
+    fn run<B: Optim>(
         b: &B,
-        params: &mut Tensor<f32>,
-        grads: &Tensor<f32>,
+        plan: &mut B::Plan,
+        s: Step<'_, B::Buf>,
+        moments: &mut [&mut B::Buf],
         k: &LambScalars,
-        ema: Option<(&mut Ema, &Tensor<f32>)>,
     ) -> Result<()> {
-        place(&mut self.exp_avg, b.device())?;
-        place(&mut self.exp_avg_sq, b.device())?;
-        let plan = self.plan.get(b, self.layout.table())?;
-        let (m, v) = (&mut self.exp_avg, &mut self.exp_avg_sq);
-        run_step(b, params, grads, ema, |s| {
-            b.lamb_step(plan, s, &mut b.get_mut(m), &mut b.get_mut(v), k)
-        })
-    }
-}
-
-impl Optimizer for Lamb {
-    fn step(
-        &mut self,
-        params: &mut Tensor<f32>,
-        grads: &Tensor<f32>,
-        lr: f64,
-        ema: Option<(&mut Ema, &Tensor<f32>)>,
-    ) -> Result<()> {
-        self.layout.check("lamb", params.numel(), grads.numel());
-        check_lr("lamb", lr);
-        self.step += 1;
-        let k = self.scalars(lr);
-        on_backend!([&*params], |b| self.step_on(b, params, grads, &k, ema))
-    }
-
-    fn state(&self) -> Vec<(String, Vec<f32>)> {
-        adam_state(&self.exp_avg, &self.exp_avg_sq, self.step)
-    }
-
-    fn load_state(&mut self, state: &[(String, Vec<f32>)]) -> Result<()> {
-        let (m, v, step) = load_adam_state("lamb", state, self.layout.numel())?;
-        (self.exp_avg, self.exp_avg_sq, self.step) = (m, v, step);
-        Ok(())
-    }
-
-    fn name(&self) -> &str {
-        "lamb"
-    }
-
-    fn steps(&self) -> u64 {
-        self.step
+        let [m, v] = moments else {
+            unreachable!("two moments")
+        };
+        b.lamb_step(plan, s, m, v, k)
     }
 }

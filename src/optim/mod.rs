@@ -17,6 +17,7 @@
 
 mod adamw;
 mod ema;
+mod flat;
 mod lamb;
 mod schedule;
 mod sgd;
@@ -24,6 +25,7 @@ mod update;
 
 pub use adamw::{AdamW, AdamWOptions};
 pub use ema::{Ema, EmaConfig, EmaWarmup};
+pub use flat::{Flat, Rule};
 pub use lamb::{Lamb, LambOptions};
 pub use schedule::{ScheduleConfig, ScheduleKind};
 pub use sgd::{Sgd, SgdOptions};
@@ -230,36 +232,6 @@ pub(crate) fn decode_step(name: &str, v: &[f32]) -> Result<u64> {
     Ok(((v[1] as u64) << 24) | v[0] as u64)
 }
 
-/// Adam-family state (`exp_avg`, `exp_avg_sq`, `step`) as saved in a checkpoint; shared by
-/// LAMB and AdamW, whose moments are the same.
-pub(crate) fn adam_state(
-    exp_avg: &Tensor<f32>,
-    exp_avg_sq: &Tensor<f32>,
-    step: u64,
-) -> Vec<(String, Vec<f32>)> {
-    vec![
-        ("exp_avg".into(), exp_avg.to_host().into_vec()),
-        ("exp_avg_sq".into(), exp_avg_sq.to_host().into_vec()),
-        ("step".into(), encode_step(step)),
-    ]
-}
-
-/// Reads [`adam_state`] for moments of `n` values (checked in full first, so a failed load
-/// changes nothing): the moments as host tensors, and the step.
-pub(crate) fn load_adam_state(
-    who: &str,
-    state: &[(String, Vec<f32>)],
-    n: usize,
-) -> Result<(Tensor<f32>, Tensor<f32>, u64)> {
-    let b = match_state(
-        who,
-        state,
-        &[("exp_avg", n), ("exp_avg_sq", n), ("step", 2)],
-    )?;
-    let step = decode_step("step", b[2])?;
-    Ok((host(b[0]), host(b[1]), step))
-}
-
 /// Checks a saved state against the expected buffer names and sizes before anything is loaded,
 /// so a failed load leaves the optimizer untouched. Returns the buffers in `expected` order.
 pub(crate) fn match_state<'a>(
@@ -436,7 +408,16 @@ impl OptimizerConfig {
     }
 }
 
-pub(crate) fn validate_adam(betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<()> {
+/// The moments of LAMB and AdamW, by their checkpoint names.
+pub(crate) const ADAM_MOMENTS: &[&str] = &["exp_avg", "exp_avg_sq"];
+
+/// The checks LAMB and AdamW share.
+pub(crate) fn validate_adam(
+    betas: (f64, f64),
+    eps: f64,
+    weight_decay: f64,
+    max_grad_norm: Option<f64>,
+) -> Result<()> {
     ensure!(
         (0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1),
         "betas must be in [0, 1), got {betas:?}"
@@ -446,6 +427,7 @@ pub(crate) fn validate_adam(betas: (f64, f64), eps: f64, weight_decay: f64) -> R
         weight_decay.is_finite() && weight_decay >= 0.0,
         "weight_decay must be >= 0, got {weight_decay}"
     );
+    clip_option(max_grad_norm)?;
     Ok(())
 }
 

@@ -6,10 +6,12 @@ use super::launch::{i32a, i64a, need, ptr};
 use anyhow::{ensure, Result};
 
 impl Gpu {
-    /// Channels `start..start + len` of x [n, c, hw].
-    pub fn slice_channels(
+    /// Both directions of the slice take the same arguments: `src` is [n, c, hw] forward and
+    /// [n, len, hw] backward, and the result the other one.
+    fn slice_launch(
         &self,
-        x: &DBuf,
+        kernel: &'static str,
+        src: &DBuf,
         (n, c, hw): (usize, usize, usize),
         start: usize,
         len: usize,
@@ -19,16 +21,18 @@ impl Gpu {
             "slice_channels {start}..{} of {c} channels",
             start + len
         );
-        need("slice_channels x", x, n * c * hw)?;
-        let total = n * len * hw;
-        let y = self.alloc(total)?;
+        let forward = kernel.ends_with("_fwd");
+        let (from, to) = if forward { (c, len) } else { (len, c) };
+        need(kernel, src, n * from * hw)?;
+        let total = n * to * hw;
+        let dst = self.alloc(total)?;
         self.launch(
             "channel",
-            "slice_channels_fwd",
+            kernel,
             self.grid(total),
             &[
-                ptr(x),
-                ptr(&y),
+                ptr(src),
+                ptr(&dst),
                 i32a(n),
                 i32a(c),
                 i32a(start),
@@ -36,79 +40,16 @@ impl Gpu {
                 i64a(hw),
             ],
         )?;
-        Ok(y)
+        Ok(dst)
     }
+}
 
-    /// The gradient of [`Gpu::slice_channels`]: gy [n, len, hw] placed into zeros [n, c, hw].
-    pub fn slice_channels_backward(
-        &self,
-        gy: &DBuf,
-        (n, c, hw): (usize, usize, usize),
-        start: usize,
-        len: usize,
-    ) -> Result<DBuf> {
-        ensure!(
-            len > 0 && start + len <= c,
-            "slice_channels {start}..{} of {c} channels",
-            start + len
-        );
-        need("slice_channels gy", gy, n * len * hw)?;
-        let total = n * c * hw;
-        let dx = self.alloc(total)?;
-        self.launch(
-            "channel",
-            "slice_channels_bwd",
-            self.grid(total),
-            &[
-                ptr(gy),
-                ptr(&dx),
-                i32a(n),
-                i32a(c),
-                i32a(start),
-                i32a(len),
-                i64a(hw),
-            ],
-        )?;
-        Ok(dx)
-    }
-
-    /// torchvision's `channel_shuffle(x, groups)` on x [n, c, hw]. Its gradient is the
-    /// shuffle with `c / groups` groups ([`Gpu::channel_shuffle_backward`]).
-    pub fn channel_shuffle(
-        &self,
-        x: &DBuf,
-        (n, c, hw): (usize, usize, usize),
-        groups: usize,
-    ) -> Result<DBuf> {
-        ensure!(
-            groups > 0 && c % groups == 0,
-            "channel_shuffle: {c} channels in {groups} groups"
-        );
-        need("channel_shuffle x", x, n * c * hw)?;
-        let total = n * c * hw;
-        let y = self.alloc(total)?;
-        self.launch(
-            "channel",
-            "channel_shuffle_fwd",
-            self.grid(total),
-            &[ptr(x), ptr(&y), i32a(n), i32a(c), i32a(groups), i64a(hw)],
-        )?;
-        Ok(y)
-    }
-
-    /// The gradient of [`Gpu::channel_shuffle`] with `groups` groups.
-    pub fn channel_shuffle_backward(
-        &self,
-        gy: &DBuf,
-        (n, c, hw): (usize, usize, usize),
-        groups: usize,
-    ) -> Result<DBuf> {
-        ensure!(
-            groups > 0 && c % groups == 0,
-            "channel_shuffle: {c} channels in {groups} groups"
-        );
-        self.channel_shuffle(gy, (n, c, hw), c / groups)
-    }
+fn shuffle_groups(c: usize, groups: usize) -> Result<()> {
+    ensure!(
+        groups > 0 && c.is_multiple_of(groups),
+        "channel_shuffle: {c} channels in {groups} groups"
+    );
+    Ok(())
 }
 
 impl<T: crate::backend::Elem> crate::backend::api::Channel<T> for super::Cuda<T> {
@@ -136,7 +77,7 @@ impl<T: crate::backend::Elem> crate::backend::api::Channel<T> for super::Cuda<T>
         start: usize,
         len: usize,
     ) -> Result<DBuf> {
-        (**self).slice_channels(x, dims, start, len)
+        self.slice_launch("slice_channels_fwd", x, dims, start, len)
     }
 
     fn slice_channels_backward(
@@ -146,24 +87,38 @@ impl<T: crate::backend::Elem> crate::backend::api::Channel<T> for super::Cuda<T>
         start: usize,
         len: usize,
     ) -> Result<DBuf> {
-        (**self).slice_channels_backward(gy, dims, start, len)
+        self.slice_launch("slice_channels_bwd", gy, dims, start, len)
     }
 
+    /// torchvision's `channel_shuffle(x, groups)` on x [n, c, hw]. Its gradient is the
+    /// shuffle with `c / groups` groups (`channel_shuffle_backward`).
     fn channel_shuffle(
         &self,
         x: &DBuf,
-        dims: (usize, usize, usize),
+        (n, c, hw): (usize, usize, usize),
         groups: usize,
     ) -> Result<DBuf> {
-        (**self).channel_shuffle(x, dims, groups)
+        shuffle_groups(c, groups)?;
+        need("channel_shuffle x", x, n * c * hw)?;
+        let total = n * c * hw;
+        let y = self.alloc(total)?;
+        self.launch(
+            "channel",
+            "channel_shuffle_fwd",
+            self.grid(total),
+            &[ptr(x), ptr(&y), i32a(n), i32a(c), i32a(groups), i64a(hw)],
+        )?;
+        Ok(y)
     }
 
+    /// The gradient of `channel_shuffle` with `groups` groups.
     fn channel_shuffle_backward(
         &self,
         gy: &DBuf,
-        dims: (usize, usize, usize),
+        (n, c, hw): (usize, usize, usize),
         groups: usize,
     ) -> Result<DBuf> {
-        (**self).channel_shuffle_backward(gy, dims, groups)
+        shuffle_groups(c, groups)?;
+        self.channel_shuffle(gy, (n, c, hw), c / groups)
     }
 }

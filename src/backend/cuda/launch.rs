@@ -29,6 +29,7 @@ pub struct LambCoef {
 unsafe impl DeviceRepr for LambCoef {}
 
 /// One kernel argument.
+#[derive(Clone, Copy)]
 pub enum Arg {
     I32(i32),
     I64(i64),

@@ -23,6 +23,11 @@ pub(super) fn nearest_ranges(input: usize, output: usize) -> (Vec<i32>, Vec<i32>
 
 pub use crate::backend::api::MaxPoolGeom;
 
+/// The sizes both upsample kernels take after their buffers.
+fn upsample_dims((n, c, h, w): (usize, usize, usize, usize), (ho, wo): (usize, usize)) -> [Arg; 5] {
+    [i64a(n * c), i32a(h), i32a(w), i32a(ho), i32a(wo)]
+}
+
 impl Gpu {
     // ---- pooling, upsample, concat ----
 
@@ -109,16 +114,10 @@ impl Gpu {
             "upsample_nearest_fwd",
             self.grid(total),
             &[
-                ptr(x),
-                ptr(&y),
-                ptr(&iy),
-                ptr(&ix),
-                i64a(n * c),
-                i32a(h),
-                i32a(w),
-                i32a(ho),
-                i32a(wo),
-            ],
+                &[ptr(x), ptr(&y), ptr(&iy), ptr(&ix)],
+                &upsample_dims((n, c, h, w), (ho, wo))[..],
+            ]
+            .concat(),
         )?;
         Ok(y)
     }
@@ -145,18 +144,11 @@ impl Gpu {
             "upsample_nearest_bwd",
             self.grid(total),
             &[
-                ptr(gy),
-                ptr(&dx),
-                ptr(&b[0]),
-                ptr(&b[1]),
-                ptr(&b[2]),
-                ptr(&b[3]),
-                i64a(n * c),
-                i32a(h),
-                i32a(w),
-                i32a(ho),
-                i32a(wo),
-            ],
+                &[ptr(gy), ptr(&dx)],
+                &b.each_ref().map(ptr)[..],
+                &upsample_dims((n, c, h, w), (ho, wo))[..],
+            ]
+            .concat(),
         )?;
         Ok(dx)
     }
