@@ -7,6 +7,7 @@
 mod common;
 
 use common::cuda::*;
+use common::DW_KERNELS;
 use ghostv3::backend::cpu::conv::ConvGeom;
 use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu, RepDwGeom};
 use ghostv3::models::{self, ModelOptions};
@@ -324,16 +325,8 @@ fn conv_case(
 fn depthwise_convs() {
     let Some(g) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(20);
-    for (k, stride) in [
-        ((3, 3), 1),
-        ((3, 3), 2),
-        ((5, 5), 1),
-        ((5, 5), 2),
-        ((1, 5), 1),
-        ((5, 1), 1),
-        ((1, 5), 2),
-        ((5, 1), 2),
-    ] {
+    // The GhostNets' depth-wise geometries, and DFC's 1x5 / 5x1 at stride 2.
+    for (k, stride) in DW_KERNELS.into_iter().chain([((1, 5), 2), ((5, 1), 2)]) {
         for s in [[2, 6, 9, 11], [3, 16, 14, 14], [2, 5, 4, 3]] {
             conv_case(&g, &mut rng, s, s[1], k, stride, s[1], false);
         }

@@ -9,7 +9,6 @@
 mod common;
 
 use common::cuda::*;
-use ghostv3::backend::cuda::Gpu;
 use ghostv3::backend::cuda::MaxPoolGeom;
 use ghostv3::models::{self, ModelOptions};
 use ghostv3::nn::ghost::{BottleneckCfg, GhostBottleneck, GhostModule};
@@ -20,13 +19,6 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 const SHAPES: [[usize; 4]; 4] = [[2, 3, 7, 9], [3, 16, 15, 15], [2, 8, 28, 28], [1, 6, 1, 13]];
-
-/// The process-wide GPU the dispatching ops run on, with poisoned pools like the test GPU.
-fn global_gpu() -> &'static Gpu {
-    let g = ghostv3::backend::cuda::global().unwrap();
-    g.set_poison(true);
-    g
-}
 
 /// The same op through the tape on the device: (y, dx) on the host, with the output gradient
 /// `gy`. Checks that the op ran there (a device output).
@@ -53,8 +45,7 @@ fn check_unary(case: &str, x: &Tensor, seed: u64, tol: f64, f: impl Fn(&mut Tape
 
 #[test]
 fn relu6_matches_cpu() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(200);
     for s in SHAPES {
         // Both kinks (0 and 6) inside the range, and values exactly on them.
@@ -68,8 +59,7 @@ fn relu6_matches_cpu() {
 
 #[test]
 fn max_pool2d_matches_cpu() {
-    let Some(g) = gpu() else { return };
-    global_gpu();
+    let Some(g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(210);
     for (k, st, p, s) in [
         (3, 2, 1, [2, 3, 7, 9]),
@@ -112,8 +102,7 @@ fn max_pool2d_matches_cpu() {
 
 #[test]
 fn channel_slice_split_shuffle_match_cpu() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(220);
     for (s, slices, groups) in [
         (
@@ -180,28 +169,12 @@ fn module_step(
     }
     let cuda = side != Side::Cpu;
     let mut tape = Tape::new();
-    let xin = if cuda {
-        x.to_cuda().unwrap()
-    } else {
-        x.clone()
-    };
-    let xv = tape.leaf(xin, true);
+    let xv = leaf_on(&mut tape, x, cuda);
     let mut ctx = Ctx::new(&mut tape, &mut st, mode, None);
     let y = forward(&mut ctx, xv);
     let leaves = ctx.into_leaves();
-    assert_eq!(
-        tape.value(y).is_cuda(),
-        cuda,
-        "forward ran on the wrong side"
-    );
-    let yt = tape.value(y).to_host();
-    let grads = tape.backward_with(y, gy.clone());
-    let dx = grads.get(xv).unwrap().to_host();
-    let flat = if cuda {
-        leaves.flat_grads(&st, &grads).to_host().into_vec()
-    } else {
-        leaves.flat_grads(&st, &grads).into_vec()
-    };
+    let (yt, dx, flat) =
+        backward_to_host("module step", &mut tape, (y, xv), gy, (&leaves, &st), cuda);
     drop(tape);
     if cuda {
         st = st.to_host().unwrap();
@@ -245,8 +218,7 @@ fn check_module(
 /// identity): on the device the DFC gate is the fused op; everything else as on the CPU.
 #[test]
 fn ghost_module_with_fused_dfc_gate_matches_cpu() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(230);
     for (inp, oup, s) in [(6, 8, [2, 6, 10, 10]), (4, 12, [2, 4, 9, 7])] {
         let mut b = Builder::new(231);
@@ -280,9 +252,9 @@ fn ghost_module_with_fused_dfc_gate_matches_cpu() {
 /// A GhostNetV3 bottleneck with DFC, a stride-2 depth-wise conv, SE and the conv shortcut.
 #[test]
 fn ghost_bottleneck_with_dfc_matches_cpu() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(240);
+    let mut b = Builder::new(241);
     let cfg = BottleneckCfg {
         inp: 6,
         mid: 12,
@@ -292,7 +264,6 @@ fn ghost_bottleneck_with_dfc_matches_cpu() {
         se_rd: Some(4),
         dfc: true,
     };
-    let mut b = Builder::new(241);
     let m = GhostBottleneck::new(&mut b, "blk", cfg, RepForm::Train(RepOptions::default()));
     let mut state = b.finish();
     randomize_bns(&mut state, &mut rng);
@@ -307,8 +278,7 @@ fn ghost_bottleneck_with_dfc_matches_cpu() {
 /// stem conv + BN + relu6, max pool, split, a 1x1 branch, concat, shuffle, a slice.
 #[test]
 fn small_shufflenet_like_chain_matches_cpu() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(250);
     let x = rand_t(&mut rng, &[2, 3, 17, 15], -2.0, 2.0);
     let w0 = rand_t(&mut rng, &[8, 3, 3, 3], -0.4, 0.4);
@@ -335,17 +305,7 @@ fn small_shufflenet_like_chain_matches_cpu() {
     let inputs = [&x, &w0, &gamma, &beta, &w1];
     let run = |cuda: bool, gy: Option<&Tensor>| -> (Tensor, Tensor, Vec<Tensor>) {
         let mut tape = Tape::new();
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|t| {
-                let t = if cuda {
-                    t.to_cuda().unwrap()
-                } else {
-                    (*t).clone()
-                };
-                tape.leaf(t, true)
-            })
-            .collect();
+        let vars: Vec<Var> = inputs.iter().map(|t| leaf_on(&mut tape, t, cuda)).collect();
         let y = net(&mut tape, &vars);
         assert_eq!(tape.value(y).is_cuda(), cuda);
         let yt = tape.value(y).to_host();
@@ -383,8 +343,7 @@ fn small_shufflenet_like_chain_matches_cpu() {
 /// GHOSTV3_EMU_FULL=1.
 #[test]
 fn small_models_eval_forward_backward_match_cpu() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(260);
     let opts = ModelOptions {
         num_classes: 10,
@@ -412,27 +371,9 @@ fn small_models_eval_forward_backward_match_cpu() {
                     .unwrap();
             }
             let mut tape = Tape::new();
-            let xin = if cuda {
-                x.to_cuda().unwrap()
-            } else {
-                x.clone()
-            };
-            let xv = tape.leaf(xin, true);
+            let xv = leaf_on(&mut tape, &x, cuda);
             let (y, leaves) = m.forward(&mut tape, xv, Mode::Eval, None);
-            assert_eq!(
-                tape.value(y).is_cuda(),
-                cuda,
-                "{name}: forward on the wrong side"
-            );
-            let yt = tape.value(y).to_host();
-            let grads = tape.backward_with(y, gy.clone());
-            let dx = grads.get(xv).unwrap().to_host();
-            let flat = if cuda {
-                leaves.flat_grads(m.state(), &grads).to_host().into_vec()
-            } else {
-                leaves.flat_grads(m.state(), &grads).into_vec()
-            };
-            (yt, dx, flat)
+            backward_to_host(name, &mut tape, (y, xv), &gy, (&leaves, m.state()), cuda)
         };
         let t = std::time::Instant::now();
         let (y, dx, gp) = run(false);

@@ -12,7 +12,6 @@ mod common;
 
 use common::cuda::*;
 use ghostv3::backend::api::HostStats;
-use ghostv3::backend::cuda::Gpu;
 use ghostv3::backend::cuda::Rep1x1Geom;
 use ghostv3::nn::rep_conv::{RepConv, RepOptions, RepSpec};
 use ghostv3::nn::{Builder, Ctx, Mode, State};
@@ -39,13 +38,6 @@ const CASES: [Case; 8] = [
     // A mean 10x the spread: the covariance must come from the centred input.
     (3, 7, 5, 5, 5, 2, false, 6.0),
 ];
-
-/// The process-wide GPU the dispatching ops run on, with poisoned pools like the test GPU.
-fn global_gpu() -> &'static Gpu {
-    let g = ghostv3::backend::cuda::global().unwrap();
-    g.set_poison(true);
-    g
-}
 
 struct Inputs {
     x: Tensor,
@@ -171,15 +163,9 @@ fn fused_rep_1x1_matches_explicit_branches() {
         };
         let inp = inputs(&mut rng, &c);
         let mut tape = Tape::new();
-        let Explicit {
-            y,
-            stats,
-            x: xv,
-            ws,
-            bns,
-        } = explicit(&mut tape, &inp, &c, |t| t);
-        let yt = tape.value(y).clone();
-        let gr = tape.backward_with(y, inp.gy.clone());
+        let e = explicit(&mut tape, &inp, &c, |t| t);
+        let yt = tape.value(e.y).clone();
+        let gr = tape.backward_with(e.y, inp.gy.clone());
 
         let case = format!("rep_1x1 {n}x{cin}->{cout} {h}x{w} N{nb} id={id} off={off}");
         let (xb, wb, gb, bb, gyb) = (
@@ -191,39 +177,24 @@ fn fused_rep_1x1_matches_explicit_branches() {
         );
         let (yb, saved) = g.rep_1x1_forward(&geom, &xb, &wb, &gb, &bb, EPS).unwrap();
         close(&case, &down(&g, &yb), yt.data(), 5e-4);
-        let (mean, var) = host_stats(&stats);
+        let (mean, var) = host_stats(&e.stats);
         let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
         let gm = f32s(g.download_f64(&saved.mean).unwrap());
         let gv = f32s(g.download_f64(&saved.var).unwrap());
         close(&format!("{case} means"), &gm, &mean, 1e-5);
         close(&format!("{case} vars"), &gv, &var, 1e-5);
         let r = g.rep_1x1_backward(&geom, &wb, &saved, &gyb).unwrap();
-        close(
-            &format!("{case} dx"),
-            &down(&g, &r.dx),
-            &grads_of(&gr, &[xv]),
-            1e-3,
-        );
-        close(
-            &format!("{case} dW"),
-            &down(&g, &r.dw),
-            &grads_of(&gr, &ws),
-            1e-3,
-        );
-        let gammas: Vec<Var> = bns.iter().map(|p| p.0).collect();
-        let betas: Vec<Var> = bns.iter().map(|p| p.1).collect();
-        close(
-            &format!("{case} dgamma"),
-            &down(&g, &r.dgamma),
-            &grads_of(&gr, &gammas),
-            1e-3,
-        );
-        close(
-            &format!("{case} dbeta"),
-            &down(&g, &r.dbeta),
-            &grads_of(&gr, &betas),
-            1e-3,
-        );
+        let gammas: Vec<Var> = e.bns.iter().map(|p| p.0).collect();
+        let betas: Vec<Var> = e.bns.iter().map(|p| p.1).collect();
+        for (what, got, leaves) in [
+            ("dx", &r.dx, &[e.x][..]),
+            ("dW", &r.dw, &e.ws),
+            ("dgamma", &r.dgamma, &gammas),
+            ("dbeta", &r.dbeta, &betas),
+        ] {
+            let want = grads_of(&gr, leaves);
+            close(&format!("{case} {what}"), &down(&g, got), &want, 1e-3);
+        }
     }
 }
 
@@ -231,8 +202,7 @@ fn fused_rep_1x1_matches_explicit_branches() {
 /// device), on the same device leaves: output, statistics, every gradient.
 #[test]
 fn rep_conv_1x1_op_matches_unfused_gpu_path() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(310);
     for c in [CASES[0], CASES[1], CASES[3], CASES[7]] {
         let (n, cin, cout, h, w, nb, id, off) = c;
@@ -320,20 +290,11 @@ fn rep_step(
     }
     let mut tape = Tape::new();
     tape.enable_profile();
-    let xin = if cuda {
-        x.to_cuda().unwrap()
-    } else {
-        x.clone()
-    };
-    let xv = tape.leaf(xin, true);
+    let xv = leaf_on(&mut tape, x, cuda);
     let mut ctx = Ctx::new(&mut tape, &mut st, Mode::Train { dropout: false }, None);
     let y = rc.forward(&mut ctx, xv);
     let leaves = ctx.into_leaves();
-    assert_eq!(
-        tape.value(y).is_cuda(),
-        cuda,
-        "forward ran on the wrong side"
-    );
+    // The forward's ops, before the backward adds its own.
     let ops_run = tape
         .profile()
         .unwrap()
@@ -341,14 +302,7 @@ fn rep_step(
         .keys()
         .map(|s| s.to_string())
         .collect();
-    let yt = tape.value(y).to_host();
-    let grads = tape.backward_with(y, gy.clone());
-    let dx = grads.get(xv).unwrap().to_host();
-    let flat = if cuda {
-        leaves.flat_grads(&st, &grads).to_host().into_vec()
-    } else {
-        leaves.flat_grads(&st, &grads).into_vec()
-    };
+    let (yt, dx, flat) = backward_to_host("rep step", &mut tape, (y, xv), gy, (&leaves, &st), cuda);
     if cuda {
         st = st.to_host().unwrap();
     }
@@ -374,8 +328,7 @@ struct RepStep {
 /// gradient, running statistics, batch counters.
 #[test]
 fn rep_conv_dispatches_1x1_to_the_fused_op() {
-    let Some(_g) = gpu() else { return };
-    global_gpu();
+    let Some(_g) = dispatch_gpu() else { return };
     let mut rng = StdRng::seed_from_u64(320);
     for (cin, cout, branches, identity, s) in [
         (8, 8, 3, true, [2, 8, 7, 9]),

@@ -6,7 +6,7 @@ mod common;
 
 use common::{fixture, rel_err};
 use ghostv3::io::{load_state, read_tensors, TensorData};
-use ghostv3::models::{self, ModelOptions};
+use ghostv3::models::{self, Model, ModelOptions};
 use ghostv3::nn::Mode;
 use ghostv3::{ops, reparam, Tape, Tensor};
 use std::collections::BTreeMap;
@@ -43,16 +43,22 @@ fn input(f: &Fixture) -> Tensor<f32> {
     Tensor::new(s, v.to_vec())
 }
 
-#[test]
-fn train_form_eval_logits_match_timm() {
-    let Some(dir) = fixture(FIXTURE) else { return };
-    let f = load_fixture(&dir);
+/// The fixture's model in train form with timm's train weights, and the options it was built with.
+fn train_model(dir: &Path, f: &Fixture) -> (Model, ModelOptions) {
     let opts = ModelOptions {
         num_classes: f.classes,
         ..Default::default()
     };
     let mut m = models::create(&f.model, &opts).unwrap();
     load_state(m.state_mut(), &dir.join("train.safetensors")).unwrap();
+    (m, opts)
+}
+
+#[test]
+fn train_form_eval_logits_match_timm() {
+    let Some(dir) = fixture(FIXTURE) else { return };
+    let f = load_fixture(&dir);
+    let (mut m, _) = train_model(&dir, &f);
     let y = m.predict(&input(&f));
     let err = rel_err(y.data(), f32s(&f.refs, "logits").1);
     let err64 = rel_err(y.data(), f32s(&f.refs, "logits_f64").1);
@@ -64,12 +70,7 @@ fn train_form_eval_logits_match_timm() {
 fn folded_model_matches_timm_deploy_form() {
     let Some(dir) = fixture(FIXTURE) else { return };
     let f = load_fixture(&dir);
-    let opts = ModelOptions {
-        num_classes: f.classes,
-        ..Default::default()
-    };
-    let mut train = models::create(&f.model, &opts).unwrap();
-    load_state(train.state_mut(), &dir.join("train.safetensors")).unwrap();
+    let (train, opts) = train_model(&dir, &f);
     let mut folded = reparam::fold(&train).unwrap();
 
     // Our folded tensors have exactly timm's deploy names and shapes, and the same values.
@@ -126,12 +127,7 @@ fn folded_model_matches_timm_deploy_form() {
 fn train_step_loss_gradients_and_running_stats_match_timm() {
     let Some(dir) = fixture(FIXTURE) else { return };
     let f = load_fixture(&dir);
-    let opts = ModelOptions {
-        num_classes: f.classes,
-        ..Default::default()
-    };
-    let mut m = models::create(&f.model, &opts).unwrap();
-    load_state(m.state_mut(), &dir.join("train.safetensors")).unwrap();
+    let (mut m, _) = train_model(&dir, &f);
     let labels: Vec<usize> = match &f.refs["labels"] {
         TensorData::I64(_, v) => v.iter().map(|&l| l as usize).collect(),
         other => panic!("labels: {other:?}"),

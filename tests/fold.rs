@@ -2,60 +2,15 @@
 //! form in eval mode gives the train form's eval outputs up to float rounding. Weights and BN
 //! statistics are random and non-trivial (as in make_fixture.py), so every branch matters.
 
-use ghostv3::models::{self, ModelOptions};
-use ghostv3::nn::{Id, RepOptions, State};
+mod common;
+
+use common::randomize_bn;
+use ghostv3::models::{self, Model, ModelOptions};
+use ghostv3::nn::RepOptions;
 use ghostv3::{reparam, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-
-/// BN weight U[0.5,1.5), BN bias 0.2 N(0,1), running_mean 0.1 N(0,1), running_var U[0.5,1.5).
-/// Branch BN weights are divided by `branch_gain`: eval-mode BN does not normalize, so with many
-/// branches at full gain the activations grow like (N+2)^depth and f32 rounding, not the fold,
-/// dominates (a trained network's branches share the load instead).
-fn randomize_bn(state: &mut State, rng: &mut StdRng, branch_gain: f32) {
-    for i in 0..state.params.len() {
-        let name = state.params.entry(Id(i)).name.clone();
-        if state
-            .buffers
-            .find(&name.replace(".weight", ".running_mean"))
-            .is_some()
-            && name.ends_with(".weight")
-        {
-            let g = if name.contains("_rpr_") {
-                branch_gain
-            } else {
-                1.0
-            };
-            state
-                .params
-                .slice_mut(Id(i))
-                .iter_mut()
-                .for_each(|v| *v = rng.random_range(0.5..1.5) / g);
-        } else if state
-            .buffers
-            .find(&name.replace(".bias", ".running_mean"))
-            .is_some()
-            && name.ends_with(".bias")
-        {
-            state
-                .params
-                .slice_mut(Id(i))
-                .iter_mut()
-                .for_each(|v| *v = 0.2 * Distribution::<f32>::sample(&StandardNormal, rng));
-        }
-    }
-    for i in 0..state.buffers.len() {
-        let mean = state.buffers.entry(Id(i)).name.ends_with("running_mean");
-        state.buffers.slice_mut(Id(i)).iter_mut().for_each(|v| {
-            *v = if mean {
-                0.1 * Distribution::<f32>::sample(&StandardNormal, rng)
-            } else {
-                rng.random_range(0.5..1.5)
-            }
-        });
-    }
-}
 
 fn random_input(rng: &mut StdRng, n: usize, size: usize) -> Tensor<f32> {
     Tensor::new(
@@ -120,17 +75,29 @@ fn fold_is_exact_for_every_branch_option() {
     }
 }
 
+/// GhostNetV3 0.5x built in its deploy form (default options otherwise).
+fn deploy_ghostnetv3_050() -> Model {
+    let opts = ModelOptions {
+        deploy: true,
+        ..Default::default()
+    };
+    models::create("ghostnetv3_050", &opts).unwrap()
+}
+
+/// The names and shapes of a model's parameters, in order.
+fn param_shapes(m: &Model) -> Vec<(&String, &Vec<usize>)> {
+    m.state()
+        .params
+        .entries()
+        .iter()
+        .map(|e| (&e.name, &e.shape))
+        .collect()
+}
+
 #[test]
 fn fold_keeps_shapes_of_the_plain_network() {
     // Whatever the training branches, the deploy form is the same network: same tensors, shapes.
-    let plain = models::create(
-        "ghostnetv3_050",
-        &ModelOptions {
-            deploy: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let plain = deploy_ghostnetv3_050();
     for rep in [
         RepOptions::default(),
         RepOptions::none(),
@@ -149,34 +116,13 @@ fn fold_keeps_shapes_of_the_plain_network() {
         )
         .unwrap();
         let folded = reparam::fold(&train).unwrap();
-        let a: Vec<_> = folded
-            .state()
-            .params
-            .entries()
-            .iter()
-            .map(|e| (&e.name, &e.shape))
-            .collect();
-        let b: Vec<_> = plain
-            .state()
-            .params
-            .entries()
-            .iter()
-            .map(|e| (&e.name, &e.shape))
-            .collect();
-        assert_eq!(a, b, "{rep:?}");
+        assert_eq!(param_shapes(&folded), param_shapes(&plain), "{rep:?}");
     }
 }
 
 #[test]
 fn folding_a_deploy_model_is_an_error() {
-    let d = models::create(
-        "ghostnetv3_050",
-        &ModelOptions {
-            deploy: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let d = deploy_ghostnetv3_050();
     let e = format!("{:#}", reparam::fold(&d).err().unwrap());
     assert!(e.contains("already in deploy"), "{e}");
 }
@@ -224,7 +170,7 @@ fn other_models_fold_into_their_plain_form() {
         )
         .unwrap();
         assert!(plain.is_deploy() && plain.form() == "plain form");
-        let names = |m: &ghostv3::models::Model| -> Vec<(String, Vec<usize>)> {
+        let names = |m: &Model| -> Vec<(String, Vec<usize>)> {
             let s = m.state();
             s.params
                 .entries()
@@ -240,7 +186,7 @@ fn other_models_fold_into_their_plain_form() {
         let x = random_input(&mut rng, 2, 64);
         let (yf, yp) = (folded.predict(&x), plain.predict(&x));
         assert_eq!(yf.data(), yp.data(), "{name}: reloaded plain model differs");
-        let params = |m: &ghostv3::models::Model| m.state().params.numel();
+        let params = |m: &Model| m.state().params.numel();
         println!(
             "{name}: train form {} params -> plain {} params, fold rel err {rel:.2e}, {:.1} s",
             params(&train),

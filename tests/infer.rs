@@ -10,55 +10,16 @@
 
 mod common;
 
-use common::rel_err;
+use common::{randomize_bn, rel_err, run_ok, DW_KERNELS};
 use ghostv3::infer::graph::{ConvSpec, Graph, Op};
 use ghostv3::infer::{self, Act, Engine, Isa};
 use ghostv3::models::ghostnet::{GhostNet, GhostNetConfig};
-use ghostv3::nn::{Id, State};
+use ghostv3::nn::Id;
 use ghostv3::ops::{self, Conv2dArgs};
 use ghostv3::{Tape, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-
-/// BN weight U[0.5,1.5) (branch BNs divided by 3, as the branches share the load), bias
-/// 0.2 N(0,1), running mean 0.1 N(0,1), running var U[0.5,1.5).
-fn randomize_bn(state: &mut State, rng: &mut StdRng) {
-    for i in 0..state.params.len() {
-        let name = state.params.entry(Id(i)).name.clone();
-        let is_bn = |suffix: &str| {
-            name.ends_with(suffix)
-                && state
-                    .buffers
-                    .find(&name.replace(suffix, ".running_mean"))
-                    .is_some()
-        };
-        if is_bn(".weight") {
-            let g = if name.contains("_rpr_") { 3.0 } else { 1.0 };
-            state
-                .params
-                .slice_mut(Id(i))
-                .iter_mut()
-                .for_each(|v| *v = rng.random_range(0.5..1.5) / g);
-        } else if is_bn(".bias") {
-            state
-                .params
-                .slice_mut(Id(i))
-                .iter_mut()
-                .for_each(|v| *v = 0.2 * Distribution::<f32>::sample(&StandardNormal, rng));
-        }
-    }
-    for i in 0..state.buffers.len() {
-        let mean = state.buffers.entry(Id(i)).name.ends_with("running_mean");
-        state.buffers.slice_mut(Id(i)).iter_mut().for_each(|v| {
-            *v = if mean {
-                0.1 * Distribution::<f32>::sample(&StandardNormal, rng)
-            } else {
-                rng.random_range(0.5..1.5)
-            }
-        });
-    }
-}
 
 fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| StandardNormal.sample(rng)).collect()
@@ -66,7 +27,8 @@ fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
 
 fn train_form(width: f64, seed: u64) -> GhostNet {
     let mut net = GhostNet::new(GhostNetConfig::new(width, 100), seed).unwrap();
-    randomize_bn(&mut net.state, &mut StdRng::seed_from_u64(seed + 100));
+    // Branch BNs divided by 3, as the branches share the load.
+    randomize_bn(&mut net.state, &mut StdRng::seed_from_u64(seed + 100), 3.0);
     net
 }
 
@@ -138,7 +100,7 @@ fn fast_path_matches_tape_other_models() {
                 ..Default::default()
             };
             let mut m = models::create(name, &opts).unwrap();
-            randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(5));
+            randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(5), 3.0);
             let e = infer::model_engine(&m).unwrap();
             let (n, size) = (2, 97);
             let x = random(&mut StdRng::seed_from_u64(6), n * 3 * size * size);
@@ -233,14 +195,7 @@ fn single_convs_on_every_isa() {
     println!("ISAs here: {:?}", isas);
     assert!(isas.contains(&Isa::Portable));
     for &isa in &isas {
-        for (k, s) in [
-            ((3, 3), 1),
-            ((3, 3), 2),
-            ((5, 5), 1),
-            ((5, 5), 2),
-            ((1, 5), 1),
-            ((5, 1), 1),
-        ] {
+        for (k, s) in DW_KERNELS {
             for c in [4, 12, 20, 36] {
                 for (h, w) in [(9, 13), (3, 3), (2, 7), (16, 16)] {
                     conv_case(&mut rng, isa, 2, c, c, k, s, c, (h, w), Act::Relu);
@@ -286,7 +241,7 @@ fn onnx_export_matches_onnxruntime() {
             ..Default::default()
         };
         let mut m = ghostv3::models::create(name, &opts).unwrap();
-        randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(8));
+        randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(8), 3.0);
         infer::model_engine(&m).unwrap()
     };
     // Width 0: MobileNetV2 (relu6 as Clip); width -1: ShuffleNetV2 (MaxPool, Slice, shuffle as
@@ -309,18 +264,13 @@ fn onnx_export_matches_onnxruntime() {
         let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         let (inp, outp) = (dir.join("x.f32"), dir.join("y.f32"));
         std::fs::write(&inp, xb).unwrap();
-        let o = std::process::Command::new("python3")
+        let mut ort_run = std::process::Command::new("python3");
+        ort_run
             .arg(tool)
             .arg("run")
             .args([&model, &inp, &outp])
-            .args([n, 3, size, size].map(|v| v.to_string()))
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "onnxruntime failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+            .args([n, 3, size, size].map(|v| v.to_string()));
+        run_ok(&mut ort_run, "onnxruntime");
         let yb = std::fs::read(&outp).unwrap();
         let ort: Vec<f32> = yb
             .chunks_exact(4)

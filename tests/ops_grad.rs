@@ -247,39 +247,26 @@ struct ConvCase {
     need: (bool, bool, bool),
 }
 
-/// A case with "same" padding k//2 per axis, square stride, all gradients.
-fn same(
-    x: [usize; 4],
-    cout: usize,
-    k: (usize, usize),
-    stride: usize,
-    groups: usize,
-    bias: bool,
-) -> ConvCase {
+/// A case with "same" padding k//2 per axis, `co` output channels, square stride `s`, `g` groups,
+/// all gradients.
+fn same(x: [usize; 4], co: usize, k: (usize, usize), s: usize, g: usize, bias: bool) -> ConvCase {
     ConvCase {
         x,
-        cout,
+        cout: co,
         k,
-        stride: (stride, stride),
+        stride: (s, s),
         padding: (k.0 / 2, k.1 / 2),
-        groups,
+        groups: g,
         bias,
         need: (true, true, true),
     }
 }
 
-/// A case with zero padding, square stride, all gradients.
-fn valid(
-    x: [usize; 4],
-    cout: usize,
-    k: (usize, usize),
-    stride: usize,
-    groups: usize,
-    bias: bool,
-) -> ConvCase {
+/// `same(..)` with zero padding.
+fn valid(x: [usize; 4], co: usize, k: (usize, usize), s: usize, g: usize, bias: bool) -> ConvCase {
     ConvCase {
         padding: (0, 0),
-        ..same(x, cout, k, stride, groups, bias)
+        ..same(x, co, k, s, g, bias)
     }
 }
 
@@ -377,130 +364,161 @@ fn run_conv_cases(cases: &[ConvCase], seed: u64) {
     );
 }
 
+/// The hand-written conv cases, by the test that runs them: one code path each (`run_path`),
+/// the bases of `conv2d_partial_gradients`, the cases of `conv2d_f32_matches_f64`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Set {
+    Dense,
+    Pointwise,
+    Grouped,
+    Depthwise,
+    Partial,
+    F32,
+}
+use Set::*;
+
+impl Set {
+    /// Whether `g` takes this set's code path: the im2col GEMM (dense and grouped), the
+    /// pointwise GEMM or the depth-wise loop.
+    fn takes_path(self, g: &ConvGeom) -> bool {
+        match self {
+            Dense | Grouped => !g.is_depthwise() && !g.is_pointwise(),
+            Pointwise => g.is_pointwise() && !g.is_depthwise(),
+            Depthwise => g.is_depthwise(),
+            Partial | F32 => unreachable!("{self:?} is not a code path"),
+        }
+    }
+}
+
+impl ConvCase {
+    fn with_padding(self, padding: (usize, usize)) -> Self {
+        ConvCase { padding, ..self }
+    }
+
+    fn with_stride_padding(self, stride: (usize, usize), padding: (usize, usize)) -> Self {
+        ConvCase {
+            stride,
+            padding,
+            ..self
+        }
+    }
+}
+
+/// The cases of one set, in order.
+fn conv_cases(set: Set) -> Vec<ConvCase> {
+    let all = [
+        (Partial, same([3, 4, 7, 9], 6, (3, 3), 1, 2, true)), // grouped im2col
+        (Partial, valid([3, 4, 5, 5], 5, (1, 1), 1, 1, true)), // pointwise
+        (Partial, same([3, 4, 11, 6], 4, (3, 3), 2, 4, true)), // depth-wise
+        (F32, same([3, 4, 7, 9], 6, (3, 3), 1, 1, true)),
+        (F32, valid([3, 8, 11, 6], 16, (1, 1), 1, 1, true)),
+        (F32, same([3, 8, 11, 6], 8, (5, 5), 2, 8, true)),
+        (Dense, same([1, 3, 7, 9], 4, (3, 3), 1, 1, true)),
+        (Dense, same([3, 2, 11, 6], 3, (3, 3), 2, 1, false)),
+        (Dense, valid([2, 3, 5, 5], 2, (3, 3), 1, 1, true)),
+        (Dense, valid([1, 2, 8, 6], 3, (3, 3), 2, 1, true)),
+        (Dense, same([1, 2, 7, 9], 3, (5, 5), 1, 1, true)),
+        (Dense, same([3, 2, 5, 5], 2, (5, 5), 2, 1, false)),
+        (Dense, valid([1, 2, 11, 6], 2, (5, 5), 2, 1, true)),
+        (Dense, same([1, 3, 7, 9], 2, (1, 5), 1, 1, true)),
+        (Dense, same([3, 2, 11, 6], 3, (1, 5), 2, 1, false)),
+        (Dense, same([1, 3, 7, 9], 2, (5, 1), 1, 1, false)),
+        (Dense, same([3, 2, 11, 6], 3, (5, 1), 2, 1, true)),
+        (Dense, valid([1, 2, 7, 9], 3, (1, 5), 1, 1, true)),
+        (Dense, valid([1, 2, 7, 9], 3, (5, 1), 2, 1, true)),
+        // 1x1 through im2col (stride 2 or padding make it not pointwise).
+        (Dense, same([3, 3, 7, 9], 5, (1, 1), 2, 1, true)),
+        (
+            Dense,
+            valid([1, 3, 5, 5], 2, (1, 1), 1, 1, true).with_padding((1, 1)),
+        ),
+        // A single channel: groups == C_in == C_out == 1 is dense, not depth-wise.
+        (Dense, same([2, 1, 7, 9], 1, (3, 3), 1, 1, true)),
+        // Asymmetric stride and padding.
+        (
+            Dense,
+            valid([2, 3, 7, 9], 2, (3, 3), 1, 1, true).with_stride_padding((2, 1), (1, 0)),
+        ),
+        (
+            Dense,
+            valid([1, 2, 5, 11], 3, (3, 5), 1, 1, true).with_stride_padding((1, 2), (0, 2)),
+        ),
+        (Pointwise, valid([3, 4, 7, 9], 5, (1, 1), 1, 1, true)),
+        (Pointwise, valid([1, 3, 11, 6], 2, (1, 1), 1, 1, false)),
+        (Pointwise, valid([3, 4, 5, 5], 6, (1, 1), 1, 2, true)),
+        (Pointwise, valid([1, 6, 7, 9], 3, (1, 1), 1, 3, false)),
+        (Grouped, same([1, 4, 7, 9], 6, (3, 3), 1, 2, true)),
+        (Grouped, same([3, 4, 11, 6], 6, (3, 3), 2, 2, false)),
+        (Grouped, valid([1, 4, 5, 5], 6, (3, 3), 1, 2, true)),
+        (Grouped, same([1, 6, 7, 9], 3, (5, 5), 2, 3, true)),
+        (Grouped, same([1, 4, 7, 9], 6, (1, 5), 1, 2, true)),
+        (Grouped, same([3, 4, 11, 6], 2, (5, 1), 2, 2, true)),
+        // groups == C_in but C_out = 2 C_in (channel multiplier): grouped path, not depth-wise.
+        (Grouped, same([2, 3, 7, 9], 6, (3, 3), 1, 3, true)),
+        (Depthwise, same([1, 3, 7, 9], 3, (3, 3), 1, 3, true)),
+        (Depthwise, same([3, 4, 11, 6], 4, (3, 3), 2, 4, false)),
+        (Depthwise, same([1, 5, 7, 9], 5, (5, 5), 1, 5, false)),
+        (Depthwise, same([3, 2, 5, 5], 2, (5, 5), 2, 2, true)),
+        (Depthwise, same([1, 3, 7, 9], 3, (1, 5), 1, 3, true)),
+        (Depthwise, same([3, 3, 11, 6], 3, (5, 1), 2, 3, true)),
+        (Depthwise, same([1, 3, 7, 9], 3, (5, 1), 1, 3, true)),
+        (Depthwise, same([1, 3, 11, 6], 3, (1, 5), 2, 3, false)),
+        (Depthwise, valid([3, 2, 7, 9], 2, (3, 3), 1, 2, true)),
+        (Depthwise, valid([1, 3, 11, 6], 3, (5, 5), 2, 3, true)),
+        // 1x1 depth-wise (stride 1 and 2) takes the depth-wise loop, not the pointwise GEMM.
+        (Depthwise, valid([3, 4, 5, 5], 4, (1, 1), 1, 4, true)),
+        (Depthwise, same([1, 4, 7, 9], 4, (1, 1), 2, 4, true)),
+        // Feature maps smaller than the padding (GhostNet's last stage at 64x64 inputs): some
+        // kernel taps see no input column at all.
+        (Depthwise, same([2, 3, 1, 1], 3, (5, 5), 1, 3, true)),
+        (Depthwise, same([2, 3, 2, 2], 3, (5, 5), 2, 3, true)),
+        (Depthwise, same([1, 3, 1, 3], 3, (1, 5), 1, 3, true)),
+        (Depthwise, same([1, 3, 2, 1], 3, (5, 1), 1, 3, true)),
+        (
+            Depthwise,
+            valid([2, 3, 7, 9], 3, (3, 3), 1, 3, true).with_stride_padding((2, 1), (0, 1)),
+        ),
+    ];
+    all.into_iter()
+        .filter(|&(s, _)| s == set)
+        .map(|(_, c)| c)
+        .collect()
+}
+
+/// The cases of one code path: each takes it, and passes `check` (seeds from `seed` on).
+fn run_path(set: Set, seed: u64) {
+    let cases = conv_cases(set);
+    for c in &cases {
+        assert!(set.takes_path(&c.geom()), "{c:?}");
+    }
+    run_conv_cases(&cases, seed);
+}
+
 #[test]
 fn conv2d_dense() {
-    let cases = [
-        same([1, 3, 7, 9], 4, (3, 3), 1, 1, true),
-        same([3, 2, 11, 6], 3, (3, 3), 2, 1, false),
-        valid([2, 3, 5, 5], 2, (3, 3), 1, 1, true),
-        valid([1, 2, 8, 6], 3, (3, 3), 2, 1, true),
-        same([1, 2, 7, 9], 3, (5, 5), 1, 1, true),
-        same([3, 2, 5, 5], 2, (5, 5), 2, 1, false),
-        valid([1, 2, 11, 6], 2, (5, 5), 2, 1, true),
-        same([1, 3, 7, 9], 2, (1, 5), 1, 1, true),
-        same([3, 2, 11, 6], 3, (1, 5), 2, 1, false),
-        same([1, 3, 7, 9], 2, (5, 1), 1, 1, false),
-        same([3, 2, 11, 6], 3, (5, 1), 2, 1, true),
-        valid([1, 2, 7, 9], 3, (1, 5), 1, 1, true),
-        valid([1, 2, 7, 9], 3, (5, 1), 2, 1, true),
-        // 1x1 through im2col (stride 2 or padding make it not pointwise).
-        same([3, 3, 7, 9], 5, (1, 1), 2, 1, true),
-        ConvCase {
-            padding: (1, 1),
-            ..valid([1, 3, 5, 5], 2, (1, 1), 1, 1, true)
-        },
-        // A single channel: groups == C_in == C_out == 1 is dense, not depth-wise.
-        same([2, 1, 7, 9], 1, (3, 3), 1, 1, true),
-        // Asymmetric stride and padding.
-        ConvCase {
-            stride: (2, 1),
-            padding: (1, 0),
-            ..valid([2, 3, 7, 9], 2, (3, 3), 1, 1, true)
-        },
-        ConvCase {
-            stride: (1, 2),
-            padding: (0, 2),
-            ..valid([1, 2, 5, 11], 3, (3, 5), 1, 1, true)
-        },
-    ];
-    for c in &cases {
-        assert!(
-            !c.geom().is_depthwise() && !c.geom().is_pointwise(),
-            "{c:?}"
-        );
-    }
-    run_conv_cases(&cases, 100);
+    run_path(Dense, 100);
 }
 
 #[test]
 fn conv2d_pointwise_fast_path() {
-    let cases = [
-        valid([3, 4, 7, 9], 5, (1, 1), 1, 1, true),
-        valid([1, 3, 11, 6], 2, (1, 1), 1, 1, false),
-        valid([3, 4, 5, 5], 6, (1, 1), 1, 2, true),
-        valid([1, 6, 7, 9], 3, (1, 1), 1, 3, false),
-    ];
-    for c in &cases {
-        assert!(c.geom().is_pointwise() && !c.geom().is_depthwise(), "{c:?}");
-    }
-    run_conv_cases(&cases, 200);
+    run_path(Pointwise, 200);
 }
 
 #[test]
 fn conv2d_grouped() {
-    let cases = [
-        same([1, 4, 7, 9], 6, (3, 3), 1, 2, true),
-        same([3, 4, 11, 6], 6, (3, 3), 2, 2, false),
-        valid([1, 4, 5, 5], 6, (3, 3), 1, 2, true),
-        same([1, 6, 7, 9], 3, (5, 5), 2, 3, true),
-        same([1, 4, 7, 9], 6, (1, 5), 1, 2, true),
-        same([3, 4, 11, 6], 2, (5, 1), 2, 2, true),
-        // groups == C_in but C_out = 2 C_in (channel multiplier): grouped path, not depth-wise.
-        same([2, 3, 7, 9], 6, (3, 3), 1, 3, true),
-    ];
-    for c in &cases {
-        assert!(
-            !c.geom().is_depthwise() && !c.geom().is_pointwise(),
-            "{c:?}"
-        );
-    }
-    run_conv_cases(&cases, 300);
+    run_path(Grouped, 300);
 }
 
 #[test]
 fn conv2d_depthwise_fast_path() {
-    let cases = [
-        same([1, 3, 7, 9], 3, (3, 3), 1, 3, true),
-        same([3, 4, 11, 6], 4, (3, 3), 2, 4, false),
-        same([1, 5, 7, 9], 5, (5, 5), 1, 5, false),
-        same([3, 2, 5, 5], 2, (5, 5), 2, 2, true),
-        same([1, 3, 7, 9], 3, (1, 5), 1, 3, true),
-        same([3, 3, 11, 6], 3, (5, 1), 2, 3, true),
-        same([1, 3, 7, 9], 3, (5, 1), 1, 3, true),
-        same([1, 3, 11, 6], 3, (1, 5), 2, 3, false),
-        valid([3, 2, 7, 9], 2, (3, 3), 1, 2, true),
-        valid([1, 3, 11, 6], 3, (5, 5), 2, 3, true),
-        // 1x1 depth-wise (stride 1 and 2) takes the depth-wise loop, not the pointwise GEMM.
-        valid([3, 4, 5, 5], 4, (1, 1), 1, 4, true),
-        same([1, 4, 7, 9], 4, (1, 1), 2, 4, true),
-        // Feature maps smaller than the padding (GhostNet's last stage at 64x64 inputs): some
-        // kernel taps see no input column at all.
-        same([2, 3, 1, 1], 3, (5, 5), 1, 3, true),
-        same([2, 3, 2, 2], 3, (5, 5), 2, 3, true),
-        same([1, 3, 1, 3], 3, (1, 5), 1, 3, true),
-        same([1, 3, 2, 1], 3, (5, 1), 1, 3, true),
-        ConvCase {
-            stride: (2, 1),
-            padding: (0, 1),
-            ..valid([2, 3, 7, 9], 3, (3, 3), 1, 3, true)
-        },
-    ];
-    for c in &cases {
-        assert!(c.geom().is_depthwise(), "{c:?}");
-    }
-    run_conv_cases(&cases, 400);
+    run_path(Depthwise, 400);
 }
 
 /// Only some inputs require a gradient: each backward branch (dx only, dW only, db only) runs.
 #[test]
 fn conv2d_partial_gradients() {
-    let bases = [
-        same([3, 4, 7, 9], 6, (3, 3), 1, 2, true), // grouped im2col
-        valid([3, 4, 5, 5], 5, (1, 1), 1, 1, true), // pointwise
-        same([3, 4, 11, 6], 4, (3, 3), 2, 4, true), // depth-wise
-    ];
     let mut cases = Vec::new();
-    for b in bases {
+    for b in conv_cases(Partial) {
         for need in [
             (true, false, false),
             (false, true, false),
@@ -552,12 +570,7 @@ fn conv2d_random_geometries() {
 /// The f32 path agrees with f64 on dense, pointwise and depth-wise convs (forward and gradients).
 #[test]
 fn conv2d_f32_matches_f64() {
-    let cases = [
-        same([3, 4, 7, 9], 6, (3, 3), 1, 1, true),
-        valid([3, 8, 11, 6], 16, (1, 1), 1, 1, true),
-        same([3, 8, 11, 6], 8, (5, 5), 2, 8, true),
-    ];
-    for (i, c) in cases.iter().enumerate() {
+    for (i, c) in conv_cases(F32).iter().enumerate() {
         let mut r = rng(800 + i as u64);
         let x = rand_t(&mut r, &c.x, -1.0, 1.0);
         let w = rand_t(&mut r, &c.w_shape(), -1.0, 1.0);
@@ -700,27 +713,25 @@ fn batch_norm_train_forward_stats_and_grads() {
             1e-13,
         );
 
+        let bn = |t: &mut Tape<f64>, v: &[Var]| ops::batch_norm_train(t, v[0], v[1], v[2], EPS).0;
         let inputs = [wrt("x", x), wrt("gamma", gamma), wrt("beta", beta)];
-        fd_check(&name, &inputs, |t, v| {
-            ops::batch_norm_train(t, v[0], v[1], v[2], EPS).0
-        });
-        // Only the affine parameters, then only x.
-        let inputs = [
-            constant("x", inputs[0].value.clone()),
-            wrt("gamma", inputs[1].value.clone()),
-            wrt("beta", inputs[2].value.clone()),
-        ];
-        fd_check(&format!("{name} params only"), &inputs, |t, v| {
-            ops::batch_norm_train(t, v[0], v[1], v[2], EPS).0
-        });
-        let inputs = [
-            wrt("x", inputs[0].value.clone()),
-            constant("gamma", inputs[1].value.clone()),
-            constant("beta", inputs[2].value.clone()),
-        ];
-        fd_check(&format!("{name} x only"), &inputs, |t, v| {
-            ops::batch_norm_train(t, v[0], v[1], v[2], EPS).0
-        });
+        fd_check(&name, &inputs, bn);
+        // Only the affine parameters, then only x: (x, gamma, beta) require a gradient or not.
+        for (what, need) in [
+            ("params only", [false, true, true]),
+            ("x only", [true, false, false]),
+        ] {
+            let some: Vec<Input> = inputs
+                .iter()
+                .zip(need)
+                .map(|(i, grad)| Input {
+                    name: i.name,
+                    value: i.value.clone(),
+                    grad,
+                })
+                .collect();
+            fd_check(&format!("{name} {what}"), &some, bn);
+        }
     }
 }
 
@@ -959,17 +970,30 @@ fn concat_channels() {
 // ---------------------------------------------------------------------------------------------
 // pooling and upsampling
 
+/// A one-input pooling op on random [n, c, h, w] inputs drawn in turn from `rng(seed)`: forward
+/// against `naive`, FD gradient.
+fn check_pool(
+    op: &str,
+    seed: u64,
+    shapes: &[[usize; 4]],
+    f: fn(&mut Tape<f64>, Var) -> Var,
+    naive: impl Fn(&Tensor<f64>) -> Tensor<f64>,
+) {
+    let mut r = rng(seed);
+    for s in shapes {
+        let name = format!("{op} [{},{},{},{}]", s[0], s[1], s[2], s[3]);
+        let x = rand_t(&mut r, s, -1.0, 1.0);
+        let want = naive(&x);
+        let (y, _) = fd_check(&name, &[wrt("x", x)], |t, v| f(t, v[0]));
+        assert_fwd(&name, &y, &want);
+    }
+}
+
 #[test]
 fn avg_pool2x2() {
-    let mut r = rng(1700);
-    for (n, c, h, w) in [
-        (2usize, 3usize, 7usize, 9usize),
-        (1, 2, 6, 8),
-        (3, 2, 2, 3),
-        (1, 1, 11, 6),
-    ] {
-        let name = format!("avg_pool2x2 [{n},{c},{h},{w}]");
-        let x = rand_t(&mut r, &[n, c, h, w], -1.0, 1.0);
+    let shapes = [[2, 3, 7, 9], [1, 2, 6, 8], [3, 2, 2, 3], [1, 1, 11, 6]];
+    check_pool("avg_pool2x2", 1700, &shapes, ops::avg_pool2x2, |x| {
+        let (n, c, h, w) = x.dims4();
         let (ho, wo) = (h / 2, w / 2);
         let mut want = vec![0.0; n * c * ho * wo];
         for nc in 0..n * c {
@@ -985,10 +1009,8 @@ fn avg_pool2x2() {
                 }
             }
         }
-        let want = Tensor::new(&[n, c, ho, wo], want);
-        let (y, _) = fd_check(&name, &[wrt("x", x)], |t, v| ops::avg_pool2x2(t, v[0]));
-        assert_fwd(&name, &y, &want);
-    }
+        Tensor::new(&[n, c, ho, wo], want)
+    });
 }
 
 #[test]
@@ -1001,25 +1023,24 @@ fn avg_pool2x2_odd_shape() {
 
 #[test]
 fn global_avg_pool() {
-    let mut r = rng(1800);
-    for (n, c, h, w) in [
-        (3usize, 4usize, 5usize, 7usize),
-        (1, 3, 1, 1),
-        (2, 2, 11, 6),
-    ] {
-        let name = format!("global_avg_pool [{n},{c},{h},{w}]");
-        let x = rand_t(&mut r, &[n, c, h, w], -1.0, 1.0);
-        let want = Tensor::new(
-            &[n, c, 1, 1],
-            (0..n * c)
-                .map(|nc| {
-                    x.data()[nc * h * w..(nc + 1) * h * w].iter().sum::<f64>() / (h * w) as f64
-                })
-                .collect(),
-        );
-        let (y, _) = fd_check(&name, &[wrt("x", x)], |t, v| ops::global_avg_pool(t, v[0]));
-        assert_fwd(&name, &y, &want);
-    }
+    let shapes = [[3, 4, 5, 7], [1, 3, 1, 1], [2, 2, 11, 6]];
+    check_pool(
+        "global_avg_pool",
+        1800,
+        &shapes,
+        ops::global_avg_pool,
+        |x| {
+            let (n, c, h, w) = x.dims4();
+            Tensor::new(
+                &[n, c, 1, 1],
+                (0..n * c)
+                    .map(|nc| {
+                        x.data()[nc * h * w..(nc + 1) * h * w].iter().sum::<f64>() / (h * w) as f64
+                    })
+                    .collect(),
+            )
+        },
+    );
 }
 
 /// PyTorch's `nearest_idx` (aten/src/ATen/native/UpSample.h) transcribed: identity for equal sizes,
@@ -1233,6 +1254,16 @@ fn naive_soft_ce(z: &Tensor<f64>, q: &Tensor<f64>) -> f64 {
         / n as f64
 }
 
+/// Asserts the scalar loss `y` equals its closed form `want` to 1e-13 relative.
+fn assert_loss(name: &str, y: &Tensor<f64>, want: f64) {
+    let got = y.data()[0];
+    println!("{name}: loss {got:.6} closed form {want:.6}");
+    assert!(
+        (got - want).abs() <= 1e-13 * (1.0 + want.abs()),
+        "{name}: loss {got} vs {want}"
+    );
+}
+
 #[test]
 fn cross_entropy_hard_labels() {
     let mut r = rng(2300);
@@ -1253,12 +1284,7 @@ fn cross_entropy_hard_labels() {
             ops::cross_entropy(t, v[0], &labels, e)
         });
         assert_eq!(y.numel(), 1);
-        println!("{name}: loss {:.6} closed form {want:.6}", y.data()[0]);
-        assert!(
-            (y.data()[0] - want).abs() <= 1e-13 * (1.0 + want.abs()),
-            "{name}: loss {} vs {want}",
-            y.data()[0]
-        );
+        assert_loss(&name, &y, want);
 
         // The analytic gradient is also (softmax(z) - q) / N.
         let mut t = Tape::<f64>::new();
@@ -1316,11 +1342,7 @@ fn cross_entropy_soft_targets() {
         let (y, _) = fd_check(name, &[wrt("logits", z.clone())], |t, v| {
             ops::cross_entropy_soft(t, v[0], &q)
         });
-        println!("{name}: loss {:.6} closed form {want:.6}", y.data()[0]);
-        assert!(
-            (y.data()[0] - want).abs() <= 1e-13 * (1.0 + want.abs()),
-            "{name}"
-        );
+        assert_loss(name, &y, want);
     }
 }
 
@@ -1357,13 +1379,8 @@ fn kd_loss() {
         let (y, _) = fd_check(&name, &[wrt("student", zs.clone())], |t, v| {
             ops::kd_loss(t, v[0], &zt, temp)
         });
-        println!("{name}: loss {:.6} closed form {want:.6}", y.data()[0]);
         assert!(want > 0.0);
-        assert!(
-            (y.data()[0] - want).abs() <= 1e-13 * (1.0 + want.abs()),
-            "{name}: {} vs {want}",
-            y.data()[0]
-        );
+        assert_loss(&name, &y, want);
 
         // Zero loss and zero gradient when the teacher equals the student.
         let mut t = Tape::<f64>::new();

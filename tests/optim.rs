@@ -210,17 +210,20 @@ fn optimizer_config_from_toml() {
 // ---------------------------------------------------------------------------------------------
 // LAMB
 
+/// LAMB on the tiny layout with `weight_decay` and the other options at their defaults.
+fn lamb(weight_decay: f64) -> Lamb {
+    let o = LambOptions {
+        weight_decay,
+        ..Default::default()
+    };
+    Lamb::new(tiny_layout(), o)
+}
+
 /// Step 1 with clipping (global norm 5 > 1), step 2 with the same gradient.
 #[test]
 fn lamb_two_steps_clip_trust_and_no_decay_bias() {
     let (lr, wd) = (0.1, 0.1);
-    let mut opt = Lamb::new(
-        tiny_layout(),
-        LambOptions {
-            weight_decay: wd,
-            ..Default::default()
-        },
-    );
+    let mut opt = lamb(wd);
     let p0 = [1.0, 2.0, 2.0, 4.0, 3.0, 4.0];
     let mut p = to_f32(&p0);
     // The bias gradient is tiny so that the global norm stays ~5: clip = 5, g' = g / 5.
@@ -231,7 +234,12 @@ fn lamb_two_steps_clip_trust_and_no_decay_bias() {
     step(&mut opt, &mut p, &g0, lr);
     // Clipping shows in the first moment: exp_avg = (1 - b1) * g / clip.
     let m1: Vec<f64> = gc.iter().map(|g| (1.0 - B1) * g).collect();
-    assert_close("exp_avg step 1", opt.exp_avg().data(), &m1, 1e-6);
+    assert_close(
+        "exp_avg step 1",
+        opt.moment("exp_avg").unwrap().data(),
+        &m1,
+        1e-6,
+    );
 
     // w: update = g'/(|g'|+eps) + wd * p, trust = ||p|| / ||update|| (||p|| = 5).
     let u: Vec<f64> = (0..4).map(|i| dir1(gc[i], LAMB_EPS) + wd * p0[i]).collect();
@@ -258,13 +266,7 @@ fn lamb_two_steps_clip_trust_and_no_decay_bias() {
 #[test]
 fn lamb_no_clip_then_zero_gradient() {
     let (lr, wd) = (0.05, 0.2);
-    let mut opt = Lamb::new(
-        tiny_layout(),
-        LambOptions {
-            weight_decay: wd,
-            ..Default::default()
-        },
-    );
+    let mut opt = lamb(wd);
     let p0 = [0.5, -1.0, 0.0, 1.5, 2.0, -2.0];
     let g = [0.3, 0.0, 0.0, 0.0, 0.0, -0.4]; // ||g|| = 0.5
     let mut p: Vec<f32> = p0.iter().map(|&v| v as f32).collect();
@@ -272,7 +274,7 @@ fn lamb_no_clip_then_zero_gradient() {
     step(&mut opt, &mut p, &gf, lr);
     assert_close(
         "exp_avg unclipped",
-        opt.exp_avg().data(),
+        opt.moment("exp_avg").unwrap().data(),
         &g.map(|g| (1.0 - B1) * g),
         1e-6,
     );
@@ -335,13 +337,7 @@ fn lamb_zero_norms_give_trust_one() {
 #[test]
 fn lamb_without_weight_decay_is_bias_corrected_adam() {
     let lr = 0.01;
-    let mut opt = Lamb::new(
-        tiny_layout(),
-        LambOptions {
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    );
+    let mut opt = lamb(0.0);
     let mut p = [10.0f32, 10.0, 10.0, 10.0, 10.0, 10.0];
     let g = [0.1f32, -0.2, 0.3, -0.4, 0.5, 0.0]; // ||g|| < 1: no clip
     step(&mut opt, &mut p, &g, lr);
@@ -374,24 +370,24 @@ fn adamw_two_steps_decoupled_decay_and_clip() {
     let mut p: Vec<f32> = p0.iter().map(|&v| v as f32).collect();
     let gf: Vec<f32> = g.iter().map(|&v| v as f32).collect();
 
+    // w: p * (1 - lr wd) - lr * dir(g'); b: no decay.
+    let update = |p: &[f64], dir: fn(f64, f64) -> f64| -> Vec<f64> {
+        (0..6)
+            .map(|i| {
+                let d = if i < 4 { 1.0 - lr * wd } else { 1.0 };
+                p[i] * d - lr * dir(gc[i], ADAM_EPS)
+            })
+            .collect()
+    };
+
+    // Step 1: direction g'/(|g'| + eps).
     step(&mut opt, &mut p, &gf, lr);
-    // w: p * (1 - lr wd) - lr * g'/(|g'| + eps); b: no decay.
-    let p1: Vec<f64> = (0..6)
-        .map(|i| {
-            let d = if i < 4 { 1.0 - lr * wd } else { 1.0 };
-            p0[i] * d - lr * dir1(gc[i], ADAM_EPS)
-        })
-        .collect();
+    let p1 = update(&p0, dir1);
     assert_close("adamw step 1", &p, &p1, 1e-6);
 
     // Step 2 with a zero gradient: no clipping (norm 0), decay again, momentum-only direction.
     step(&mut opt, &mut p, &[0.0; 6], lr);
-    let p2: Vec<f64> = (0..6)
-        .map(|i| {
-            let d = if i < 4 { 1.0 - lr * wd } else { 1.0 };
-            p1[i] * d - lr * dir2_zero(gc[i], ADAM_EPS)
-        })
-        .collect();
+    let p2 = update(&p1, dir2_zero);
     assert_close("adamw step 2", &p, &p2, 1e-6);
 }
 
@@ -520,12 +516,42 @@ fn global_norm(g: &[f64]) -> f64 {
     norm(g)
 }
 
+/// torch's clip_grad_norm_ coefficient: min(max / (||g|| + 1e-6), 1), 1 without clipping.
+fn torch_clip_coef(max_grad_norm: Option<f64>, g: &[f64]) -> f64 {
+    max_grad_norm.map_or(1.0, |max| (max / (global_norm(g) + 1e-6)).min(1.0))
+}
+
+/// Adam's moments of the f64 references, per element.
+struct Moments {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    betas: (f64, f64),
+}
+
+impl Moments {
+    fn new(n: usize, betas: (f64, f64)) -> Self {
+        Moments {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            betas,
+        }
+    }
+
+    /// Updates element `i` with gradient `g` at step `t` (from 1); returns the bias-corrected
+    /// (m^, sqrt(v^)).
+    fn update(&mut self, i: usize, g: f64, t: f64) -> (f64, f64) {
+        let (b1, b2) = self.betas;
+        let (m, v) = (&mut self.m[i], &mut self.v[i]);
+        *m = b1 * *m + (1.0 - b1) * g;
+        *v = b2 * *v + (1.0 - b2) * g * g;
+        (*m / (1.0 - b1.powf(t)), (*v / (1.0 - b2.powf(t))).sqrt())
+    }
+}
+
 /// Independent LAMB in f64, tensor by tensor, from timm/optim/lamb.py.
 fn lamb_reference(layout: &Layout, o: &LambOptions, run: &Run) -> Vec<f64> {
     let mut p = run.p0.clone();
-    let n = p.len();
-    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
-    let (b1, b2) = o.betas;
+    let mut adam = Moments::new(p.len(), o.betas);
     for (step, (g, &lr)) in run.grads.iter().zip(&run.lrs).enumerate() {
         let t = (step + 1) as f64;
         let clip = match o.max_grad_norm {
@@ -537,11 +563,7 @@ fn lamb_reference(layout: &Layout, o: &LambOptions, run: &Run) -> Vec<f64> {
             let wd = if e.decay { o.weight_decay } else { 0.0 };
             let mut upd = vec![0.0; e.len];
             for (k, i) in r.clone().enumerate() {
-                let gi = g[i] / clip;
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                let mh = m[i] / (1.0 - b1.powf(t));
-                let vh = (v[i] / (1.0 - b2.powf(t))).sqrt();
+                let (mh, vh) = adam.update(i, g[i] / clip, t);
                 upd[k] = mh / (vh + o.eps) + wd * p[i];
             }
             let trust = if wd != 0.0 {
@@ -564,23 +586,15 @@ fn lamb_reference(layout: &Layout, o: &LambOptions, run: &Run) -> Vec<f64> {
 
 fn adamw_reference(layout: &Layout, o: &AdamWOptions, run: &Run) -> Vec<f64> {
     let mut p = run.p0.clone();
-    let n = p.len();
-    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
-    let (b1, b2) = o.betas;
+    let mut adam = Moments::new(p.len(), o.betas);
     for (step, (g, &lr)) in run.grads.iter().zip(&run.lrs).enumerate() {
         let t = (step + 1) as f64;
-        let c = o
-            .max_grad_norm
-            .map_or(1.0, |max| (max / (global_norm(g) + 1e-6)).min(1.0));
+        let c = torch_clip_coef(o.max_grad_norm, g);
         for e in layout.entries() {
             let wd = if e.decay { o.weight_decay } else { 0.0 };
             for i in e.offset..e.offset + e.len {
-                let gi = g[i] * c;
                 p[i] *= 1.0 - lr * wd;
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                let mh = m[i] / (1.0 - b1.powf(t));
-                let vh = (v[i] / (1.0 - b2.powf(t))).sqrt();
+                let (mh, vh) = adam.update(i, g[i] * c, t);
                 p[i] -= lr * mh / (vh + o.eps);
             }
         }
@@ -592,9 +606,7 @@ fn sgd_reference(layout: &Layout, o: &SgdOptions, run: &Run) -> Vec<f64> {
     let mut p = run.p0.clone();
     let mut buf: Vec<Option<f64>> = vec![None; p.len()];
     for (g, &lr) in run.grads.iter().zip(&run.lrs) {
-        let c = o
-            .max_grad_norm
-            .map_or(1.0, |max| (max / (global_norm(g) + 1e-6)).min(1.0));
+        let c = torch_clip_coef(o.max_grad_norm, g);
         for e in layout.entries() {
             let wd = if e.decay { o.weight_decay } else { 0.0 };
             for i in e.offset..e.offset + e.len {
@@ -768,7 +780,12 @@ fn load_state_errors_name_the_buffer() {
     assert!(fresh.load_state(&bad_step).is_err());
     // Nothing was loaded by the failed attempts.
     assert_eq!(fresh.steps(), 0);
-    assert!(fresh.exp_avg().data().iter().all(|&v| v == 0.0));
+    assert!(fresh
+        .moment("exp_avg")
+        .unwrap()
+        .data()
+        .iter()
+        .all(|&v| v == 0.0));
 
     // Step counters beyond f32's 2^24 survive the round trip exactly.
     let big = vec![
@@ -861,22 +878,20 @@ fn bit_cases() -> Vec<OptimizerConfig> {
         nesterov: Some(n),
         ..c(sgd, wd, clip)
     };
+    // Betas (0.8, 0.99) and another eps.
+    let other_betas = |kind, eps: f64, wd, clip| OptimizerConfig {
+        betas: Some((0.8, 0.99)),
+        eps: Some(eps),
+        ..c(kind, wd, clip)
+    };
     vec![
         c(lamb, 0.05, Some(1.0)),
         c(lamb, 0.05, None),
-        OptimizerConfig {
-            betas: Some((0.8, 0.99)),
-            eps: Some(1e-5),
-            ..c(lamb, 0.0, Some(1.0))
-        },
+        other_betas(lamb, 1e-5, 0.0, Some(1.0)),
         c(lamb, 0.01, Some(50.0)),
         c(adamw, 0.05, Some(1.0)),
         c(adamw, 0.05, None),
-        OptimizerConfig {
-            betas: Some((0.8, 0.99)),
-            eps: Some(1e-6),
-            ..c(adamw, 0.0, Some(50.0))
-        },
+        other_betas(adamw, 1e-6, 0.0, Some(50.0)),
         c(sgd, 0.0, None),
         sgd_with(0.9, false, 0.05, Some(1.0)),
         sgd_with(0.8, true, 1e-4, Some(50.0)),

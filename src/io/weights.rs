@@ -155,6 +155,33 @@ pub fn load_state(state: &mut State, path: &Path) -> Result<()> {
     load_state_from(state, &tensors, &path.display().to_string())
 }
 
+/// No trained weight comes near this magnitude; a value past it (3e38, an edited 1e30) would
+/// overflow to Inf within a few layers, so it is refused at load like NaN.
+pub const MAX_ABS_WEIGHT: f32 = 1e20;
+
+/// Why the values of tensor `name` cannot be a model's (None when they can).
+fn implausible(name: &str, vals: &[f32]) -> Option<String> {
+    let bad = |pred: &dyn Fn(f32) -> bool| vals.iter().position(|&x| pred(x));
+    if let Some(i) = bad(&|x| !x.is_finite()) {
+        return Some(format!("holds NaN or Inf ({} at element {i})", vals[i]));
+    }
+    if let Some(i) = bad(&|x| x.abs() > MAX_ABS_WEIGHT) {
+        return Some(format!(
+            "holds {:e} at element {i} (over {MAX_ABS_WEIGHT:e}: not a trained weight)",
+            vals[i]
+        ));
+    }
+    if name.ends_with("running_var") {
+        if let Some(i) = bad(&|x| x < 0.0) {
+            return Some(format!(
+                "a variance of {} at element {i} (negative)",
+                vals[i]
+            ));
+        }
+    }
+    None
+}
+
 /// Loads named tensors (timm or official names) into `state`, all or nothing; `origin` names the
 /// source in errors.
 pub fn load_state_from(
@@ -183,12 +210,10 @@ pub fn load_state_from(
                     t.shape(),
                     e.shape
                 )),
-                Some(TensorData::F32(_, vals)) if vals.iter().all(|x| x.is_finite()) => {
-                    planned.push((is_param, i, vals))
-                }
-                Some(TensorData::F32(..)) => {
-                    errors.push(format!("tensor {} holds NaN or Inf", e.name))
-                }
+                Some(TensorData::F32(_, vals)) => match implausible(&e.name, vals) {
+                    None => planned.push((is_param, i, vals)),
+                    Some(why) => errors.push(format!("tensor {}: {why}", e.name)),
+                },
                 Some(TensorData::I64(..)) => {
                     errors.push(format!("tensor {}: integer dtype, expected float", e.name))
                 }

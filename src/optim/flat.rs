@@ -125,6 +125,19 @@ impl<R: Rule> Optimizer for Flat<R> {
         expected.push(("step", 2));
         let b = match_state(R::NAME, state, &expected)?;
         let (step, moments) = b.split_last().expect("the step is expected");
+        for (name, v) in self.opts.moments().iter().zip(moments) {
+            // A second moment is a mean of squares: a negative one (an edited file) gives NaN.
+            let bad = v
+                .iter()
+                .position(|x| !x.is_finite() || (name.ends_with("_sq") && *x < 0.0));
+            if let Some(i) = bad {
+                anyhow::bail!(
+                    "{} state: buffer `{name}` holds {} at element {i}",
+                    R::NAME,
+                    v[i]
+                );
+            }
+        }
         self.step = decode_step("step", step)?;
         self.moments = moments.iter().map(|v| host(v)).collect();
         Ok(())

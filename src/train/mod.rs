@@ -15,6 +15,8 @@
 //! can resume on either device.
 
 pub mod config;
+pub mod guard;
+pub mod run_dir;
 pub mod step;
 
 use crate::data::{self, Batch, Cifar10, Dataset, ImageFolder, Loader, Mixup, Subset, Synthetic};
@@ -28,6 +30,7 @@ use crate::{reparam, Tensor};
 use anyhow::{bail, ensure, Context, Result};
 use config::{DatasetKind, TrainConfig};
 use rand::rngs::StdRng;
+use run_dir::RunLock;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -75,6 +78,8 @@ pub struct Trainer {
     pub epoch: usize,
     best_top1: f64,
     pub quiet: bool,
+    /// This trainer is the run directory's one writer while it lives.
+    _lock: Option<RunLock>,
 }
 
 /// One training step's batch besides its images: the step index, the (soft) targets (None for a
@@ -143,11 +148,17 @@ impl Trainer {
                 run_dir.display()
             );
         }
+        if run_dir.exists() {
+            run_dir::check_fresh(run_dir)?;
+        }
         // Everything that can fail on the recipe fails before the run directory exists.
         let mut t = Self::build(cfg, run_dir)?;
         t.move_to_device()?;
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        t._lock = Some(RunLock::acquire(run_dir)?);
+        // Checked again under the lock: another trainer may have started meanwhile.
+        run_dir::check_fresh(run_dir)?;
         crate::io::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml()?.as_bytes())?;
         Ok(t)
     }
@@ -156,7 +167,9 @@ impl Trainer {
     /// position, epoch and random streams. `sets` may override the stored recipe (e.g. epochs).
     pub fn resume(run_dir: &Path, sets: &[String]) -> Result<Self> {
         let cfg = TrainConfig::load(&run_dir.join("config.toml"), sets)?;
+        let lock = RunLock::acquire(run_dir)?;
         let mut t = Self::build(cfg, run_dir)?;
+        t._lock = Some(lock);
         let path = run_dir.join(CHECKPOINT);
         let bytes = std::fs::read(&path)
             .with_context(|| format!("no checkpoint to resume: {}", path.display()))?;
@@ -195,6 +208,19 @@ impl Trainer {
         }
         t.epoch = info["epoch"].as_u64().context("epoch")? as usize;
         t.best_top1 = info["best_top1"].as_f64().unwrap_or(0.0);
+        for f in run_dir::remove_leftovers(run_dir)? {
+            eprintln!(
+                "note: removed {}, left by an interrupted write",
+                f.display()
+            );
+        }
+        let dropped = run_dir::truncate_metrics(run_dir, t.epoch)?;
+        if dropped > 0 {
+            eprintln!(
+                "note: dropped {dropped} metrics.jsonl line(s) past the checkpoint (epoch {})",
+                t.epoch
+            );
+        }
         t.move_to_device()?;
         Ok(t)
     }
@@ -304,6 +330,7 @@ impl Trainer {
             epoch: 0,
             best_top1: -1.0,
             quiet: false,
+            _lock: None,
         })
     }
 
@@ -372,6 +399,8 @@ impl Trainer {
         let t0 = Instant::now();
         let (train_loss, images, skipped, lr) = self.train_epoch(epoch)?;
         let train_s = t0.elapsed().as_secs_f64();
+        self.check_finite()
+            .map_err(|e| self.stopped(&format!("after epoch {}: {e}", epoch + 1)))?;
         let (top1, top5, val_loss) = evaluate(&mut self.model, &self.val_loader)?;
         let (ema_top1, ema_top5) = match (self.update.ema_tensors(), self.ema_model.as_mut()) {
             (Some((p, b)), Some(em)) => {
@@ -502,14 +531,15 @@ impl Trainer {
                 .schedule
                 .lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
             let loss = self.train_step(&batch_images, &targets, epoch, step, lr)?;
+            let at = format!("at epoch {} step {step} (lr {lr:.3e})", epoch + 1);
             if !loss.is_finite() {
-                bail!(
-                    "the loss became {loss} at epoch {} step {step} (lr {lr:.3e}); stopping. The last good \
-                     checkpoint is {} (after epoch {})",
-                    epoch + 1,
-                    self.run_dir.join(CHECKPOINT).display(),
-                    self.epoch
-                );
+                return Err(self.stopped(&format!("the loss became {loss} {at}")));
+            }
+            // On the host the parameters are checked after every step (a pass over them costs
+            // little next to the step); a device run is checked once per epoch, before saving.
+            if self.cfg.train.device == Device::Cpu {
+                guard::check_state(self.model.state(), "model")
+                    .map_err(|e| self.stopped(&format!("{e} {at}")))?;
             }
             loss_sum += loss * batch_len as f64;
             images += batch_len;
@@ -522,6 +552,26 @@ impl Trainer {
         bar.finish_and_clear();
         ensure!(images > 0, "epoch {} saw no images", epoch + 1);
         Ok((loss_sum / images as f64, images, skipped, lr))
+    }
+
+    /// The error that stops a run, pointing at what can be resumed.
+    fn stopped(&self, why: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{why}; stopping, nothing of this epoch was saved. The last good checkpoint is {} \
+             (after epoch {})",
+            self.run_dir.join(CHECKPOINT).display(),
+            self.epoch
+        )
+    }
+
+    /// The finite-state guard over everything a checkpoint holds.
+    fn check_finite(&self) -> Result<()> {
+        guard::check_state(&self.model.state().to_host()?, "model")?;
+        guard::check_buffers(self.update.optimizer.name(), &self.update.optimizer.state())?;
+        if let Some(ema) = &self.update.ema {
+            guard::check_buffers("EMA", &ema.state())?;
+        }
+        Ok(())
     }
 
     fn mixup(&self, num_classes: usize) -> Option<Mixup> {

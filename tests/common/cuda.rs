@@ -6,10 +6,11 @@
 //! summation orders (the GPU reduces statistics in f64).
 
 use ghostv3::backend::cuda::{unavailable_reason, DBuf, Gpu};
+use ghostv3::nn::{ParamLeaves, State};
 use ghostv3::{Tape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 pub const TOL: f64 = 2e-4;
 
@@ -35,6 +36,47 @@ pub fn gpu() -> Option<std::sync::MutexGuard<'static, Gpu>> {
             None
         }
     }
+}
+
+/// For the tests of ops dispatched through the tape: the test GPU as `gpu()` gives it, and the
+/// process-wide GPU those ops run on made to poison its pools like the test GPU.
+pub fn dispatch_gpu() -> Option<MutexGuard<'static, Gpu>> {
+    let g = gpu()?;
+    ghostv3::backend::cuda::global().unwrap().set_poison(true);
+    Some(g)
+}
+
+/// `x` as a tape leaf that requires a gradient: a device copy when `cuda`.
+pub fn leaf_on(tape: &mut Tape, x: &Tensor, cuda: bool) -> Var {
+    let x = if cuda {
+        x.to_cuda().unwrap()
+    } else {
+        x.clone()
+    };
+    tape.leaf(x, true)
+}
+
+/// The end of a forward + backward on one side (the device when `cuda`): checks that the output
+/// `y` is on that side, backpropagates `gy` and returns, on the host, the output, the gradient
+/// of the input leaf `xv` and the flat parameter gradient of `state`'s `leaves`.
+pub fn backward_to_host(
+    what: &str,
+    tape: &mut Tape,
+    (y, xv): (Var, Var),
+    gy: &Tensor,
+    (leaves, state): (&ParamLeaves, &State),
+    cuda: bool,
+) -> (Tensor, Tensor, Vec<f32>) {
+    assert_eq!(
+        tape.value(y).is_cuda(),
+        cuda,
+        "{what}: forward ran on the wrong side"
+    );
+    let yt = tape.value(y).to_host();
+    let grads = tape.backward_with(y, gy.clone());
+    let dx = grads.get(xv).unwrap().to_host();
+    let flat = leaves.flat_grads(state, &grads).to_host().into_vec();
+    (yt, dx, flat)
 }
 
 pub fn rand_vec(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -92,28 +134,34 @@ pub fn cpu_unary(
 /// A model's state with random BN affine parameters and running statistics (the builder's are
 /// 1, 0, 0, 1), so that every BN term matters.
 pub fn randomize_bns(state: &mut ghostv3::nn::State, rng: &mut StdRng) {
-    use rand::Rng;
-    let entries = state.params.entries().to_vec();
-    for e in entries.iter().filter(|e| e.shape.len() == 1) {
-        let id = state.params.find(&e.name).unwrap();
-        let (lo, hi) = if e.name.ends_with(".weight") {
-            (0.5, 1.5)
+    // The 1-D parameters: weights U[0.5, 1.5), biases U[-0.5, 0.5).
+    randomize_entries(
+        &mut state.params,
+        rng,
+        |e| e.shape.len() == 1,
+        (".weight", 1.5),
+    );
+    // Every buffer: running_var U[0.5, 2.0), running_mean U[-0.5, 0.5).
+    randomize_entries(&mut state.buffers, rng, |_| true, ("running_var", 2.0));
+}
+
+/// Redraws the entries of `store` that `pick` selects, in order: those named `*suffix` from
+/// U[0.5, hi), the others from U[-0.5, 0.5).
+fn randomize_entries(
+    store: &mut ghostv3::nn::FlatStore,
+    rng: &mut StdRng,
+    pick: fn(&ghostv3::nn::params::Entry) -> bool,
+    (suffix, hi): (&str, f32),
+) {
+    let entries = store.entries().to_vec();
+    for e in entries.iter().filter(|e| pick(e)) {
+        let id = store.find(&e.name).unwrap();
+        let (lo, hi) = if e.name.ends_with(suffix) {
+            (0.5, hi)
         } else {
             (-0.5, 0.5)
         };
-        for v in state.params.slice_mut(id) {
-            *v = rng.random_range(lo..hi);
-        }
-    }
-    let entries = state.buffers.entries().to_vec();
-    for e in &entries {
-        let id = state.buffers.find(&e.name).unwrap();
-        let (lo, hi) = if e.name.ends_with("running_var") {
-            (0.5, 2.0)
-        } else {
-            (-0.5, 0.5)
-        };
-        for v in state.buffers.slice_mut(id) {
+        for v in store.slice_mut(id) {
             *v = rng.random_range(lo..hi);
         }
     }
@@ -163,14 +211,10 @@ pub fn run_on_emulator(slow: &[&str]) {
         slow
     };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let build = std::process::Command::new("bash")
-        .arg(root.join("cuda/emu/build.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "building the CUDA emulator failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
+    let mut build = std::process::Command::new("bash");
+    super::run_ok(
+        build.arg(root.join("cuda/emu/build.sh")),
+        "building the CUDA emulator",
     );
     let emu = root.join("target/cuda-emu");
     let nvrtc_dir = nvrtc.parent().unwrap();

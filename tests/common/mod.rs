@@ -1,6 +1,11 @@
-//! Shared helpers for the integration tests: where the timm fixtures are.
+//! Shared helpers for the integration tests: where the timm fixtures are, random BN
+//! statistics, the relative error measure and the depth-wise conv geometries.
 #![allow(dead_code)]
 
+use ghostv3::nn::{Id, State};
+use rand::rngs::StdRng;
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
 use std::path::PathBuf;
 
 pub mod cuda;
@@ -27,6 +32,17 @@ pub fn fixture(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// Runs `cmd` and asserts it succeeded (its stderr in the message); returns its output.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// max|a - b| / max|b|: the relative error measure of the issue.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
@@ -36,4 +52,60 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
     let s = b.iter().fold(0.0f64, |m, y| m.max((*y as f64).abs()));
     d / s.max(1e-30)
+}
+
+/// (kernel, stride) of the depth-wise convs the GhostNets use: 3x3 and 5x5 at stride 1 and 2,
+/// DFC's 1x5 and 5x1 at stride 1.
+pub const DW_KERNELS: [((usize, usize), usize); 6] = [
+    ((3, 3), 1),
+    ((3, 3), 2),
+    ((5, 5), 1),
+    ((5, 5), 2),
+    ((1, 5), 1),
+    ((5, 1), 1),
+];
+
+/// BN weight U[0.5,1.5), BN bias 0.2 N(0,1), running_mean 0.1 N(0,1), running_var U[0.5,1.5).
+/// Branch (`_rpr_`) BN weights are divided by `branch_gain`: eval-mode BN does not normalize, so
+/// with many branches at full gain the activations grow like (N+2)^depth and f32 rounding
+/// dominates (a trained network's branches share the load instead).
+pub fn randomize_bn(state: &mut State, rng: &mut StdRng, branch_gain: f32) {
+    for i in 0..state.params.len() {
+        let name = state.params.entry(Id(i)).name.clone();
+        let is_bn = |suffix: &str| {
+            name.ends_with(suffix)
+                && state
+                    .buffers
+                    .find(&name.replace(suffix, ".running_mean"))
+                    .is_some()
+        };
+        if is_bn(".weight") {
+            let g = if name.contains("_rpr_") {
+                branch_gain
+            } else {
+                1.0
+            };
+            state
+                .params
+                .slice_mut(Id(i))
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(0.5..1.5) / g);
+        } else if is_bn(".bias") {
+            state
+                .params
+                .slice_mut(Id(i))
+                .iter_mut()
+                .for_each(|v| *v = 0.2 * Distribution::<f32>::sample(&StandardNormal, rng));
+        }
+    }
+    for i in 0..state.buffers.len() {
+        let mean = state.buffers.entry(Id(i)).name.ends_with("running_mean");
+        state.buffers.slice_mut(Id(i)).iter_mut().for_each(|v| {
+            *v = if mean {
+                0.1 * Distribution::<f32>::sample(&StandardNormal, rng)
+            } else {
+                rng.random_range(0.5..1.5)
+            }
+        });
+    }
 }

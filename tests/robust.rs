@@ -1,0 +1,99 @@
+//! Long-run robustness: one writer per run directory, clean-up on resume, the finite-state
+//! guard and refused implausible weights.
+
+use ghostv3::nn::State;
+use ghostv3::train::{guard, run_dir};
+use std::path::PathBuf;
+
+/// An empty scratch directory of this test process.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ghostv3-robust-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn a_run_directory_takes_one_writer() {
+    let dir = scratch("t1");
+    let first = run_dir::RunLock::acquire(dir.as_path()).unwrap();
+    let err = run_dir::RunLock::acquire(dir.as_path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in use by another trainer"), "{err}");
+    assert!(
+        err.contains(&std::process::id().to_string()),
+        "names the PID: {err}"
+    );
+    drop(first);
+    run_dir::RunLock::acquire(dir.as_path()).expect("free again once the holder is gone");
+}
+
+#[test]
+fn resume_cleanup_drops_leftovers_and_metrics_past_the_checkpoint() {
+    let dir = scratch("t2");
+    let p = dir.as_path();
+    std::fs::write(p.join(".checkpoint.safetensors.tmp-123"), b"partial").unwrap();
+    std::fs::write(p.join("keep.txt"), b"x").unwrap();
+    let lines = [
+        "{\"epoch\":1}",
+        "{\"epoch\":2}",
+        "{\"epoch\":2}",
+        "{\"epoch\":3}",
+        "{\"epo",
+    ];
+    std::fs::write(p.join("metrics.jsonl"), lines.join("\n")).unwrap();
+    let removed = run_dir::remove_leftovers(p).unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(p.join("keep.txt").exists());
+    assert_eq!(run_dir::truncate_metrics(p, 2).unwrap(), 3);
+    let text = std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();
+    assert_eq!(text, "{\"epoch\":1}\n{\"epoch\":2}\n");
+    // A directory with the files of a run but no checkpoint is not a fresh start.
+    let err = run_dir::check_fresh(p).unwrap_err().to_string();
+    assert!(err.contains("metrics.jsonl"), "{err}");
+}
+
+fn tiny_state() -> State {
+    let m = ghostv3::models::create("ghostnetv3_050", &ghostv3::models::ModelOptions::default())
+        .unwrap();
+    m.state().clone()
+}
+
+#[test]
+fn the_guard_names_the_first_non_finite_tensor() {
+    let mut s = tiny_state();
+    guard::check_state(&s, "model").expect("a fresh model is finite");
+    let e = s.params.entries()[3].clone();
+    let mut data = s.params.tensor().data().to_vec();
+    data[e.offset + 1] = f32::NAN;
+    let n = data.len();
+    s.params.set_tensor(ghostv3::Tensor::new(&[n], data));
+    let err = guard::check_state(&s, "model").unwrap_err().to_string();
+    assert!(err.contains(&e.name) && err.contains("element 1"), "{err}");
+    let err = guard::check_buffers("lamb", &[("exp_avg".into(), vec![0.0, f32::INFINITY])])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exp_avg") && err.contains("element 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn implausible_weights_are_refused_at_load() {
+    let s = tiny_state();
+    let dir = scratch("t3");
+    let name = s.params.entries()[0].name.clone();
+    for (what, value) in [("3e38", 3e38f32), ("NaN", f32::NAN)] {
+        let mut t = ghostv3::io::weights::state_tensors(&s);
+        if let Some(ghostv3::io::TensorData::F32(_, v)) = t.get_mut(&name) {
+            v[0] = value;
+        }
+        let path = dir.as_path().join(format!("bad-{what}.safetensors"));
+        ghostv3::io::write_tensors(&path, &t, None).unwrap();
+        let mut fresh = tiny_state();
+        let err = ghostv3::io::load_state(&mut fresh, &path).unwrap_err();
+        assert!(format!("{err:#}").contains(&name), "{what}: {err:#}");
+    }
+}
