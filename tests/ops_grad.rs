@@ -406,6 +406,7 @@ impl ConvCase {
 
 /// The cases of one set, in order.
 fn conv_cases(set: Set) -> Vec<ConvCase> {
+    #[rustfmt::skip]
     let all = [
         (Partial, same([3, 4, 7, 9], 6, (3, 3), 1, 2, true)), // grouped im2col
         (Partial, valid([3, 4, 5, 5], 5, (1, 1), 1, 1, true)), // pointwise
@@ -428,21 +429,12 @@ fn conv_cases(set: Set) -> Vec<ConvCase> {
         (Dense, valid([1, 2, 7, 9], 3, (5, 1), 2, 1, true)),
         // 1x1 through im2col (stride 2 or padding make it not pointwise).
         (Dense, same([3, 3, 7, 9], 5, (1, 1), 2, 1, true)),
-        (
-            Dense,
-            valid([1, 3, 5, 5], 2, (1, 1), 1, 1, true).with_padding((1, 1)),
-        ),
+        (Dense, valid([1, 3, 5, 5], 2, (1, 1), 1, 1, true).with_padding((1, 1))),
         // A single channel: groups == C_in == C_out == 1 is dense, not depth-wise.
         (Dense, same([2, 1, 7, 9], 1, (3, 3), 1, 1, true)),
         // Asymmetric stride and padding.
-        (
-            Dense,
-            valid([2, 3, 7, 9], 2, (3, 3), 1, 1, true).with_stride_padding((2, 1), (1, 0)),
-        ),
-        (
-            Dense,
-            valid([1, 2, 5, 11], 3, (3, 5), 1, 1, true).with_stride_padding((1, 2), (0, 2)),
-        ),
+        (Dense, valid([2, 3, 7, 9], 2, (3, 3), 1, 1, true).with_stride_padding((2, 1), (1, 0))),
+        (Dense, valid([1, 2, 5, 11], 3, (3, 5), 1, 1, true).with_stride_padding((1, 2), (0, 2))),
         (Pointwise, valid([3, 4, 7, 9], 5, (1, 1), 1, 1, true)),
         (Pointwise, valid([1, 3, 11, 6], 2, (1, 1), 1, 1, false)),
         (Pointwise, valid([3, 4, 5, 5], 6, (1, 1), 1, 2, true)),
@@ -474,10 +466,7 @@ fn conv_cases(set: Set) -> Vec<ConvCase> {
         (Depthwise, same([2, 3, 2, 2], 3, (5, 5), 2, 3, true)),
         (Depthwise, same([1, 3, 1, 3], 3, (1, 5), 1, 3, true)),
         (Depthwise, same([1, 3, 2, 1], 3, (5, 1), 1, 3, true)),
-        (
-            Depthwise,
-            valid([2, 3, 7, 9], 3, (3, 3), 1, 3, true).with_stride_padding((2, 1), (0, 1)),
-        ),
+        (Depthwise, valid([2, 3, 7, 9], 3, (3, 3), 1, 3, true).with_stride_padding((2, 1), (0, 1))),
     ];
     all.into_iter()
         .filter(|&(s, _)| s == set)
