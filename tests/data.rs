@@ -1037,6 +1037,71 @@ fn image_folder_errors_name_the_path() {
     fs::remove_dir_all(&empty).unwrap();
 }
 
+/// Opens an ImageFolder on another thread, failing (not hanging) if it takes over 60 s.
+fn open_within_a_minute(root: &Path) -> Result<ImageFolder> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = root.to_path_buf();
+    std::thread::spawn(move || tx.send(ImageFolder::open(&root)));
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("ImageFolder::open hangs: a symlink loop?")
+}
+
+/// The (path under the root, label) of every sample.
+fn listing(ds: &ImageFolder, root: &Path) -> Vec<(String, usize)> {
+    (0..ds.len())
+        .map(|i| {
+            let (p, label) = ds.sample(i);
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            (rel, label)
+        })
+        .collect()
+}
+
+/// Symlinks are followed without loops: links to the root, to the class folder and above the
+/// root neither hang nor multiply or relabel images; a file reached twice in a class counts once;
+/// a link to another class's folder does not relabel its images; a link out of the dataset is
+/// followed.
+#[test]
+fn image_folder_follows_symlinks_without_loops() {
+    use std::os::unix::fs::symlink;
+    let root = temp_dir("links");
+    let outside = temp_dir("links-outside");
+    let (cat, dog) = (root.join("cat"), root.join("dog"));
+    fs::create_dir_all(cat.join("sub")).unwrap();
+    fs::create_dir_all(dog.join("inner")).unwrap();
+    let png = |p: PathBuf| tiny(4, 4, |x, y, c| x + y + c).save(p).unwrap();
+    png(cat.join("a.png"));
+    png(cat.join("sub/b.png"));
+    png(dog.join("d.png"));
+    png(dog.join("inner/e.png"));
+    png(outside.join("o.png"));
+    symlink("..", cat.join("loop")).unwrap(); // the root: the classic loop
+    symlink(".", cat.join("self")).unwrap(); // the class folder itself
+    symlink("..", cat.join("sub/up")).unwrap(); // a second loop, back to cat
+    symlink("../..", dog.join("above")).unwrap(); // above the root
+    symlink("a.png", cat.join("same.png")).unwrap(); // one file, two names
+    symlink("../../dog/inner", cat.join("sub/dogs")).unwrap(); // into another class
+    symlink(&outside, dog.join("more")).unwrap(); // out of the dataset: followed
+    let ds = open_within_a_minute(&root).unwrap();
+    assert_eq!(ds.class_names(), ["cat", "dog"]);
+    assert_eq!(
+        listing(&ds, &root),
+        [
+            ("cat/a.png".to_string(), 0),
+            ("cat/sub/b.png".to_string(), 0),
+            ("dog/d.png".to_string(), 1),
+            ("dog/inner/e.png".to_string(), 1),
+            ("dog/more/o.png".to_string(), 1),
+        ]
+    );
+    // A class folder that is itself a link to the root is refused, naming it.
+    symlink(".", root.join("everything")).unwrap();
+    let err = format!("{:#}", open_within_a_minute(&root).err().unwrap());
+    assert!(err.contains("everything") && err.contains("loop"), "{err}");
+    fs::remove_dir_all(&root).unwrap();
+    fs::remove_dir_all(&outside).unwrap();
+}
+
 /// CIFAR-10 records: label, then 3 x 32 x 32 bytes, channel-major.
 fn cifar_records(labels: &[u8], seed: u8) -> Vec<u8> {
     let mut out = Vec::new();

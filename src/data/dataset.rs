@@ -1,6 +1,7 @@
 //! Datasets: an indexable list of (image, label) pairs. Images are decoded on demand (by the
 //! loader's worker threads), always as 8-bit RGB.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// The torchvision / timm ImageFolder layout: `root/<class>/**/<image>`. Class sub-folders
 /// sorted by name give the labels; images are found recursively, sorted by path within a class.
+/// Symlinks are followed, without loops: see `Walk`.
 pub struct ImageFolder {
     root: PathBuf,
     classes: Vec<String>,
@@ -74,11 +76,33 @@ impl ImageFolder {
             "no class sub-folders in {} (expected root/<class>/<image>.jpg)",
             root.display()
         );
+        let canonical = |p: &Path| {
+            fs::canonicalize(p).with_context(|| format!("cannot resolve {}", p.display()))
+        };
+        let canon_root = canonical(&root)?;
+        let class_dirs = classes
+            .iter()
+            .map(|c| canonical(&root.join(c)))
+            .collect::<Result<Vec<_>>>()?;
         let mut samples = Vec::new();
         let mut empty = Vec::new();
         for (label, class) in classes.iter().enumerate() {
+            let own = &class_dirs[label];
+            ensure!(
+                !canon_root.starts_with(own),
+                "class folder {} links to {}, which holds the dataset itself (a loop)",
+                root.join(class).display(),
+                own.display()
+            );
+            let mut walk = Walk {
+                root: &canon_root,
+                classes: &class_dirs,
+                own,
+                dirs: HashSet::from([own.clone()]),
+                files: HashSet::new(),
+            };
             let mut files = Vec::new();
-            collect_images(&root.join(class), &mut files)?;
+            walk.collect(&root.join(class), &mut files)?;
             files.sort();
             if files.is_empty() {
                 empty.push(class.as_str());
@@ -114,16 +138,62 @@ impl ImageFolder {
     }
 }
 
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = entry?.path();
-        if path.is_dir() {
-            collect_images(&path, out)?;
-        } else if has_image_extension(&path) {
-            out.push(path);
+/// The walk of one class folder, following symlinks: each directory is entered once (by
+/// canonical path) and never one that holds the dataset root (`ln -s .. cat/loop`) or belongs to
+/// another class, so links neither loop nor relabel images; each image file (by canonical path)
+/// is taken once.
+struct Walk<'a> {
+    /// The dataset root, canonical.
+    root: &'a Path,
+    /// Every class folder, canonical.
+    classes: &'a [PathBuf],
+    /// This class's folder, canonical.
+    own: &'a Path,
+    dirs: HashSet<PathBuf>,
+    files: HashSet<PathBuf>,
+}
+
+impl Walk<'_> {
+    /// Appends the images under `dir` (paths as reached from the class folder) to `out`.
+    fn collect(&mut self, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let mut entries = fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+        // Sorted, so that which of two paths to one file is kept does not depend on the OS.
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                let canon = fs::canonicalize(&path)
+                    .with_context(|| format!("cannot resolve {}", path.display()))?;
+                if self.may_enter(&canon) && self.dirs.insert(canon) {
+                    self.collect(&path, out)?;
+                }
+            } else if has_image_extension(&path) {
+                // A dangling link stays in, under its own path: loading it names it.
+                let key = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                if self.files.insert(key) {
+                    out.push(path);
+                }
+            }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// False for the root or a folder above it, and for a folder of another class (the class
+    /// folder that is its longest prefix, so nested class folders each keep their own).
+    fn may_enter(&self, dir: &Path) -> bool {
+        if self.root.starts_with(dir) {
+            return false;
+        }
+        let owner = self
+            .classes
+            .iter()
+            .filter(|c| dir.starts_with(c))
+            .max_by_key(|c| c.as_os_str().len());
+        owner.is_none_or(|c| c == self.own)
+    }
 }
 
 fn has_image_extension(path: &Path) -> bool {

@@ -5,5 +5,6 @@ pub mod weights;
 
 pub use atomic::write_atomic;
 pub use weights::{
-    load_state, load_state_from, read_tensors, save_state, write_tensors, TensorData,
+    load_state, load_state_from, parse_tensors, read_tensors, save_state, write_tensors,
+    TensorData, CHECKSUMS_KEY,
 };

@@ -4,11 +4,15 @@
 //! thop's `total_ops`/`total_params` keys, a DDP `module.` prefix), converts f64/f16/bf16 to f32,
 //! and checks every name and shape BEFORE touching the model: a missing, unexpected or wrongly
 //! shaped tensor is an error naming it (and both shapes), and nothing is loaded half-way.
+//!
+//! Every file we write carries a checksum of each tensor's bytes in its metadata
+//! ([`CHECKSUMS_KEY`]); reading verifies them, so a flipped bit is an error naming the tensor
+//! instead of a silently different model.
 
 use super::atomic::write_atomic;
 use crate::nn::State;
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::TensorView;
+use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -66,13 +70,50 @@ fn to_i64(name: &str, v: &TensorView) -> Result<Vec<i64>> {
     })
 }
 
-/// Reads every tensor of a safetensors file (floats as f32, integers as i64).
+/// The metadata key of the per-tensor checksums we write: a JSON object, tensor name -> the
+/// XXH3-64 of the tensor's bytes as stored (little-endian), as 16 lowercase hex digits. Plain
+/// string metadata, so other safetensors readers load the file as usual and ignore it.
+pub const CHECKSUMS_KEY: &str = "ghostv3.checksums";
+
+/// The checksum of a tensor's stored bytes, as written under [`CHECKSUMS_KEY`].
+pub fn checksum(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+/// Reads every tensor of a safetensors file (floats as f32, integers as i64), verifying the
+/// checksums our files carry (files without them, e.g. timm's, load as they are).
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, TensorData>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    parse_tensors(&bytes, &path.display().to_string())
+}
+
+/// [`read_tensors`] of a file's bytes; `origin` names the file in errors.
+pub fn parse_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String, TensorData>> {
+    let (n, meta) = match SafeTensors::read_metadata(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            // Some of the crate's errors ("invalid shape, data type, or offset for tensor") do
+            // not say which tensor: find it ourselves.
+            let e = anyhow::Error::new(e);
+            let e = match header_problem(bytes) {
+                Some(why) => e.context(why),
+                None => e,
+            };
+            return Err(e.context(format!("{origin} is not a valid safetensors file")));
+        }
+    };
+    // read_metadata checked that the tensors tile the data region exactly: the slices are in range.
+    let data = &bytes[8 + n..];
+    let mut views = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (s, e) = info.data_offsets;
+        let v = TensorView::new(info.dtype, info.shape.clone(), &data[s..e])
+            .with_context(|| format!("{origin}: tensor {name}"))?;
+        views.push((name, v));
+    }
+    verify_checksums(meta.metadata().as_ref(), &views, origin)?;
     let mut out = BTreeMap::new();
-    for (name, v) in st.tensors() {
+    for (name, v) in views {
         let shape = v.shape().to_vec();
         let t = match v.dtype() {
             Dtype::I64 | Dtype::I32 => TensorData::I64(shape, to_i64(&name, &v)?),
@@ -83,7 +124,153 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, TensorData>> {
     Ok(out)
 }
 
-/// Writes tensors atomically; f32 and i64 tensors, with optional string metadata.
+/// Checks the [`CHECKSUMS_KEY`] entry, if any, against the tensors: every tensor must have a
+/// checksum, every checksum a tensor, and each must match. Every problem is named.
+fn verify_checksums(
+    meta: Option<&HashMap<String, String>>,
+    views: &[(String, TensorView)],
+    origin: &str,
+) -> Result<()> {
+    let meta = match meta {
+        Some(m) => m,
+        None => return Ok(()),
+    };
+    // A flipped bit in the key itself would make the file look like one without checksums (and
+    // let a flip in the data through): a key a few bits away from ours is refused.
+    if let Some(k) = meta.keys().find(|k| is_damaged_checksums_key(k)) {
+        bail!(
+            "{origin}: metadata key {k:?} is a damaged {CHECKSUMS_KEY}: the file is corrupt \
+             (a flipped bit?)"
+        );
+    }
+    let Some(entry) = meta.get(CHECKSUMS_KEY) else {
+        return Ok(());
+    };
+    let sums: BTreeMap<String, String> = serde_json::from_str(entry).with_context(|| {
+        format!("{origin}: its {CHECKSUMS_KEY} metadata is not a JSON object of strings")
+    })?;
+    let mut problems = Vec::new();
+    let mut sorted: Vec<&(String, TensorView)> = views.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, v) in sorted {
+        match sums.get(name) {
+            None => problems.push(format!("tensor {name} has no checksum in {CHECKSUMS_KEY}")),
+            Some(want) if !want.eq_ignore_ascii_case(&checksum(v.data())) => problems.push(
+                format!("tensor {name} fails its checksum: the file is corrupt (a flipped bit?)"),
+            ),
+            Some(_) => {}
+        }
+    }
+    for name in sums.keys() {
+        if !views.iter().any(|(n, _)| n == name) {
+            problems.push(format!(
+                "{CHECKSUMS_KEY} names tensor {name}, which is not in the file"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    problems.truncate(10);
+    bail!(
+        "{origin}: {}{}",
+        problems.join("; "),
+        if n > 10 {
+            format!("; and {} more", n - 10)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// True for a key of the same length as [`CHECKSUMS_KEY`] that differs from it in 1 to 4 bits.
+fn is_damaged_checksums_key(key: &str) -> bool {
+    key.len() == CHECKSUMS_KEY.len() && {
+        let bits: u32 = key
+            .bytes()
+            .zip(CHECKSUMS_KEY.bytes())
+            .map(|(a, b)| (a ^ b).count_ones())
+            .sum();
+        (1..=4).contains(&bits)
+    }
+}
+
+/// What is wrong with a header the safetensors crate refused, naming the tensor where one is
+/// at fault (None when the header is not even JSON: the crate's error says enough then).
+fn header_problem(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    let data_len = bytes.len() - 8 - n;
+    let mut infos = Vec::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        match serde_json::from_value::<TensorInfo>(v) {
+            Ok(i) => infos.push((name, i)),
+            Err(e) => return Some(format!("tensor {name}: bad header entry ({e})")),
+        }
+    }
+    // Each tensor alone: its shape and dtype give its size, which its offsets must span.
+    for (name, i) in &infos {
+        let (s, e) = i.data_offsets;
+        let what = format!("tensor {name}: shape {:?} of {:?}", i.shape, i.dtype);
+        if e < s {
+            return Some(format!("{what}: data_offsets [{s}, {e}] run backwards"));
+        }
+        let bits = i
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|k| k.checked_mul(i.dtype.bitsize()));
+        match bits {
+            None => return Some(format!("{what} overflows the size computation")),
+            Some(b) if b % 8 != 0 => return Some(format!("{what} is not a whole number of bytes")),
+            Some(b) if b / 8 != e - s => {
+                return Some(format!(
+                    "{what} needs {} bytes, its data_offsets [{s}, {e}] span {}",
+                    b / 8,
+                    e - s
+                ))
+            }
+            Some(_) => {}
+        }
+        if e > data_len {
+            return Some(format!(
+                "{what}: data_offsets [{s}, {e}] run past the {data_len} data bytes of the file"
+            ));
+        }
+    }
+    // All together: back to back from byte 0 to the end of the data.
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let (mut end, mut prev) = (0, "the start of the data".to_string());
+    for (name, i) in &infos {
+        let (s, e) = i.data_offsets;
+        if s != end {
+            let how = if s < end {
+                "overlap"
+            } else {
+                "leave a gap after"
+            };
+            return Some(format!(
+                "tensor {name}: data_offsets [{s}, {e}] {how} {prev} (ending at {end})"
+            ));
+        }
+        (end, prev) = (e, format!("tensor {name}"));
+    }
+    if end != data_len {
+        let last = infos.last().map_or("(none)", |(n, _)| n.as_str());
+        return Some(format!(
+            "the tensors (the last is {last}) cover {end} of the file's {data_len} data bytes"
+        ));
+    }
+    None
+}
+
+/// Writes tensors atomically; f32 and i64 tensors, with optional string metadata, to which a
+/// [`CHECKSUMS_KEY`] entry is added (replacing any given one).
 pub fn write_tensors(
     path: &Path,
     tensors: &BTreeMap<String, TensorData>,
@@ -106,11 +293,19 @@ pub fn write_tensors(
             ),
         })
         .collect();
+    // safetensors stores little-endian; so do our bytes (the crate's serialize copies them as
+    // they are), so the checksum covers exactly what lands in the file.
+    let sums: BTreeMap<&str, String> = bytes
+        .iter()
+        .map(|(k, b, ..)| (k.as_str(), checksum(b)))
+        .collect();
+    let mut meta = meta.unwrap_or_default();
+    meta.insert(CHECKSUMS_KEY.to_string(), serde_json::to_string(&sums)?);
     let views = bytes
         .iter()
         .map(|(k, b, d, s)| Ok((k.as_str(), TensorView::new(*d, s.clone(), b)?)))
         .collect::<Result<Vec<_>>>()?;
-    let data = safetensors::serialize(views, meta).context("cannot serialize tensors")?;
+    let data = safetensors::serialize(views, Some(meta)).context("cannot serialize tensors")?;
     write_atomic(path, &data)
 }
 
@@ -160,7 +355,7 @@ pub fn load_state(state: &mut State, path: &Path) -> Result<()> {
 pub const MAX_ABS_WEIGHT: f32 = 1e20;
 
 /// Why the values of tensor `name` cannot be a model's (None when they can).
-fn implausible(name: &str, vals: &[f32]) -> Option<String> {
+pub(crate) fn implausible(name: &str, vals: &[f32]) -> Option<String> {
     let bad = |pred: &dyn Fn(f32) -> bool| vals.iter().position(|&x| pred(x));
     if let Some(i) = bad(&|x| !x.is_finite()) {
         return Some(format!("holds NaN or Inf ({} at element {i})", vals[i]));
@@ -190,12 +385,20 @@ pub fn load_state_from(
     origin: &str,
 ) -> Result<()> {
     let mut file: HashMap<String, &TensorData> = HashMap::new();
+    let mut spelled: HashMap<String, &str> = HashMap::new();
+    let mut errors = Vec::new();
     for (key, v) in tensors {
         if let Some(name) = canonical_name(key) {
+            // Two spellings of one tensor (`module.x` beside `x`, `.bn.` beside `.bn1.`): which
+            // one would win is arbitrary, so neither does.
+            if let Some(other) = spelled.insert(name.clone(), key) {
+                errors.push(format!(
+                    "tensors {other} and {key} are both {name} (two spellings of one tensor)"
+                ));
+            }
             file.insert(name, v);
         }
     }
-    let mut errors = Vec::new();
     let mut planned: Vec<(bool, usize, &[f32])> = Vec::new(); // (is_param, entry, values)
     for (is_param, store) in [(true, &state.params), (false, &state.buffers)] {
         for (i, e) in store.entries().iter().enumerate() {
