@@ -259,6 +259,32 @@ fn parse_num(key: &str, val: &str, config: &str) -> Result<f64> {
         .with_context(|| format!("auto_augment '{config}': bad value '{val}' for '{key}'"))
 }
 
+/// The largest magnitude (`m`, `mmax`) a config string may give: timm's scale tops out at 10
+/// (`LEVEL_DENOM`, the strongest level of every op); up to 30 is accepted for noisy magnitudes
+/// (`mstd`) clipped by a raised `mmax`.
+pub const MAX_MAGNITUDE: f64 = 30.0;
+
+/// The most RandAugment ops per image (`n`): timm's recipes use 2 or 3 of the 15 ops.
+pub const MAX_RAND_OPS: usize = 16;
+
+fn parse_magnitude(key: &str, v: f64, config: &str) -> Result<f64> {
+    ensure!(
+        (0.0..=MAX_MAGNITUDE).contains(&v),
+        "auto_augment '{config}': {key}{v} out of range: magnitudes are 0..={MAX_MAGNITUDE} \
+         (timm's scale; 10 is the strongest level)"
+    );
+    Ok(v)
+}
+
+/// `mstd`: the std of the magnitude noise, >= 0; past 100 it means uniform in [0, m] (timm).
+fn parse_mstd(v: f64, config: &str) -> Result<f64> {
+    ensure!(
+        v >= 0.0 && v.is_finite(),
+        "auto_augment '{config}': mstd{v} must be a finite std >= 0 (> 100: uniform magnitudes)"
+    );
+    Ok(if v > 100.0 { f64::INFINITY } else { v })
+}
+
 /// timm's RandAugment: `num_layers` ops drawn from the list (with replacement, or by weight
 /// without replacement), each applied with probability `prob`.
 #[derive(Clone, Debug)]
@@ -291,12 +317,25 @@ impl RandAugment {
             };
             let v = parse_num(key, val, config)?;
             match key {
-                "mstd" => hparams.magnitude_std = if v > 100.0 { f64::INFINITY } else { v },
-                "mmax" => hparams.magnitude_max = Some(v),
+                "mstd" => hparams.magnitude_std = parse_mstd(v, config)?,
+                "mmax" => hparams.magnitude_max = Some(parse_magnitude("mmax", v, config)?),
                 "inc" => increasing = v != 0.0,
-                "m" => magnitude = v,
-                "n" => num_layers = v as usize,
-                "p" => prob = v,
+                "m" => magnitude = parse_magnitude("m", v, config)?,
+                "n" => {
+                    ensure!(
+                        v.fract() == 0.0 && (0.0..=MAX_RAND_OPS as f64).contains(&v),
+                        "auto_augment '{config}': n{val} (ops per image) must be a whole number \
+                         in 0..={MAX_RAND_OPS}"
+                    );
+                    num_layers = v as usize;
+                }
+                "p" => {
+                    ensure!(
+                        (0.0..=1.0).contains(&v),
+                        "auto_augment '{config}': p{val} (op probability) must be in [0, 1]"
+                    );
+                    prob = v;
+                }
                 "w" => {
                     ensure!(
                         v == 0.0,
@@ -447,7 +486,14 @@ impl AutoAugment {
                 continue;
             };
             match key {
-                "mstd" => hparams.magnitude_std = parse_num(key, val, config)?,
+                "mstd" => {
+                    let v = parse_num(key, val, config)?;
+                    ensure!(
+                        v >= 0.0 && v.is_finite(),
+                        "auto_augment '{config}': mstd{v} must be a finite std >= 0"
+                    );
+                    hparams.magnitude_std = v;
+                }
                 _ => bail!("auto_augment '{config}': unknown AutoAugment section '{section}'"),
             }
         }

@@ -122,7 +122,94 @@ impl TransformConfig {
     pub fn scale_size(&self) -> usize {
         (self.size as f64 / self.crop_pct).floor() as usize
     }
+
+    /// Checks every field (NaN fails every check): sizes, ranges, probabilities, the
+    /// normalization and the auto-augment string. [`Transform::new`] runs it first.
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        let max = crate::models::MAX_INPUT_SIZE;
+        ensure!(
+            (1..=max).contains(&c.size),
+            "size must be in 1..={max} px, got {}",
+            c.size
+        );
+        ensure!(
+            0.0 < c.scale.0 && c.scale.0 <= c.scale.1 && c.scale.1.is_finite(),
+            "scale must satisfy 0 < min <= max (area fractions, timm's default (0.08, 1.0)), \
+             got {:?}",
+            c.scale
+        );
+        ensure!(
+            0.0 < c.ratio.0 && c.ratio.0 <= c.ratio.1 && c.ratio.1.is_finite(),
+            "ratio must satisfy 0 < min <= max (aspect ratios, timm's default (0.75, 1.33)), \
+             got {:?}",
+            c.ratio
+        );
+        for (name, p) in [
+            ("hflip", c.hflip),
+            ("vflip", c.vflip),
+            ("re_prob", c.re_prob),
+        ] {
+            ensure!(
+                (0.0..=1.0).contains(&p),
+                "{name} must be a probability in [0, 1], got {p}"
+            );
+        }
+        ensure!(
+            c.color_jitter >= 0.0 && c.color_jitter.is_finite(),
+            "color_jitter must be a finite strength >= 0, got {}",
+            c.color_jitter
+        );
+        // The eval resize floor(size / crop_pct) must be a real image: at least 1 px and at
+        // most MAX_RESIZE px on its shorter side.
+        let min_crop = c.size as f64 / MAX_RESIZE as f64;
+        ensure!(
+            c.crop_pct >= min_crop && c.crop_pct <= 1.0,
+            "crop_pct must be in [{min_crop:.4}, 1] for size {} (the eval resize is \
+             floor(size / crop_pct) px, at most {MAX_RESIZE}; timm's default {DEFAULT_CROP_PCT}), \
+             got {}",
+            c.size,
+            c.crop_pct
+        );
+        ensure!(
+            c.mean.iter().all(|m| m.is_finite()),
+            "mean must be finite, got {:?}",
+            c.mean
+        );
+        ensure!(
+            c.std.iter().all(|&s| s > 0.0 && s.is_finite()),
+            "std must be finite and > 0, got {:?}",
+            c.std
+        );
+        ensure!(
+            (1..=MAX_ERASE_COUNT).contains(&c.re_count),
+            "re_count must be in 1..={MAX_ERASE_COUNT}, got {}",
+            c.re_count
+        );
+        if let Some(s) = c.auto_augment.as_deref().map(str::trim) {
+            let hp = AugmentHparams::default();
+            match s {
+                "" | "none" => {}
+                s if s.starts_with("rand") => {
+                    RandAugment::from_config_str(s, hp)?;
+                }
+                s if s.starts_with("augmix") => {
+                    bail!("auto_augment '{s}': AugMix is not supported")
+                }
+                s => {
+                    AutoAugment::from_config_str(s, hp)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The largest eval resize (shorter side, px) a `crop_pct` may ask for.
+pub const MAX_RESIZE: usize = 16384;
+
+/// The most boxes RandomErasing may erase per image (`re_count`; timm's default 1).
+pub const MAX_ERASE_COUNT: usize = 100;
 
 /// Either kind of auto-augmentation.
 pub enum AutoAugmentKind {
@@ -173,39 +260,7 @@ pub struct Transform {
 impl Transform {
     pub fn new(cfg: &TransformConfig) -> Result<Self> {
         let c = cfg;
-        ensure!(c.size > 0, "transform size must be positive");
-        ensure!(
-            0.0 < c.scale.0 && c.scale.0 <= c.scale.1,
-            "scale must satisfy 0 < min <= max, got {:?}",
-            c.scale
-        );
-        ensure!(
-            0.0 < c.ratio.0 && c.ratio.0 <= c.ratio.1,
-            "ratio must satisfy 0 < min <= max, got {:?}",
-            c.ratio
-        );
-        for (name, p) in [
-            ("hflip", c.hflip),
-            ("vflip", c.vflip),
-            ("re_prob", c.re_prob),
-        ] {
-            ensure!(
-                (0.0..=1.0).contains(&p),
-                "{name} must be a probability, got {p}"
-            );
-        }
-        ensure!(c.color_jitter >= 0.0, "color_jitter must be >= 0");
-        ensure!(
-            c.crop_pct > 0.0 && c.scale_size() >= 1,
-            "crop_pct must be positive, got {}",
-            c.crop_pct
-        );
-        ensure!(
-            c.std.iter().all(|&s| s != 0.0),
-            "std must be non-zero, got {:?}",
-            c.std
-        );
-        ensure!(c.re_count >= 1, "re_count must be >= 1");
+        c.validate()?;
 
         let hparams = AugmentHparams {
             fill: c.fill(),

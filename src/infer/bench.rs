@@ -3,7 +3,7 @@
 
 use super::exec::{Engine, Profile};
 use super::graph::Op;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
@@ -31,8 +31,24 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
+impl BenchConfig {
+    /// At least one image and one timed run (the report's median needs one).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.batch >= 1 && self.size >= 1,
+            "bench: batch and size must be at least 1"
+        );
+        ensure!(
+            self.min_runs >= 1,
+            "bench: at least one timed run is needed"
+        );
+        Ok(())
+    }
+}
+
 /// Times `f` (one batch) after a warm-up.
 pub fn time_runs(cfg: &BenchConfig, mut f: impl FnMut() -> Result<()>) -> Result<BenchReport> {
+    cfg.validate()?;
     for _ in 0..cfg.warmup {
         f()?;
     }
@@ -72,6 +88,7 @@ pub fn bench_engine(e: &Engine, cfg: &BenchConfig) -> Result<BenchReport> {
 
 /// Per-node times over `runs` runs, summed per node and per op kind; a printable table.
 pub fn profile_engine(e: &Engine, batch: usize, size: usize, runs: usize) -> Result<String> {
+    ensure!(runs >= 1, "profile: at least one run is needed");
     let x = random_input(batch, size, 0);
     let mut p: Profile = Vec::new();
     e.run_profiled(&x, batch, size, size, &mut p)?; // warm-up

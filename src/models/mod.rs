@@ -116,6 +116,85 @@ pub fn lookup(name: &str) -> Result<&'static ModelInfo> {
     }
 }
 
+/// The largest input side (px) any command or recipe takes. Past it one activation of one
+/// image is gigabytes (GhostNetV3-1.0x's widest layer holds 12 values per input pixel, its
+/// train-form pass about 900), and a typo like `--size 100000` would ask for terabytes.
+pub const MAX_INPUT_SIZE: usize = 4096;
+
+/// The most classes a model may have (ImageNet-21k has 21,843).
+pub const MAX_CLASSES: usize = 100_000;
+
+/// Which way a batch goes through a model, for [`Model::check_run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// The engine's tape in eval mode (`predict`, `evaluate`): every activation is kept.
+    Tape,
+    /// A train-mode pass with backward: the activations and their gradients.
+    TapeTrain,
+    /// The fast inference path (`infer::Engine`): activation arenas reused layer to layer.
+    Engine,
+}
+
+impl Pass {
+    fn describe(self) -> &'static str {
+        match self {
+            Pass::Tape => "the tape, eval mode",
+            Pass::TapeTrain => "the tape, forward and backward",
+            Pass::Engine => "the fast path",
+        }
+    }
+}
+
+/// What a forward pass of one image holds, per input pixel ([`Model::footprint`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Footprint {
+    /// Values of all activations of the pass (a tape keeps every one until it is dropped).
+    pub tape_values_per_pixel: f64,
+    /// Values of the widest single activation.
+    pub widest_values_per_pixel: f64,
+}
+
+impl Footprint {
+    /// Bytes (f32) of a tape pass over `batch` images of `h` x `w` px, the input included;
+    /// `train` counts as much again for the gradients of the backward.
+    pub fn tape_bytes(&self, batch: usize, h: usize, w: usize, train: bool) -> f64 {
+        let px = batch as f64 * h as f64 * w as f64;
+        let values = px * (3.0 + self.tape_values_per_pixel);
+        4.0 * values * if train { 2.0 } else { 1.0 }
+    }
+
+    /// Bytes (f32) of the fast path over `batch` images: the input batch and, per image, about
+    /// three of its widest activations (the live values of its arena).
+    pub fn engine_bytes(&self, batch: usize, h: usize, w: usize) -> f64 {
+        let px = batch as f64 * h as f64 * w as f64;
+        4.0 * px * (3.0 + 3.0 * self.widest_values_per_pixel)
+    }
+}
+
+/// The memory this process can still allocate: Linux's `MemAvailable` (None elsewhere).
+pub fn available_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses `what` when its estimated `bytes` exceed the memory available (an allocation that
+/// large would abort the process or bring in the OOM killer instead of a clear error).
+pub fn check_memory(what: &str, bytes: f64) -> Result<()> {
+    if let Some(avail) = available_memory_bytes() {
+        if bytes.is_nan() || bytes > avail as f64 {
+            bail!(
+                "{what} needs about {:.1} GB of memory, more than the {:.1} GB available; use a \
+                 smaller batch or input size",
+                bytes / 1e9,
+                avail as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
 /// How to build a model beyond its name.
 #[derive(Clone, Copy, Debug)]
 pub struct ModelOptions {
@@ -235,6 +314,79 @@ impl Model {
         }
     }
 
+    /// Checks an input of `h` x `w` px against [`Model::min_input_size`] and
+    /// [`MAX_INPUT_SIZE`]; `what` names the value in the message (`--size 8`, `input 1x1`).
+    pub fn check_input_size(&self, what: &str, h: usize, w: usize) -> Result<()> {
+        let min = self.min_input_size();
+        if h.min(w) < min {
+            bail!(
+                "{what} is too small for {}: it needs inputs of at least {min}x{min} px",
+                self.name()
+            );
+        }
+        if h.max(w) > MAX_INPUT_SIZE {
+            bail!("{what} is too large: inputs are at most {MAX_INPUT_SIZE}x{MAX_INPUT_SIZE} px");
+        }
+        Ok(())
+    }
+
+    /// What a forward pass holds per input pixel, measured by one eval-mode pass of two images
+    /// at the smallest multiple of 32 px the model takes (32 or 64: every stride divides it, so
+    /// the figures scale with the pixel count; other sizes round their maps up a little).
+    pub fn footprint(&mut self) -> Footprint {
+        const PROBE_BATCH: usize = 2;
+        let p = self.min_input_size().max(32).next_multiple_of(32);
+        let mut tape = Tape::inference();
+        let x = tape.constant(Tensor::zeros(&[PROBE_BATCH, 3, p, p]));
+        self.forward(&mut tape, x, Mode::Eval, None);
+        let (mut total, mut widest) = (0usize, 0usize);
+        for i in 0..tape.len() {
+            let s = tape.shape(Var(i));
+            // Activations are [batch, C, H, W]; parameters and the logits are not counted.
+            if s.len() == 4 && s[0] == PROBE_BATCH {
+                let n: usize = s.iter().product();
+                total += n;
+                widest = widest.max(n);
+            }
+        }
+        let px = (PROBE_BATCH * p * p) as f64;
+        Footprint {
+            tape_values_per_pixel: total as f64 / px,
+            widest_values_per_pixel: widest as f64 / px,
+        }
+    }
+
+    /// Checks that `batch` inputs of `h` x `w` px can run on this model: the input size
+    /// ([`Model::check_input_size`]) and the memory the pass needs (estimated from
+    /// [`Model::footprint`], against the memory available; skipped where that is unknown).
+    pub fn check_run(
+        &mut self,
+        what: &str,
+        batch: usize,
+        h: usize,
+        w: usize,
+        pass: Pass,
+    ) -> Result<()> {
+        self.check_input_size(what, h, w)?;
+        if batch == 0 {
+            bail!("{what}: the batch is empty");
+        }
+        let f = self.footprint();
+        let bytes = match pass {
+            Pass::Tape => f.tape_bytes(batch, h, w, false),
+            Pass::TapeTrain => f.tape_bytes(batch, h, w, true),
+            Pass::Engine => f.engine_bytes(batch, h, w),
+        };
+        check_memory(
+            &format!(
+                "a batch of {batch} at {h}x{w} through {} ({})",
+                self.name(),
+                pass.describe()
+            ),
+            bytes,
+        )
+    }
+
     pub fn network(&self) -> &dyn Network {
         match &self.net {
             Net::GhostNet(m) => m,
@@ -325,6 +477,13 @@ impl Model {
 /// Builds a registered model (freshly initialized, PyTorch default init, seeded).
 pub fn create(name: &str, opts: &ModelOptions) -> Result<Model> {
     let info = lookup(name)?;
+    if opts.num_classes > MAX_CLASSES {
+        bail!(
+            "{} classes is too many: at most {MAX_CLASSES} (the classifier alone would need \
+             gigabytes)",
+            opts.num_classes
+        );
+    }
     if !matches!(info.arch, Arch::GhostNet(..)) {
         opts.validate()?; // GhostNetConfig::validate checks GhostNets (V3 needs N >= 1)
     }
@@ -373,25 +532,48 @@ pub fn detect_options(path: &std::path::Path) -> Result<ModelOptions> {
         .filter_map(|k| crate::io::weights::canonical_name(k))
         .collect();
     // timm's GhostNet and MobileNetV2 call the last layer `classifier`, ResNet and torchvision `fc`.
-    let Some(cls) = tensors
+    let Some((cls_name, cls)) = tensors
         .iter()
         .find(|(k, _)| {
             crate::io::weights::canonical_name(k)
                 .is_some_and(|n| n == "classifier.weight" || n == "fc.weight")
         })
-        .map(|(_, i)| i.shape.clone())
+        .map(|(k, i)| (k.to_string(), i.shape.clone()))
     else {
         bail!(
             "{}: no classifier.weight or fc.weight tensor; is this a model checkpoint?",
             path.display()
         )
     };
-    let branch = |n: &String| -> Option<usize> {
-        let (_, rest) = n.split_once("_rpr_conv.")?;
-        rest.split('.').next()?.parse::<usize>().ok()
-    };
+    if cls.len() != 2 || cls[0] == 0 {
+        bail!(
+            "{}: {cls_name} has shape {cls:?}; a classifier weight is [classes, features] with \
+             at least one class",
+            path.display()
+        );
+    }
+    // The largest branch index: N = index + 1 branches, at most 5 (the paper's Table 2).
+    let mut max_branch: Option<usize> = None;
+    for n in &names {
+        let Some((_, rest)) = n.split_once("_rpr_conv.") else {
+            continue;
+        };
+        let idx = rest.split('.').next().unwrap_or("");
+        if idx.is_empty() || !idx.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let i = idx.parse::<usize>().unwrap_or(usize::MAX);
+        if i >= 5 {
+            bail!(
+                "{}: tensor {n} has branch index {idx}; re-parameterized convs have at most 5 \
+                 branches (N = 1..=5, indices 0..=4)",
+                path.display()
+            );
+        }
+        max_branch = max_branch.max(Some(i));
+    }
     let deploy = !names.iter().any(|n| n.contains("_rpr_"));
-    let branches = names.iter().filter_map(branch).max().map_or(1, |m| m + 1);
+    let branches = max_branch.map_or(1, |m| m + 1);
     let rep = RepOptions {
         branches,
         scale: names.iter().any(|n| n.contains("_rpr_scale.")),

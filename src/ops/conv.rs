@@ -39,7 +39,8 @@ pub fn conv2d<T: Elem>(
         args.padding,
         args.groups,
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    // Callers check inputs first (`Model::check_input_size`); reaching this is a bug.
+    .unwrap_or_else(|e| panic!("conv2d: {e} (a model input below Model::min_input_size?)"));
     if let Some(b) = b {
         assert_eq!(tape.shape(b), [geom.cout], "conv2d bias shape");
     }

@@ -96,8 +96,14 @@ pub fn cross_entropy<T: Elem>(
 
 /// `t^2 * KL(p_t || p_s)` averaged over the batch, p = softmax(z / t). Gradient flows to the
 /// student only: d/dz_s = t * (p_s - p_t) / N.
+///
+/// A temperature that is not finite and positive (recipes refuse it; see `TrainConfig`) gives
+/// a NaN loss and NaN gradients instead of a panic: the step's non-finite-loss path reports it.
 pub fn kd_loss<T: Elem>(tape: &mut Tape<T>, student: Var, teacher: &Tensor<T>, t: f64) -> Var {
-    assert!(t > 0.0, "KD temperature must be positive");
+    if !(t > 0.0 && t.is_finite()) {
+        let kl = kd_loss(tape, student, teacher, 1.0);
+        return crate::ops::scale(tape, kl, T::nan());
+    }
     let zs = tape.value(student).clone();
     let (n, c) = dims(zs.shape());
     let (nt, ct) = dims(teacher.shape());

@@ -13,7 +13,12 @@ pub fn avg_pool2x2<T: Elem>(tape: &mut Tape<T>, x: Var) -> Var {
     let d = xt.dims4();
     let (n, c, h, w) = d;
     let (ho, wo) = (h / 2, w / 2);
-    assert!(ho > 0 && wo > 0, "avg_pool2x2 on a {h}x{w} input");
+    // Callers check inputs first (`Model::check_input_size`); reaching this is a bug.
+    assert!(
+        ho > 0 && wo > 0,
+        "avg_pool2x2 needs at least a 2x2 input, got {h}x{w} (a model input below \
+         Model::min_input_size)"
+    );
     let y = on_backend!([&xt], |b| b
         .out(&[n, c, ho, wo], b.avg_pool2x2(&b.get(&xt), d)));
     tape.push(

@@ -398,6 +398,16 @@ impl OptimizerConfig {
         Ok(o)
     }
 
+    /// Checks the hyperparameters for `kind` (what [`OptimizerConfig::build`] would refuse),
+    /// without a layout: recipes are validated before a model exists.
+    pub fn validate(&self) -> Result<()> {
+        match self.kind {
+            OptimizerKind::Lamb => self.lamb_options().map(drop),
+            OptimizerKind::Adamw => self.adamw_options().map(drop),
+            OptimizerKind::Sgd => self.sgd_options().map(drop),
+        }
+    }
+
     /// The optimizer for `layout`, with zeroed state. Errors on invalid hyperparameters.
     pub fn build(&self, layout: &Layout) -> Result<Box<dyn Optimizer>> {
         Ok(match self.kind {
@@ -422,7 +432,11 @@ pub(crate) fn validate_adam(
         (0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1),
         "betas must be in [0, 1), got {betas:?}"
     );
-    ensure!(eps.is_finite() && eps >= 0.0, "eps must be >= 0, got {eps}");
+    // eps guards the division by sqrt(v): 0 divides 0 by 0 (NaN) at the first step.
+    ensure!(
+        eps.is_finite() && eps > 0.0,
+        "eps must be finite and > 0 (timm's default 1e-6 for LAMB, 1e-8 for AdamW), got {eps}"
+    );
     ensure!(
         weight_decay.is_finite() && weight_decay >= 0.0,
         "weight_decay must be >= 0, got {weight_decay}"
