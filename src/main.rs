@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ghostv3::io::{load_state, read_tensors, save_state, write_tensors, TensorData};
-use ghostv3::models::{self, Model, ModelOptions};
+use ghostv3::models::{self, Model, ModelOptions, Pass};
 use ghostv3::nn::{Mode, RepOptions};
 use ghostv3::tensor::Device;
 use ghostv3::train::step::{self, Targets};
@@ -53,8 +53,9 @@ struct TrainArgs {
     /// Override a recipe entry, e.g. --set train.epochs=5 --set optimizer.weight_decay=0.05.
     #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
     sets: Vec<String>,
-    /// Continue the run in this directory from its last checkpoint.
-    #[arg(long, conflicts_with = "config")]
+    /// Continue the run in this directory from its last checkpoint (it keeps its directory and
+    /// recipe: --set changes the recipe, and is written to its config.toml).
+    #[arg(long, conflicts_with_all = ["config", "out"])]
     resume: Option<PathBuf>,
     /// Run directory for a new run (default runs/<model>-<time>).
     #[arg(long)]
@@ -272,6 +273,41 @@ struct FoldArgs {
     out: PathBuf,
 }
 
+/// stdout was closed under a command (`ghostv3 predict ... | head`): it ends quietly, exit 0.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes to stdout (locked); a closed pipe is [`StdoutClosed`], not the panic of `println!`.
+fn emit(args: std::fmt::Arguments<'_>, newline: bool) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let r = o
+        .write_fmt(args)
+        .and_then(|()| if newline { o.write_all(b"\n") } else { Ok(()) });
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => r.context("cannot write to stdout"),
+    }
+}
+
+/// `println!` that returns an error (`?`) instead of panicking when stdout is closed.
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), true)? };
+}
+
+/// `print!` that returns an error (`?`) instead of panicking when stdout is closed.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), false)? };
+}
+
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -283,17 +319,27 @@ fn main() {
         Cmd::Predict(a) => predict(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Export(a) => export(a),
-        Cmd::Models => {
-            for m in models::REGISTRY {
-                println!("{:<20} {:?} ({} names)", m.name, m.arch, m.names_from);
-            }
-            Ok(())
-        }
+        Cmd::Models => list_models(),
     };
     if let Err(e) = r {
+        if e.downcast_ref::<StdoutClosed>().is_some() {
+            std::process::exit(0); // the reader is gone (`| head`): nothing more to say
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn list_models() -> Result<()> {
+    for m in models::REGISTRY {
+        outln!("{:<20} {:?} ({} names)", m.name, m.arch, m.names_from);
+    }
+    Ok(())
+}
+
+/// `--size` as the errors name it.
+fn size_flag(size: usize) -> String {
+    format!("--size {size}")
 }
 
 fn thousands(n: u64) -> String {
@@ -325,28 +371,32 @@ fn info(a: InfoArgs) -> Result<()> {
     }
     let base = a.model.options(None, false)?;
     let forms: &[bool] = if a.deploy { &[true] } else { &[false, true] };
-    println!(
+    let mut lines = vec![format!(
         "{} ({} classes) at {}x{}:",
         a.model.model, base.num_classes, a.size, a.size
-    );
+    )];
     for &deploy in forms {
         if deploy && forms.len() == 2 && base.rep.branches == 0 {
             break; // --branches 0: the train form is the plain form, already printed
         }
         let mut m = models::create(&a.model.model, &ModelOptions { deploy, ..base })?;
+        m.check_run(&size_flag(a.size), 1, a.size, a.size, Pass::Tape)?;
         let (params, macs) = count(&mut m, a.size);
         let form = m.form();
-        println!(
+        lines.push(format!(
             "  {form:<44} {:>12} params  {:>7.1}M MACs  ({} tensors + {} BN buffers)",
             thousands(params),
             macs as f64 / 1e6,
             m.state().params.len(),
             m.state().buffers.len()
-        );
+        ));
+    }
+    for l in &lines {
+        outln!("{l}");
     }
     if a.device == Device::Cuda {
         let (report, ok) = ghostv3::backend::cuda::report();
-        print!("{report}");
+        out!("{report}");
         if !ok {
             bail!("CUDA is not usable here (see above)");
         }
@@ -380,7 +430,6 @@ fn predict_on(m: &mut Model, x: &Tensor<f32>) -> Result<Tensor<f32>> {
 
 fn forward(a: ForwardArgs) -> Result<()> {
     let mut m = load_model(&a.model, &a.weights, a.deploy)?;
-    to_device(&mut m, a.device)?;
     let inputs = read_tensors(&a.inputs)?;
     let x = match inputs.get("input") {
         Some(TensorData::F32(s, v)) if s.len() == 4 && s[1] == 3 => Tensor::new(s, v.clone()),
@@ -393,6 +442,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
     if !x.is_finite() {
         bail!("the input holds NaN or Inf");
     }
+    let (n, h, w) = (x.shape()[0], x.shape()[2], x.shape()[3]);
+    let pass = if a.grads { Pass::TapeTrain } else { Pass::Tape };
+    m.check_run(&format!("input {n}x3x{h}x{w}"), n, h, w, pass)?;
+    to_device(&mut m, a.device)?;
     let mut out = BTreeMap::new();
     let logits = predict_on(&mut m, &x)?;
     out.insert(
@@ -449,10 +502,10 @@ fn forward(a: ForwardArgs) -> Result<()> {
                 TensorData::F32(e.shape.clone(), v),
             );
         }
-        println!("train loss {lv:.6}");
+        outln!("train loss {lv:.6}");
     }
     write_tensors(&a.out, &out, None)?;
-    println!("wrote {} tensors to {}", out.len(), a.out.display());
+    outln!("wrote {} tensors to {}", out.len(), a.out.display());
     Ok(())
 }
 
@@ -461,8 +514,8 @@ fn fold(a: FoldArgs) -> Result<()> {
     if train.is_deploy() {
         bail!("{} is already in deploy form", a.weights.display());
     }
-    let mut deploy = reparam::fold(&train).context("folding failed")?;
-    // Check the fold on a random input: both forms in eval mode must agree.
+    // Both forms in eval mode must agree on a random input, checked BEFORE writing: a refused
+    // fold leaves --out as it was (and save_state writes atomically: temp file, fsync, rename).
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let x = Tensor::new(
         &[2, 3, 128, 128],
@@ -470,8 +523,8 @@ fn fold(a: FoldArgs) -> Result<()> {
             .map(|_| rng.random_range(-2.0..2.0))
             .collect(),
     );
-    let (yt, yd) = (train.predict(&x), deploy.predict(&x));
-    let rel = yd.max_abs_diff(&yt) / yt.max_abs().max(1e-30);
+    let (deploy, check) = reparam::fold_checked(&mut train, &x)
+        .with_context(|| format!("folding {} failed; nothing written", a.weights.display()))?;
     let meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("ghostv3.model".to_string(), a.model.model.clone()),
@@ -479,20 +532,20 @@ fn fold(a: FoldArgs) -> Result<()> {
     ]);
     save_state(deploy.state(), &a.out, meta)?;
     println!(
-        "folded {} tensors ({} params) into {} tensors ({} params); eval outputs agree to {rel:.2e} (max rel) on a random input",
+        "folded {} tensors ({} params) into {} tensors ({} params); eval outputs agree: {check}",
         train.state().params.len() + train.state().buffers.len(),
         thousands(train.state().params.numel() as u64),
         deploy.state().params.len() + deploy.state().buffers.len(),
         thousands(deploy.state().params.numel() as u64),
     );
-    if rel > 1e-4 {
-        bail!("folded model disagrees with the train form (rel {rel:.2e}); not trusting it");
-    }
     println!("wrote {}", a.out.display());
     Ok(())
 }
 
+/// Trains; SIGTERM/SIGINT stop it at the next step with a checkpoint, and the process exits with
+/// `EXIT_PREEMPTED` so that a requeued job knows to `--resume`.
 fn train(mut a: TrainArgs) -> Result<()> {
+    use ghostv3::train::preempt::{StopFlag, EXIT_PREEMPTED};
     use ghostv3::train::{config::TrainConfig, Trainer};
     if let Some(d) = a.device {
         a.sets.push(format!("train.device=\"{}\"", d.name()));
@@ -500,7 +553,11 @@ fn train(mut a: TrainArgs) -> Result<()> {
     let mut t = match &a.resume {
         Some(dir) => {
             let t = Trainer::resume(dir, &a.sets)?;
-            println!("resuming {} after epoch {}", dir.display(), t.epoch);
+            println!(
+                "resuming {} {}",
+                dir.display(),
+                t.resumed_at().unwrap_or("from the start")
+            );
             t
         }
         None => {
@@ -521,13 +578,32 @@ fn train(mut a: TrainArgs) -> Result<()> {
             Trainer::new(cfg, &dir)?
         }
     };
-    t.run()?;
+    t.stop_on(StopFlag::on_signals()?);
+    let summary = t.run()?;
+    drop(t); // releases the run directory before the process ends
+    if summary.stopped_by.is_some() {
+        std::process::exit(EXIT_PREEMPTED);
+    }
     Ok(())
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
     use ghostv3::data::{ImageFolder, Loader, TransformConfig};
+    use ghostv3::train::config::MAX_WORKERS;
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if a.workers > MAX_WORKERS {
+        bail!("--workers must be in 0..={MAX_WORKERS}, got {}", a.workers);
+    }
     let mut m = load_model(&a.model, &a.weights, false)?;
+    m.check_run(
+        &size_flag(a.size),
+        a.batch,
+        a.size,
+        a.size,
+        pass_of(&m, a.device),
+    )?;
     let ds = std::sync::Arc::new(ImageFolder::open(&a.data)?);
     if ds.num_classes() != m.num_classes() {
         bail!(
@@ -550,19 +626,24 @@ fn eval(a: EvalArgs) -> Result<()> {
         Device::Cpu => fast_engine(&m)?,
         Device::Cuda => None,
     };
-    let (top1, top5, loss) = match &fast {
+    let r = match &fast {
         Some(e) => ghostv3::train::evaluate_with(&loader, |x| e.predict(x))?,
         None => ghostv3::train::evaluate(&mut m, &loader)?,
     };
     let secs = t0.elapsed().as_secs_f64();
-    println!(
-        "{} ({} form) on {} ({} images): top-1 {:.2}%, top-5 {:.2}%, loss {loss:.4}, {:.1} images/s",
+    for s in &r.skipped {
+        eprintln!("warning: skipped unreadable image {s}");
+    }
+    outln!(
+        "{} ({} form) on {} ({} images scored{}): top-1 {:.2}%, top-5 {:.2}%, loss {:.4}, {:.1} images/s",
         a.model.model,
         if m.is_deploy() { "deploy" } else { "train" },
         a.data.display(),
-        ds.len(),
-        100.0 * top1,
-        100.0 * top5,
+        r.images,
+        r.skipped_note(),
+        100.0 * r.top1,
+        100.0 * r.top5,
+        r.loss,
         ds.len() as f64 / secs
     );
     Ok(())
@@ -573,6 +654,7 @@ use ghostv3::data::Dataset as _;
 fn predict(a: PredictArgs) -> Result<()> {
     use ghostv3::data::{Transform, TransformConfig};
     let mut m = load_model(&a.model, &a.weights, false)?;
+    m.check_run(&size_flag(a.size), 1, a.size, a.size, pass_of(&m, a.device))?;
     let names: Option<Vec<String>> = {
         let bytes = std::fs::read(&a.weights)?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
@@ -605,30 +687,35 @@ fn predict(a: PredictArgs) -> Result<()> {
         let s: f64 = e.iter().sum();
         let mut order: Vec<usize> = (0..z.len()).collect();
         order.sort_by(|&i, &j| z[j].total_cmp(&z[i]));
-        println!("{}:", path.display());
+        outln!("{}:", path.display());
         for &c in order.iter().take(5) {
             let name = names
                 .as_ref()
                 .and_then(|n| n.get(c))
                 .cloned()
                 .unwrap_or_else(|| format!("class {c}"));
-            println!("  {:6.2}%  {name}", 100.0 * e[c] / s);
+            outln!("  {:6.2}%  {name}", 100.0 * e[c] / s);
         }
     }
     Ok(())
 }
 
-/// The fast-path engine of a model (weights loaded when given, else random in the chosen form).
-fn infer_engine(
-    args: &ModelArgs,
-    weights: Option<&Path>,
-    train_form: bool,
-) -> Result<infer::Engine> {
-    let m = match weights {
-        Some(w) => load_model(args, w, false)?,
-        None => models::create(&args.model, &args.options(None, !train_form)?)?,
-    };
-    infer::model_engine(&m)
+/// A model with its weights when given, else random in the chosen form (`bench`, `export`).
+fn weights_or_random(args: &ModelArgs, weights: Option<&Path>, train_form: bool) -> Result<Model> {
+    match weights {
+        Some(w) => load_model(args, w, false),
+        None => models::create(&args.model, &args.options(None, !train_form)?),
+    }
+}
+
+/// How `eval` and `predict` run a model on `device`: the fast path when [`fast_engine`] has
+/// one, else the engine's tape.
+fn pass_of(m: &Model, device: Device) -> Pass {
+    if device == Device::Cpu && m.is_deploy() && infer::lower::supports(m) {
+        Pass::Engine
+    } else {
+        Pass::Tape
+    }
 }
 
 /// The fast inference path for folded (deploy-form) weights of a model it lowers; None for
@@ -641,13 +728,49 @@ fn fast_engine(m: &Model) -> Result<Option<infer::Engine>> {
     }
 }
 
+/// Most timed (and warm-up) runs of `bench`: `time_runs` stops at this many anyway.
+const MAX_BENCH_RUNS: usize = 100_000;
+/// Longest `--min-secs` of `bench` (an hour).
+const MAX_BENCH_SECS: f64 = 3600.0;
+/// `bench --threads` is at most this many threads per core: past the core count threads only
+/// take turns, and thousands of them make a run crawl.
+const BENCH_THREADS_PER_CORE: usize = 8;
+
+/// Checks the numbers of `bench` and returns the thread count.
+fn bench_threads(a: &BenchArgs) -> Result<usize> {
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if !(1..=MAX_BENCH_RUNS).contains(&a.runs) {
+        bail!("--runs must be in 1..={MAX_BENCH_RUNS}, got {}", a.runs);
+    }
+    if a.warmup > MAX_BENCH_RUNS {
+        bail!("--warmup must be in 0..={MAX_BENCH_RUNS}, got {}", a.warmup);
+    }
+    if !(a.min_secs >= 0.0 && a.min_secs <= MAX_BENCH_SECS) {
+        bail!(
+            "--min-secs must be a number of seconds in [0, {MAX_BENCH_SECS}], got {}",
+            a.min_secs
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max = BENCH_THREADS_PER_CORE * cores;
+    match a.threads {
+        None => Ok(cores),
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) if t > max => bail!(
+            "--threads {t} is too many: at most {max} ({BENCH_THREADS_PER_CORE} per core, {cores} \
+             cores here)"
+        ),
+        Some(t) => Ok(t),
+    }
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     use ghostv3::infer::bench::{
         bench_engine, peak_rss_bytes, profile_engine, time_runs, BenchConfig,
     };
-    let num_threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let num_threads = bench_threads(&a)?;
     let threads = rayon::ThreadPoolBuilder::new()
         .num_threads(num_threads)
         .build()?;
@@ -656,15 +779,14 @@ fn bench(a: BenchArgs) -> Result<()> {
         size: a.size,
         warmup: a.warmup,
         min_runs: a.runs,
-        min_time: std::time::Duration::from_secs_f64(a.min_secs),
+        min_time: std::time::Duration::try_from_secs_f64(a.min_secs)?,
     };
     threads.install(|| {
         let form = if a.train_form { "train form, folded at load" } else { "deploy form" };
+        let mut m = weights_or_random(&a.model, a.weights.as_deref(), a.train_form)?;
+        let pass = if a.tape { Pass::Tape } else { Pass::Engine };
+        m.check_run(&size_flag(a.size), a.batch, a.size, a.size, pass)?;
         let (report, what) = if a.tape {
-            let mut m = match &a.weights {
-                Some(w) => load_model(&a.model, w, false)?,
-                None => models::create(&a.model.model, &a.model.options(None, !a.train_form)?)?,
-            };
             let x = Tensor::new(
                 &[a.batch, 3, a.size, a.size],
                 ghostv3::infer::bench::random_input(a.batch, a.size, 0),
@@ -675,19 +797,20 @@ fn bench(a: BenchArgs) -> Result<()> {
             })?;
             (r, "tape predict".to_string())
         } else {
-            let e = infer_engine(&a.model, a.weights.as_deref(), a.train_form)?;
+            let e = infer::model_engine(&m)?;
+            drop(m);
             let r = bench_engine(&e, &cfg)?;
             if a.profile {
-                print!("{}", profile_engine(&e, a.batch, a.size, 20)?);
+                out!("{}", profile_engine(&e, a.batch, a.size, 20)?);
             }
-            println!(
+            outln!(
                 "memory: packed weights {:.1} MB, activation arenas {:.1} MB",
                 e.weight_bytes() as f64 / 1e6,
                 e.peak_arena_bytes() as f64 / 1e6
             );
             (r, format!("fast path ({})", e.isa.name()))
         };
-        println!(
+        outln!(
             "{} {form}, {what}, batch {}, {}x{}, {num_threads} threads: median {:.3} ms, p90 {:.3} ms, {:.1} images/s ({} runs); peak RSS {:.1} MB",
             a.model.model,
             a.batch,
@@ -707,10 +830,12 @@ fn export(a: ExportArgs) -> Result<()> {
     if a.format != "onnx" {
         bail!("unknown --format {} (supported: onnx)", a.format);
     }
-    let e = infer_engine(&a.model, a.weights.as_deref(), false)?;
+    let m = weights_or_random(&a.model, a.weights.as_deref(), false)?;
+    m.check_input_size(&size_flag(a.size), a.size, a.size)?;
+    let e = infer::model_engine(&m)?;
     let bytes = infer::onnx::export(&e.graph, a.size, a.size)?;
     ghostv3::io::atomic::write_atomic(&a.out, &bytes)?;
-    println!(
+    outln!(
         "wrote {} ({} nodes, {:.1} MB)",
         a.out.display(),
         e.graph.nodes.len(),

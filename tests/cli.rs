@@ -243,6 +243,8 @@ fn eval_and_predict_on_an_image_folder() {
             img.save(root.join(c).join(format!("{i}.png"))).unwrap();
         }
     }
+    // One unreadable image: skipped, and said so (the figures are over the 6 others).
+    std::fs::write(root.join("dogs/broken.png"), b"\x89PNG not really").unwrap();
     let m = create(
         "ghostnetv3_050",
         &ModelOptions {
@@ -266,7 +268,8 @@ fn eval_and_predict_on_an_image_folder() {
         "64",
     ]));
     assert!(
-        out.contains("(6 images): top-1") && out.contains("images/s"),
+        out.contains("(6 images scored, 1 unreadable image(s) not scored): top-1")
+            && out.contains("images/s"),
         "{out}"
     );
     let img = root.join("cats/0.png");

@@ -416,7 +416,7 @@ fn cli_bench_export_predict() {
         .concat(),
     );
     assert!(
-        out.contains("(deploy form)") && out.contains("(3 images): top-1"),
+        out.contains("(deploy form)") && out.contains("(3 images scored): top-1"),
         "{out}"
     );
     std::fs::remove_dir_all(&dir).ok();

@@ -97,3 +97,57 @@ fn implausible_weights_are_refused_at_load() {
         assert!(format!("{err:#}").contains(&name), "{what}: {err:#}");
     }
 }
+
+#[test]
+fn train_and_val_splits_with_other_class_names_are_refused() {
+    let root = scratch("splits");
+    for (split, classes) in [("train", ["cats", "dogs"]), ("val", ["cats", "owls"])] {
+        for c in classes {
+            let d = root.join(split).join(c);
+            std::fs::create_dir_all(&d).unwrap();
+            image::RgbImage::from_pixel(40, 40, image::Rgb([9, 99, 199]))
+                .save(d.join("0.png"))
+                .unwrap();
+        }
+    }
+    let sets: Vec<String> = [
+        "data.kind=\"imagefolder\"".to_string(),
+        format!("data.root=\"{}\"", root.display()),
+    ]
+    .to_vec();
+    let cfg = ghostv3::train::config::TrainConfig::from_toml(
+        ghostv3::train::config::TrainConfig::default_recipe(),
+        &sets,
+        "test",
+    )
+    .unwrap();
+    let err = ghostv3::train::Trainer::new(cfg, &root.join("run"))
+        .err()
+        .expect("refused");
+    let e = format!("{err:#}");
+    assert!(
+        e.contains("different classes") && e.contains("dogs") && e.contains("owls"),
+        "{e}"
+    );
+    assert!(!root.join("run").exists(), "nothing written for a refused recipe");
+}
+
+#[test]
+fn evaluation_refuses_non_finite_outputs() {
+    use ghostv3::data::{Loader, Synthetic, TransformConfig};
+    let ds = std::sync::Arc::new(Synthetic::new(8, 32, 0));
+    let loader = Loader::new(ds, TransformConfig::eval(32), 4, false, false, 1, 0).unwrap();
+    let ok = ghostv3::train::evaluate_with(&loader, |x| {
+        Ok(ghostv3::Tensor::new(&[x.shape()[0], 10], vec![0.5; x.shape()[0] * 10]))
+    })
+    .unwrap();
+    assert_eq!((ok.images, ok.skipped.len()), (8, 0));
+    let err = ghostv3::train::evaluate_with(&loader, |x| {
+        let mut v = vec![0.5; x.shape()[0] * 10];
+        v[13] = f32::NAN;
+        Ok(ghostv3::Tensor::new(&[x.shape()[0], 10], v))
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("NaN") && err.contains("image 1"), "{err}");
+}

@@ -213,6 +213,12 @@ impl Ema {
             ],
         )?;
         let updates = decode_step("updates", b[2])?;
+        // An average of weights is a weight: refused where a weight would be.
+        for (name, vals) in [("params", b[0]), ("buffers", b[1])] {
+            if let Some(why) = crate::io::weights::implausible(name, vals) {
+                anyhow::bail!("ema.{name} {why}");
+            }
+        }
         let device = self.params.device();
         let params = super::host(b[0]).to_device(device)?;
         let buffers = super::host(b[1]).to_device(device)?;

@@ -154,10 +154,17 @@ pub struct TrainSection {
     /// optimizer, EMA and evaluation; batches reach it through pinned buffers).
     #[serde(default)]
     pub device: Device,
+    /// Checkpoints inside an epoch: `"epoch"` (at epoch ends only), `"<n> steps"` or `"<m> min"`
+    /// (default 10 min): what a kill -9 can lose at most.
+    #[serde(default)]
+    pub checkpoint_every: super::preempt::CheckpointEvery,
 }
 
 /// The device a run trains on (the engine's one `Device`).
 pub use crate::tensor::Device;
+
+/// The most loader threads a recipe may ask for (`data.workers`).
+pub const MAX_WORKERS: usize = 256;
 
 fn eval_batch() -> usize {
     64
@@ -237,13 +244,75 @@ impl TrainConfig {
         toml::to_string_pretty(self).context("cannot serialize the recipe")
     }
 
+    /// Checks every numeric entry of the recipe (NaN fails every check), so that a run that
+    /// starts does not stop at its first step on a value that could never work.
     pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        crate::models::lookup(&m.name).context("model.name")?;
+        if m.rep_branches > 5 {
+            bail!(
+                "model.rep_branches = {} out of range 0..=5 (the paper's Table 2)",
+                m.rep_branches
+            );
+        }
+        if !(0.0..1.0).contains(&m.drop_rate) {
+            bail!("model.drop_rate must be in [0, 1), got {}", m.drop_rate);
+        }
+
+        let d = &self.data;
+        if d.synthetic_train == 0 || d.synthetic_val == 0 {
+            bail!("data.synthetic_train and data.synthetic_val must be at least 1");
+        }
+        let max_size = crate::models::MAX_INPUT_SIZE;
+        if !(1..=max_size).contains(&d.synthetic_size) {
+            bail!(
+                "data.synthetic_size must be in 1..={max_size} px, got {}",
+                d.synthetic_size
+            );
+        }
+        for (key, v) in [("data.max_train", d.max_train), ("data.max_val", d.max_val)] {
+            if v == Some(0) {
+                bail!("{key} must be at least 1 (leave it out to use every image)");
+            }
+        }
+        if d.workers > MAX_WORKERS {
+            bail!(
+                "data.workers must be in 0..={MAX_WORKERS} (0 decodes on the training thread), \
+                 got {}",
+                d.workers
+            );
+        }
+        if self.data.kind != DatasetKind::Synthetic && self.data.root.is_none() {
+            bail!("data.root is required for data.kind = {:?}", self.data.kind);
+        }
+
+        if !self.augment.is_training {
+            bail!("augment.is_training must be true (it is the train-time transform)");
+        }
+        self.augment.validate().context("augment")?;
+        self.eval.validate().context("eval")?;
+
+        let x = &self.mixup;
+        for (key, a) in [
+            ("mixup.mixup_alpha", x.mixup_alpha),
+            ("mixup.cutmix_alpha", x.cutmix_alpha),
+        ] {
+            if !(a >= 0.0 && a.is_finite()) {
+                bail!("{key} must be finite and >= 0 (0 turns it off), got {a}");
+            }
+        }
+        for (key, p) in [("mixup.prob", x.prob), ("mixup.switch_prob", x.switch_prob)] {
+            if !(0.0..=1.0).contains(&p) {
+                bail!("{key} must be a probability in [0, 1], got {p}");
+            }
+        }
+
         let t = &self.train;
         if t.epochs == 0 || t.batch_size == 0 || t.eval_batch_size == 0 {
             bail!("train.epochs, train.batch_size and train.eval_batch_size must be positive");
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            bail!("train.lr must be positive, got {}", t.lr);
+            bail!("train.lr must be finite and > 0, got {}", t.lr);
         }
         if !(0.0..1.0).contains(&t.label_smoothing) {
             bail!(
@@ -251,20 +320,41 @@ impl TrainConfig {
                 t.label_smoothing
             );
         }
-        if !self.augment.is_training {
-            bail!("augment.is_training must be true (it is the train-time transform)");
-        }
+
+        self.optimizer.validate().context("optimizer")?;
         self.schedule.validate()?;
-        if let Some(e) = &self.ema {
-            e.validate()?;
-        }
-        if let Some(kd) = &self.kd {
-            if !(0.0..=1.0).contains(&kd.alpha) || kd.temperature <= 0.0 {
-                bail!("kd.alpha must be in [0, 1] and kd.temperature > 0");
+        // Each value may be in range and the schedule still overflow (lr 1e308 over a warm-up
+        // of 5e-324 epochs): the rate is checked where it bends.
+        let sc = &self.schedule;
+        for e in [0.0, 0.5 * sc.warmup_epochs, sc.warmup_epochs, 0.5 * sc.epochs, sc.epochs] {
+            let lr = sc.lr_at(t.lr, e);
+            if !(0.0..=f64::MAX).contains(&lr) {
+                bail!(
+                    "schedule: the learning rate at epoch {e} would be {lr} (train.lr {}, \
+                     warmup_lr {}, warmup_epochs {})",
+                    t.lr,
+                    sc.warmup_lr,
+                    sc.warmup_epochs
+                );
             }
         }
-        if self.data.kind != DatasetKind::Synthetic && self.data.root.is_none() {
-            bail!("data.root is required for data.kind = {:?}", self.data.kind);
+        if let Some(e) = &self.ema {
+            e.validate()?;
+            if !(e.warmup_gamma.is_finite() && e.warmup_power.is_finite()) {
+                bail!("ema warmup_gamma and warmup_power must be finite and > 0");
+            }
+        }
+        if let Some(kd) = &self.kd {
+            crate::models::lookup(&kd.teacher).context("kd.teacher")?;
+            if !(0.0..=1.0).contains(&kd.alpha) {
+                bail!("kd.alpha must be in [0, 1], got {}", kd.alpha);
+            }
+            if !(kd.temperature > 0.0 && kd.temperature.is_finite()) {
+                bail!(
+                    "kd.temperature must be finite and > 0 (the paper's 1), got {}",
+                    kd.temperature
+                );
+            }
         }
         Ok(())
     }

@@ -2,8 +2,10 @@
 //! running statistics, optimizer state or EMA, naming the tensor, before any of it is written
 //! as a checkpoint, best, last or deploy file (so "the last good checkpoint" is good).
 
+use crate::io::TensorData;
 use crate::nn::{FlatStore, State};
 use anyhow::{bail, Result};
+use std::collections::BTreeMap;
 
 /// The first non-finite value of `values`: its index and value.
 fn first_bad(values: &[f32]) -> Option<(usize, f32)> {
@@ -42,6 +44,18 @@ pub fn check_buffers(what: &str, buffers: &[(String, Vec<f32>)]) -> Result<()> {
     for (name, v) in buffers {
         if let Some((i, x)) = first_bad(v) {
             bail!("{what} state {name} became {x} (element {i})");
+        }
+    }
+    Ok(())
+}
+
+/// Fails when a named tensor of a file about to be written holds a non-finite value.
+pub fn check_tensors(tensors: &BTreeMap<String, TensorData>) -> Result<()> {
+    for (name, t) in tensors {
+        if let TensorData::F32(_, v) = t {
+            if let Some((i, x)) = first_bad(v) {
+                bail!("{name} became {x} (element {i})");
+            }
         }
     }
     Ok(())

@@ -5,8 +5,9 @@
 //! run in eval mode on the same batch) -> backward -> one optimizer pass over the flat buffers ->
 //! EMA update. Then eval of the model and its EMA, `metrics.jsonl`, an atomic checkpoint.
 //!
-//! Every random stream derives from (seed, epoch, step or sample index), so resuming from the
-//! checkpoint of epoch k continues exactly as the uninterrupted run would.
+//! Every random stream derives from (seed, epoch, step or sample index), so resuming from a
+//! checkpoint (written at every epoch end, every `train.checkpoint_every` inside one, and when a
+//! signal asks the run to stop: `preempt`) continues exactly as the uninterrupted run would.
 //!
 //! The step itself is [`step::step`]. With `train.device = "cuda"` the same step runs on the
 //! GPU: parameters, BN running statistics, optimizer moments and the EMA live there (their
@@ -16,19 +17,21 @@
 
 pub mod config;
 pub mod guard;
+pub mod preempt;
 pub mod run_dir;
 pub mod step;
 
 use crate::data::{self, Batch, Cifar10, Dataset, ImageFolder, Loader, Mixup, Subset, Synthetic};
 use crate::io::weights::state_tensors;
 use crate::io::{load_state, load_state_from, read_tensors, write_tensors, TensorData};
-use crate::models::{self, Model, ModelOptions};
+use crate::models::{self, Model, ModelOptions, Pass};
 use crate::nn::RepOptions;
 use crate::optim::{Ema, Layout, Update};
 use crate::tensor::Device;
 use crate::{reparam, Tensor};
 use anyhow::{bail, ensure, Context, Result};
 use config::{DatasetKind, TrainConfig};
+use preempt::StopFlag;
 use rand::rngs::StdRng;
 use run_dir::RunLock;
 use std::collections::{BTreeMap, HashMap};
@@ -53,6 +56,8 @@ pub struct EpochMetrics {
     pub images_per_s: f64,
     pub epoch_seconds: f64,
     pub skipped_images: usize,
+    /// Validation images that could not be read (top-1 and top-5 are over the others).
+    pub val_skipped_images: usize,
 }
 
 /// What `run` reports at the end.
@@ -61,6 +66,43 @@ pub struct Summary {
     pub epochs: Vec<EpochMetrics>,
     pub best_top1: f64,
     pub run_dir: PathBuf,
+    /// The signal that stopped the run early (after writing its checkpoint), if one did.
+    pub stopped_by: Option<&'static str>,
+}
+
+/// Where an epoch stands between steps: what a mid-epoch checkpoint saves so that resuming
+/// finishes the epoch with the same figures (f64 values survive JSON exactly: float_roundtrip).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// Steps of the epoch done (the next step to run).
+    step: usize,
+    loss_sum: f64,
+    images: usize,
+    skipped: usize,
+    lr: f64,
+    train_seconds: f64,
+}
+
+/// The trainer's state in a checkpoint's metadata (`ghostv3.trainer`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CheckpointInfo {
+    /// Epochs completed.
+    epoch: usize,
+    best_top1: f64,
+    /// Set when written inside an epoch.
+    #[serde(default)]
+    progress: Option<Progress>,
+    #[serde(default)]
+    run_id: Option<String>,
+}
+
+const INFO_KEY: &str = "ghostv3.trainer";
+const RECIPE_KEY: &str = "ghostv3.recipe";
+/// A digest over the trainer info and the recipe: edited metadata is refused like a flipped bit.
+const INFO_DIGEST_KEY: &str = "ghostv3.trainer_digest";
+
+fn info_digest(info: &str, recipe: &str) -> String {
+    run_dir::digest(format!("{info}\n{recipe}").as_bytes())
 }
 
 pub struct Trainer {
@@ -80,6 +122,14 @@ pub struct Trainer {
     pub quiet: bool,
     /// This trainer is the run directory's one writer while it lives.
     _lock: Option<RunLock>,
+    /// Set by SIGTERM/SIGINT (`preempt`): finish the step, checkpoint, stop.
+    stop: StopFlag,
+    /// Where the current epoch stands, when resumed from a checkpoint written inside it.
+    partial: Option<Progress>,
+    /// The run's identity (`run.json`), carried by its checkpoints.
+    run_id: Option<String>,
+    /// Where the checkpoint on disk stands ("after epoch 3", "at epoch 4 step 120").
+    checkpoint_at: Option<String>,
 }
 
 /// One training step's batch besides its images: the step index, the (soft) targets (None for a
@@ -97,6 +147,53 @@ fn stream(seed: u64, epoch: usize, step: usize, purpose: u64) -> StdRng {
         epoch,
         step,
     )
+}
+
+/// Where a checkpoint stands, in words.
+fn progress_at(epoch: usize, progress: Option<&Progress>) -> String {
+    match progress {
+        Some(p) => format!("at epoch {} step {}", epoch + 1, p.step),
+        None => format!("after epoch {epoch}"),
+    }
+}
+
+/// The keys (dotted) whose values differ between two recipes, as `key: a -> b`.
+fn recipe_diff(a: &str, b: &str) -> Vec<String> {
+    fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(t) => flatten(&key, t, out),
+                v => {
+                    out.insert(key, v.to_string());
+                }
+            }
+        }
+    }
+    let parse = |s: &str| {
+        let mut out = BTreeMap::new();
+        if let Ok(t) = toml::from_str::<toml::Table>(s) {
+            flatten("", &t, &mut out);
+        }
+        out
+    };
+    let (a, b) = (parse(a), parse(b));
+    let none = "(absent)".to_string();
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} -> {}",
+                a.get(k).unwrap_or(&none),
+                b.get(k).unwrap_or(&none)
+            )
+        })
+        .collect()
 }
 
 fn datasets(cfg: &TrainConfig) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
@@ -159,30 +256,105 @@ impl Trainer {
         t._lock = Some(RunLock::acquire(run_dir)?);
         // Checked again under the lock: another trainer may have started meanwhile.
         run_dir::check_fresh(run_dir)?;
+        // The recipe first: a run killed before its identity is written resumes from config.toml.
         crate::io::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml()?.as_bytes())?;
+        t.run_id = Some(run_dir::create_identity(run_dir)?);
         Ok(t)
     }
 
     /// Continues the run in `run_dir` from its last checkpoint: model, optimizer, EMA, schedule
-    /// position, epoch and random streams. `sets` may override the stored recipe (e.g. epochs).
+    /// position, epoch (and step, for a checkpoint written inside an epoch) and random streams. A
+    /// run stopped before its first checkpoint restarts from its recipe. `sets` may override the
+    /// stored recipe (e.g. epochs); they are written to `config.toml`.
     pub fn resume(run_dir: &Path, sets: &[String]) -> Result<Self> {
-        let cfg = TrainConfig::load(&run_dir.join("config.toml"), sets)?;
+        let config = run_dir.join("config.toml");
+        ensure!(
+            config.exists(),
+            "{} is not a run directory: it has no config.toml",
+            run_dir.display()
+        );
         let lock = RunLock::acquire(run_dir)?;
+        let cfg = TrainConfig::load(&config, sets)?;
+        let path = run_dir.join(CHECKPOINT);
         let mut t = Self::build(cfg, run_dir)?;
         t._lock = Some(lock);
-        let path = run_dir.join(CHECKPOINT);
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("no checkpoint to resume: {}", path.display()))?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).context("corrupt checkpoint")?;
-        let info = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("ghostv3.trainer"))
-            .context("checkpoint without trainer state")?;
-        let info: serde_json::Value = serde_json::from_str(info)?;
+        t.run_id = run_dir::identity(run_dir)?;
+        if path.exists() {
+            t.load_checkpoint(&path, sets)?;
+        } else {
+            eprintln!(
+                "note: {} has no checkpoint yet; the run restarts from its recipe",
+                run_dir.display()
+            );
+            if t.run_id.is_none() {
+                t.run_id = Some(run_dir::create_identity(run_dir)?);
+            }
+        }
+        for f in run_dir::remove_leftovers(run_dir)? {
+            eprintln!(
+                "note: removed {}, left by an interrupted write",
+                f.display()
+            );
+        }
+        let dropped = run_dir::truncate_metrics(run_dir, t.epoch)?;
+        if dropped > 0 {
+            eprintln!(
+                "note: dropped {dropped} metrics.jsonl line(s) past the checkpoint (epoch {})",
+                t.epoch
+            );
+        }
+        if !sets.is_empty() {
+            crate::io::write_atomic(&config, t.cfg.to_toml()?.as_bytes())?;
+        }
+        t.move_to_device()?;
+        Ok(t)
+    }
+
+    /// Restores model, optimizer, EMA and trainer state from `path`, after checking that the
+    /// checkpoint is this run's (identity, recipe) and that its metadata is intact and plausible.
+    fn load_checkpoint(&mut self, path: &Path, sets: &[String]) -> Result<()> {
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{shown} is corrupt"))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
         drop(bytes);
-        let tensors = read_tensors(&path)?;
+        let info_text = meta
+            .get(INFO_KEY)
+            .with_context(|| format!("{shown} holds no trainer state"))?;
+        // Checkpoints from before recipes were stored carry neither recipe nor digest.
+        if let Some(recipe) = meta.get(RECIPE_KEY) {
+            let digest = meta.get(INFO_DIGEST_KEY).map(String::as_str);
+            if digest != Some(info_digest(info_text, recipe).as_str()) {
+                bail!(
+                    "{shown}: its trainer metadata fails its digest: the file was edited or is \
+                     corrupt"
+                );
+            }
+            let theirs = TrainConfig::from_toml(recipe, sets, &format!("{shown} (recipe)"))?;
+            let diff = recipe_diff(&theirs.to_toml()?, &self.cfg.to_toml()?);
+            if !diff.is_empty() {
+                bail!(
+                    "{shown} was trained under another recipe than {}: {}. A resumed run changes \
+                     its recipe with --set (written to config.toml); pass these values with --set \
+                     to continue under config.toml",
+                    self.run_dir.join("config.toml").display(),
+                    diff.join(", ")
+                );
+            }
+        }
+        let info: CheckpointInfo = serde_json::from_str(info_text)
+            .with_context(|| format!("{shown}: corrupt trainer state"))?;
+        if let (Some(ours), Some(theirs)) = (&self.run_id, &info.run_id) {
+            ensure!(
+                ours == theirs,
+                "{shown} belongs to run {theirs}, not to this directory's run {ours} (run.json): \
+                 a checkpoint copied from another run"
+            );
+        }
+        self.check_info(&info)
+            .with_context(|| format!("{shown}: implausible trainer state"))?;
+        let tensors = read_tensors(path)?;
         let mut model_t = BTreeMap::new();
         let mut optim_t = Vec::new();
         let mut ema_t = Vec::new();
@@ -201,38 +373,95 @@ impl Trainer {
                 model_t.insert(k, v);
             }
         }
-        load_state_from(t.model.state_mut(), &model_t, &path.display().to_string())?;
-        t.update.optimizer.load_state(&optim_t)?;
-        if let Some(ema) = t.update.ema.as_mut() {
+        load_state_from(self.model.state_mut(), &model_t, &shown)?;
+        self.update.optimizer.load_state(&optim_t)?;
+        if let Some(ema) = self.update.ema.as_mut() {
             ema.load_state(&ema_t)?;
         }
-        t.epoch = info["epoch"].as_u64().context("epoch")? as usize;
-        t.best_top1 = info["best_top1"].as_f64().unwrap_or(0.0);
-        for f in run_dir::remove_leftovers(run_dir)? {
-            eprintln!(
-                "note: removed {}, left by an interrupted write",
-                f.display()
+        self.epoch = info.epoch;
+        self.best_top1 = info.best_top1;
+        self.checkpoint_at = Some(progress_at(info.epoch, info.progress.as_ref()));
+        self.partial = info.progress;
+        Ok(())
+    }
+
+    /// The checkpoint's epoch, step and figures fit the recipe (an edited epoch of 1000 would
+    /// otherwise "resume" to a finished run).
+    fn check_info(&self, info: &CheckpointInfo) -> Result<()> {
+        let epochs = self.cfg.train.epochs;
+        ensure!(
+            info.epoch <= epochs,
+            "it is after epoch {}, the recipe has {epochs} epochs (raise train.epochs with --set \
+             to train further)",
+            info.epoch
+        );
+        ensure!(
+            info.best_top1.is_finite() && (-1.0..=1.0).contains(&info.best_top1),
+            "best_top1 = {}",
+            info.best_top1
+        );
+        if let Some(p) = &info.progress {
+            let steps = self.train_loader.batches_per_epoch();
+            ensure!(
+                info.epoch < epochs,
+                "a step inside epoch {} of {epochs}",
+                info.epoch + 1
             );
-        }
-        let dropped = run_dir::truncate_metrics(run_dir, t.epoch)?;
-        if dropped > 0 {
-            eprintln!(
-                "note: dropped {dropped} metrics.jsonl line(s) past the checkpoint (epoch {})",
-                t.epoch
+            ensure!(
+                p.step <= steps,
+                "step {} of an epoch of {steps} steps",
+                p.step
             );
+            ensure!(
+                p.images <= p.step * self.cfg.train.batch_size
+                    && p.skipped <= p.step * self.cfg.train.batch_size,
+                "{} images and {} skipped in {} steps of {}",
+                p.images,
+                p.skipped,
+                p.step,
+                self.cfg.train.batch_size
+            );
+            for (what, x) in [
+                ("loss_sum", p.loss_sum),
+                ("lr", p.lr),
+                ("train_seconds", p.train_seconds),
+            ] {
+                ensure!(x.is_finite() && x >= 0.0, "{what} = {x}");
+            }
         }
-        t.move_to_device()?;
-        Ok(t)
+        Ok(())
+    }
+
+    /// Where the checkpoint this trainer resumed from stands ("after epoch 3"), if it did.
+    pub fn resumed_at(&self) -> Option<&str> {
+        self.checkpoint_at.as_deref()
+    }
+
+    /// Stops the run at the next step boundary as `SIGTERM` would (see `preempt`): the binary
+    /// passes a flag its signal handlers set.
+    pub fn stop_on(&mut self, flag: StopFlag) {
+        self.stop = flag;
     }
 
     fn build(cfg: TrainConfig, run_dir: &Path) -> Result<Self> {
         let (train_ds, val_ds) = datasets(&cfg)?;
         let num_classes = train_ds.num_classes();
-        ensure!(
-            val_ds.num_classes() == num_classes,
-            "train and val splits have different classes"
-        );
         let class_names = train_ds.class_names();
+        if val_ds.class_names() != class_names {
+            let (t, v) = (class_names.clone(), val_ds.class_names());
+            let only = |a: &[String], b: &[String]| -> Vec<String> {
+                a.iter().filter(|c| !b.contains(c)).take(5).cloned().collect()
+            };
+            bail!(
+                "the train and val splits have different classes ({} and {}): only in train {:?}, \
+                 only in val {:?}{}",
+                t.len(),
+                v.len(),
+                only(&t, &v),
+                only(&v, &t),
+                if t.len() == v.len() && only(&t, &v).is_empty() { " (same names, another order)" } else { "" }
+            );
+        }
         let m = &cfg.model;
         let opts = ModelOptions {
             num_classes,
@@ -256,6 +485,14 @@ impl Trainer {
                 m.name,
                 model.min_input_size()
             );
+        }
+        // Host memory (a GPU run is bounded by its device's memory, which it reports itself).
+        if cfg.train.device == Device::Cpu {
+            let (a, e) = (&cfg.augment, &cfg.eval);
+            let train_what = format!("augment.size = {} with train.batch_size", a.size);
+            model.check_run(&train_what, cfg.train.batch_size, a.size, a.size, Pass::TapeTrain)?;
+            let eval_what = format!("eval.size = {} with train.eval_batch_size", e.size);
+            model.check_run(&eval_what, cfg.train.eval_batch_size, e.size, e.size, Pass::Tape)?;
         }
         if let Some(init) = &m.init {
             load_state(model.state_mut(), init)?;
@@ -331,6 +568,10 @@ impl Trainer {
             best_top1: -1.0,
             quiet: false,
             _lock: None,
+            stop: StopFlag::new(),
+            partial: None,
+            run_id: None,
+            checkpoint_at: None,
         })
     }
 
@@ -381,35 +622,83 @@ impl Trainer {
             self.class_names.len(),
             self.run_dir.display()
         ));
+        let mut stopped_by = None;
         while self.epoch < self.cfg.train.epochs {
-            let m = self.run_epoch()?;
-            epochs.push(m);
+            // A signal during an evaluation stops here: the epoch's checkpoint is written.
+            if let Some(sig) = self.stop.requested() {
+                self.say_stopped(sig);
+                stopped_by = Some(sig);
+                break;
+            }
+            match self.run_epoch()? {
+                Some(m) => epochs.push(m),
+                None => {
+                    stopped_by = self.stop.requested();
+                    break;
+                }
+            }
         }
-        self.finish()?;
+        if stopped_by.is_none() {
+            self.finish()?;
+        }
         Ok(Summary {
             epochs,
             best_top1: self.best_top1,
             run_dir: self.run_dir.clone(),
+            stopped_by,
         })
     }
 
-    /// One epoch: train, evaluate, log, checkpoint.
-    pub fn run_epoch(&mut self) -> Result<EpochMetrics> {
+    /// The line a run stopped by a signal ends with (on stderr: it is what a job log needs).
+    fn say_stopped(&self, sig: &str) {
+        let at = match &self.partial {
+            Some(p) => format!(
+                "epoch {} step {}/{}",
+                self.epoch + 1,
+                p.step,
+                self.train_loader.batches_per_epoch()
+            ),
+            None => format!("the end of epoch {}", self.epoch),
+        };
+        let saved = match self.checkpoint_at {
+            Some(_) => format!("checkpoint {}", self.run_dir.join(CHECKPOINT).display()),
+            None => "before the first checkpoint (the run restarts)".to_string(),
+        };
+        eprintln!(
+            "{sig}: stopped at {at}; {saved}; continue with: ghostv3 train --resume {}",
+            self.run_dir.display()
+        );
+    }
+
+    /// One epoch (or what is left of it): train, evaluate, log, checkpoint. None when a signal
+    /// stopped it inside (its checkpoint written).
+    pub fn run_epoch(&mut self) -> Result<Option<EpochMetrics>> {
         let epoch = self.epoch;
-        let t0 = Instant::now();
-        let (train_loss, images, skipped, lr) = self.train_epoch(epoch)?;
-        let train_s = t0.elapsed().as_secs_f64();
-        self.check_finite()
+        let Some(p) = self.train_epoch(epoch)? else {
+            return Ok(None);
+        };
+        let t_eval = Instant::now();
+        let (images, skipped, lr) = (p.images, p.skipped, p.lr);
+        let train_loss = p.loss_sum / images as f64;
+        let train_s = p.train_seconds;
+        // Host copies once: checked, then written (nothing non-finite reaches a file).
+        let (host, tensors) = self
+            .checkpoint_tensors()
+            .and_then(|(h, t)| guard::check_tensors(&t).map(|()| (h, t)))
             .map_err(|e| self.stopped(&format!("after epoch {}: {e}", epoch + 1)))?;
-        let (top1, top5, val_loss) = evaluate(&mut self.model, &self.val_loader)?;
+        let val = evaluate(&mut self.model, &self.val_loader)?;
+        for s in &val.skipped {
+            eprintln!("warning: validation skipped unreadable image {s}");
+        }
+        let (top1, top5, val_loss) = (val.top1, val.top5, val.loss);
         let (ema_top1, ema_top5) = match (self.update.ema_tensors(), self.ema_model.as_mut()) {
             (Some((p, b)), Some(em)) => {
                 // The EMA model evaluates copies of the average, on the run's device.
                 let device = self.cfg.train.device;
                 em.state_mut().params.set_tensor(p.to_device(device)?);
                 em.state_mut().buffers.set_tensor(b.to_device(device)?);
-                let (a, b, _) = evaluate(em, &self.val_loader)?;
-                (Some(a), Some(b))
+                let e = evaluate(em, &self.val_loader)?;
+                (Some(e.top1), Some(e.top5))
             }
             _ => (None, None),
         };
@@ -423,13 +712,14 @@ impl Trainer {
             ema_top1,
             ema_top5,
             images_per_s: images as f64 / train_s,
-            epoch_seconds: t0.elapsed().as_secs_f64(),
+            epoch_seconds: train_s + t_eval.elapsed().as_secs_f64(),
             skipped_images: skipped,
+            val_skipped_images: val.skipped.len(),
         };
         self.epoch = epoch + 1;
         let ema_txt = ema_top1.map_or(String::new(), |e| format!(", EMA top-1 {:.2}%", 100.0 * e));
         self.say(&format!(
-            "epoch {}/{}: train loss {:.4}, val top-1 {:.2}% top-5 {:.2}%{ema_txt}, {:.1} img/s, {:.0} s{}",
+            "epoch {}/{}: train loss {:.4}, val top-1 {:.2}% top-5 {:.2}%{ema_txt}, {:.1} img/s, {:.0} s{}{}",
             m.epoch,
             self.cfg.train.epochs,
             train_loss,
@@ -437,7 +727,8 @@ impl Trainer {
             100.0 * top5,
             m.images_per_s,
             m.epoch_seconds,
-            if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() }
+            if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() },
+            val.skipped_note()
         ));
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -452,21 +743,36 @@ impl Trainer {
         };
         if best_now > self.best_top1 {
             self.best_top1 = best_now;
-            let state = if from_ema {
-                self.ema_model.as_ref().expect("ema model").state()
-            } else {
-                self.model.state()
-            };
             let meta = self.weights_meta(if from_ema { "ema" } else { "model" }, m.epoch);
-            let state = state.to_host()?;
-            crate::io::save_state(&state, &self.run_dir.join("best.safetensors"), meta)?;
+            let best = self.run_dir.join("best.safetensors");
+            if from_ema {
+                let ema = self
+                    .ema_model
+                    .as_ref()
+                    .expect("ema model")
+                    .state()
+                    .to_host()?;
+                crate::io::save_state(&ema, &best, meta)?;
+            } else {
+                crate::io::save_state(&host, &best, meta)?;
+            }
         }
-        self.save_checkpoint()?;
-        Ok(m)
+        self.write_checkpoint(tensors, None)?;
+        crate::io::save_state(
+            &host,
+            &self.run_dir.join("last.safetensors"),
+            self.weights_meta("model", self.epoch),
+        )?;
+        Ok(Some(m))
     }
 
-    fn train_epoch(&mut self, epoch: usize) -> Result<(f64, usize, usize, f64)> {
+    /// The training steps of `epoch` (from the step a mid-epoch checkpoint reached), with the
+    /// checkpoints `train.checkpoint_every` asks for. None when a signal stopped it (after a
+    /// checkpoint).
+    fn train_epoch(&mut self, epoch: usize) -> Result<Option<Progress>> {
         let steps = self.train_loader.batches_per_epoch();
+        let mut p = self.partial.take().unwrap_or_default();
+        let first = p.step;
         let bar = if self.quiet {
             indicatif::ProgressBar::hidden()
         } else {
@@ -479,6 +785,7 @@ impl Trainer {
                 .progress_chars("=> "),
             );
             b.set_prefix(format!("{}/{}", epoch + 1, self.cfg.train.epochs));
+            b.set_position(first as u64);
             b
         };
         let num_classes = self.model.num_classes();
@@ -486,8 +793,9 @@ impl Trainer {
         let (seed, smoothing) = (self.cfg.train.seed, self.cfg.train.label_smoothing);
         // Batches with their targets (Mixup/CutMix drawn from the step's own stream), in step
         // order; on the GPU they go up through pinned buffers one step ahead of the compute.
-        let host = self.train_loader.epoch(epoch).enumerate().map(
-            move |(step, batch)| -> Result<(Tensor<f32>, StepBatch)> {
+        let host = self.train_loader.epoch_from(epoch, first).enumerate().map(
+            move |(i, batch)| -> Result<(Tensor<f32>, StepBatch)> {
+                let step = first + i;
                 let Batch {
                     mut images,
                     labels,
@@ -513,65 +821,78 @@ impl Trainer {
             },
         );
         let batches = crate::tensor::storage::batches_to(self.cfg.train.device, host)?;
-        let (mut loss_sum, mut images, mut skipped, mut lr) = (0.0, 0usize, 0usize, 0.0);
-        let t0 = Instant::now();
+        let every = self.cfg.train.checkpoint_every;
+        let (t0, seconds_before, images_before) = (Instant::now(), p.train_seconds, p.images);
+        let mut last_checkpoint = (first, Instant::now());
         for item in batches {
             let (batch_images, batch) = item?;
             let step = batch.step;
-            skipped += batch.skipped.len();
+            p.step = step + 1;
+            p.skipped += batch.skipped.len();
             for s in &batch.skipped {
                 bar.suspend(|| eprintln!("warning: skipped unreadable image {s}"));
             }
-            let Some(targets) = batch.targets else {
-                continue;
-            };
-            let batch_len = targets.shape()[0];
-            lr = self
-                .cfg
-                .schedule
-                .lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
-            let loss = self.train_step(&batch_images, &targets, epoch, step, lr)?;
-            let at = format!("at epoch {} step {step} (lr {lr:.3e})", epoch + 1);
-            if !loss.is_finite() {
-                return Err(self.stopped(&format!("the loss became {loss} {at}")));
+            if let Some(targets) = batch.targets {
+                let batch_len = targets.shape()[0];
+                let lr = self
+                    .cfg
+                    .schedule
+                    .lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
+                let loss = self.train_step(&batch_images, &targets, epoch, step, lr)?;
+                let at = format!("at epoch {} step {step} (lr {lr:.3e})", epoch + 1);
+                if !loss.is_finite() {
+                    return Err(self.stopped(&format!("the loss became {loss} {at}")));
+                }
+                // On the host the parameters are checked after every step (a pass over them
+                // costs little next to the step); a device run is checked at every checkpoint.
+                if self.cfg.train.device == Device::Cpu {
+                    guard::check_state(self.model.state(), "model")
+                        .map_err(|e| self.stopped(&format!("{e} {at}")))?;
+                }
+                p.loss_sum += loss * batch_len as f64;
+                p.images += batch_len;
+                p.lr = lr;
+                bar.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {:.1} img/s",
+                    (p.images - images_before) as f64 / t0.elapsed().as_secs_f64()
+                ));
             }
-            // On the host the parameters are checked after every step (a pass over them costs
-            // little next to the step); a device run is checked once per epoch, before saving.
-            if self.cfg.train.device == Device::Cpu {
-                guard::check_state(self.model.state(), "model")
-                    .map_err(|e| self.stopped(&format!("{e} {at}")))?;
-            }
-            loss_sum += loss * batch_len as f64;
-            images += batch_len;
             bar.inc(1);
-            bar.set_message(format!(
-                "loss {loss:.4} lr {lr:.2e} {:.1} img/s",
-                images as f64 / t0.elapsed().as_secs_f64()
-            ));
+            p.train_seconds = seconds_before + t0.elapsed().as_secs_f64();
+            let stop = self.stop.requested();
+            let due = every.due(
+                p.step - last_checkpoint.0,
+                last_checkpoint.1.elapsed().as_secs_f64(),
+            );
+            // The epoch's last step is checkpointed with the epoch, after its evaluation.
+            if stop.is_some() || (due && p.step < steps) {
+                self.partial = Some(p.clone());
+                bar.suspend(|| self.save_partial())?;
+                self.partial = None;
+                if let Some(sig) = stop {
+                    bar.finish_and_clear();
+                    self.partial = Some(p);
+                    self.say_stopped(sig);
+                    return Ok(None);
+                }
+                last_checkpoint = (p.step, Instant::now());
+            }
         }
         bar.finish_and_clear();
-        ensure!(images > 0, "epoch {} saw no images", epoch + 1);
-        Ok((loss_sum / images as f64, images, skipped, lr))
+        ensure!(p.images > 0, "epoch {} saw no images", epoch + 1);
+        Ok(Some(p))
     }
 
     /// The error that stops a run, pointing at what can be resumed.
     fn stopped(&self, why: &str) -> anyhow::Error {
-        anyhow::anyhow!(
-            "{why}; stopping, nothing of this epoch was saved. The last good checkpoint is {} \
-             (after epoch {})",
-            self.run_dir.join(CHECKPOINT).display(),
-            self.epoch
-        )
-    }
-
-    /// The finite-state guard over everything a checkpoint holds.
-    fn check_finite(&self) -> Result<()> {
-        guard::check_state(&self.model.state().to_host()?, "model")?;
-        guard::check_buffers(self.update.optimizer.name(), &self.update.optimizer.state())?;
-        if let Some(ema) = &self.update.ema {
-            guard::check_buffers("EMA", &ema.state())?;
+        match &self.checkpoint_at {
+            Some(at) => anyhow::anyhow!(
+                "{why}; stopping, nothing after the last checkpoint was saved. The last good \
+                 checkpoint is {} ({at})",
+                self.run_dir.join(CHECKPOINT).display(),
+            ),
+            None => anyhow::anyhow!("{why}; stopping, before the run's first checkpoint"),
         }
-        Ok(())
     }
 
     fn mixup(&self, num_classes: usize) -> Option<Mixup> {
@@ -636,8 +957,9 @@ impl Trainer {
         ])
     }
 
-    /// Model, optimizer and EMA state in one atomically written file.
-    fn save_checkpoint(&mut self) -> Result<()> {
+    /// Host copies of what a checkpoint holds: the model state, and every tensor of the file
+    /// (model, `optim.*` moments, `ema.*` averages).
+    fn checkpoint_tensors(&self) -> Result<(crate::nn::State, BTreeMap<String, TensorData>)> {
         let host = self.model.state().to_host()?;
         let mut t = state_tensors(&host);
         for (k, v) in self.update.optimizer.state() {
@@ -648,15 +970,40 @@ impl Trainer {
                 t.insert(format!("ema.{k}"), TensorData::F32(vec![v.len()], v));
             }
         }
+        Ok((host, t))
+    }
+
+    /// Writes the checkpoint atomically: the tensors, the trainer state (with the epoch's
+    /// progress when written inside it), the run's identity and its recipe, under one digest.
+    fn write_checkpoint(
+        &mut self,
+        tensors: BTreeMap<String, TensorData>,
+        progress: Option<&Progress>,
+    ) -> Result<()> {
+        let info = CheckpointInfo {
+            epoch: self.epoch,
+            best_top1: self.best_top1,
+            progress: progress.cloned(),
+            run_id: self.run_id.clone(),
+        };
+        let info = serde_json::to_string(&info)?;
+        let recipe = self.cfg.to_toml()?;
         let mut meta = self.weights_meta("checkpoint", self.epoch);
-        let info = serde_json::json!({ "epoch": self.epoch, "best_top1": self.best_top1 });
-        meta.insert("ghostv3.trainer".to_string(), info.to_string());
-        write_tensors(&self.run_dir.join(CHECKPOINT), &t, Some(meta))?;
-        crate::io::save_state(
-            &host,
-            &self.run_dir.join("last.safetensors"),
-            self.weights_meta("model", self.epoch),
-        )
+        meta.insert(INFO_DIGEST_KEY.to_string(), info_digest(&info, &recipe));
+        meta.insert(INFO_KEY.to_string(), info);
+        meta.insert(RECIPE_KEY.to_string(), recipe);
+        write_tensors(&self.run_dir.join(CHECKPOINT), &tensors, Some(meta))?;
+        self.checkpoint_at = Some(progress_at(self.epoch, progress));
+        Ok(())
+    }
+
+    /// A checkpoint inside the epoch (`self.partial` says where), after the finite-state guard.
+    fn save_partial(&mut self) -> Result<()> {
+        let p = self.partial.clone().expect("progress of the epoch");
+        let at = progress_at(self.epoch, Some(&p));
+        let (_, tensors) = self.checkpoint_tensors()?;
+        guard::check_tensors(&tensors).map_err(|e| self.stopped(&format!("{e} {at}")))?;
+        self.write_checkpoint(tensors, Some(&p))
     }
 
     /// Folds the best weights into the deploy form (`deploy.safetensors`).
@@ -678,9 +1025,31 @@ impl Trainer {
     }
 }
 
-/// Top-1, top-5 (top-k with k = min(5, classes)) and mean CE of a model on a loader, eval mode,
-/// on the device the model's state is on.
-pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<(f64, f64, f64)> {
+/// A model's figures on a validation set.
+#[derive(Clone, Debug)]
+pub struct Eval {
+    /// Top-1 and top-k accuracy (k = min(5, classes)) and mean cross-entropy over `images`.
+    pub top1: f64,
+    pub top5: f64,
+    pub loss: f64,
+    /// Images scored.
+    pub images: usize,
+    /// Images that could not be read (not scored), by path.
+    pub skipped: Vec<String>,
+}
+
+impl Eval {
+    /// ", N unreadable images not scored" (empty when none), for the line that reports it.
+    pub fn skipped_note(&self) -> String {
+        match self.skipped.len() {
+            0 => String::new(),
+            n => format!(", {n} unreadable image(s) not scored"),
+        }
+    }
+}
+
+/// A model's [`Eval`] on a loader, eval mode, on the device the model's state is on.
+pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<Eval> {
     let device = model.state().device();
     evaluate_with(loader, |x| {
         Ok(model.predict(&x.to_device(device)?).to_host())
@@ -691,14 +1060,26 @@ pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<(f64, f64, f64)> {
 pub fn evaluate_with(
     loader: &Loader,
     mut predict: impl FnMut(&Tensor<f32>) -> Result<Tensor<f32>>,
-) -> Result<(f64, f64, f64)> {
+) -> Result<Eval> {
     let (mut n, mut c1, mut c5, mut loss) = (0usize, 0usize, 0usize, 0.0f64);
+    let mut skipped = Vec::new();
     for batch in loader.epoch(0) {
         let batch = batch?;
+        skipped.extend(batch.skipped.iter().cloned());
         if batch.is_empty() {
             continue;
         }
         let logits = predict(&batch.images)?;
+        // NaN logits would score as chance with a finite-looking loss: broken weights, not data.
+        if let Some(i) = logits.data().iter().position(|v| !v.is_finite()) {
+            bail!(
+                "the model's output {} is {} (image {} of the set): its weights or running \
+                 statistics are broken",
+                i,
+                logits.data()[i],
+                n + i / logits.shape()[1].max(1)
+            );
+        }
         let (b, k) = (logits.shape()[0], logits.shape()[1]);
         for i in 0..b {
             let row = &logits.data()[i * k..(i + 1) * k];
@@ -713,6 +1094,16 @@ pub fn evaluate_with(
         }
         n += b;
     }
-    ensure!(n > 0, "the validation set is empty");
-    Ok((c1 as f64 / n as f64, c5 as f64 / n as f64, loss / n as f64))
+    ensure!(
+        n > 0,
+        "the validation set is empty ({} unreadable images skipped)",
+        skipped.len()
+    );
+    Ok(Eval {
+        top1: c1 as f64 / n as f64,
+        top5: c5 as f64 / n as f64,
+        loss: loss / n as f64,
+        images: n,
+        skipped,
+    })
 }

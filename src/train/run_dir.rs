@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 const LOCK: &str = ".lock";
 const METRICS: &str = "metrics.jsonl";
+/// The run's identity, written once when the run starts; its checkpoints carry the same id.
+const IDENTITY: &str = "run.json";
 
 /// The lock on a run directory; released when dropped (also when the process dies: the
 /// kernel drops the lock with the file descriptor, so a killed run never leaves it stuck).
@@ -56,14 +58,17 @@ impl RunLock {
 pub fn check_fresh(dir: &Path) -> Result<()> {
     for name in [
         "config.toml",
+        IDENTITY,
         METRICS,
         "best.safetensors",
         "last.safetensors",
     ] {
         if dir.join(name).exists() {
             bail!(
-                "{} holds {name} from an earlier run but no checkpoint to resume; delete the \
-                 directory or choose another --out",
+                "{} holds {name} from an earlier run; continue it with --resume {} (a run \
+                 stopped before its first checkpoint restarts from its recipe), or delete the \
+                 directory, or choose another --out",
+                dir.display(),
                 dir.display()
             );
         }
@@ -115,4 +120,35 @@ pub fn truncate_metrics(dir: &Path, epochs: usize) -> Result<usize> {
         crate::io::write_atomic(&path, kept.as_bytes())?;
     }
     Ok(dropped)
+}
+
+/// A 64-bit digest (xxh3) of `bytes`, as 16 hex digits: stable across platforms and versions.
+pub fn digest(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+/// Gives a fresh run in `dir` its identity (`run.json`) and returns it.
+pub fn create_identity(dir: &Path) -> Result<String> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seed = format!("{nanos}-{}-{}", std::process::id(), dir.display());
+    let id = digest(seed.as_bytes());
+    let text = serde_json::json!({ "run_id": id }).to_string();
+    crate::io::write_atomic(&dir.join(IDENTITY), text.as_bytes())?;
+    Ok(id)
+}
+
+/// The identity of the run in `dir` (None for a directory of a run older than identities).
+pub fn identity(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(IDENTITY);
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+    let id = v["run_id"]
+        .as_str()
+        .with_context(|| format!("{} has no run_id", path.display()))?;
+    Ok(Some(id.to_string()))
 }
