@@ -45,7 +45,8 @@ def run(args, timeout=120, stdin=None, shell=False):
     t0 = time.time()
     try:
         r = subprocess.run(args if shell else [BIN] + args, capture_output=True, text=True,
-                           timeout=timeout, cwd=WORK, shell=shell, stdin=stdin)
+                           timeout=timeout, cwd=WORK, shell=shell, stdin=stdin,
+                           executable="/bin/bash" if shell else None)
         code = r.returncode
         err = (r.stderr or "").strip().splitlines()
         msg = err[-1] if err else ""
@@ -117,7 +118,8 @@ def main():
     hh["classifier.weight"]["shape"] = []
     write_st(p("scalar_cls.safetensors"), hh, dd)
     case("classifier.weight of shape []", ["eval", "--model", "ghostnetv3_050", "--weights",
-         p("scalar_cls.safetensors"), "--data", p("none"), "--size", "64"])
+         p("scalar_cls.safetensors"), "--data", p("none"), "--size", "64"],
+         must="classifier.weight")
     set_f32(best, p("huge_init.safetensors"), w0, 0, 3e38)
     case("model.init with a 3e38 weight",
          ["train", "--out", p("runs", "init")] + sets([f'model.init="{p("huge_init.safetensors")}"']))
@@ -163,8 +165,20 @@ def main():
                                == b"old output",) + rows[-1][4:]
 
     # 3. Training that diverges: stopped naming the tensor, nothing non-finite written.
-    case("sgd lr=10, no warm-up", ["train", "--out", p("runs", "sgd10")] + sets(
-        ["optimizer.kind=\"sgd\"", "train.lr=10", "schedule.warmup_epochs=0"]),
+    # lr 10 may or may not diverge on this tiny set: either way nothing non-finite is written
+    # (a NaN file would fail to fold: loading refuses it).
+    code, _ = case("sgd lr=10, no warm-up", ["train", "--out", p("runs", "sgd10")] + sets(
+        ["optimizer.kind=\"sgd\"", "train.lr=10", "schedule.warmup_epochs=0"]), expect="ok")
+    if code == 1 and "became" in run.full:
+        rows[-1] = rows[-1][:2] + ("error", True) + rows[-1][4:]
+    for f in ["best", "last"]:
+        path = p("runs", "sgd10", f + ".safetensors")
+        if os.path.exists(path):
+            case(f"  its {f}.safetensors folds (finite)", ["fold", "--model", "ghostnetv3_050",
+                 "--branches", "2", "--weights", path, "--out", p(f"sgd10-{f}.safetensors")],
+                 expect="ok")
+    case("sgd lr=1e4, no warm-up", ["train", "--out", p("runs", "sgd1e4")] + sets(
+        ["optimizer.kind=\"sgd\"", "train.lr=1e4", "schedule.warmup_epochs=0"]),
         must="became")
     case("adamw lr=1e4", ["train", "--out", p("runs", "adamw")] + sets(
         ["optimizer.kind=\"adamw\"", "train.lr=1e4"]), must="became")
@@ -175,7 +189,7 @@ def main():
     proc = subprocess.Popen(args, cwd=WORK, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     time.sleep(4)
-    second = run(["train", "--out", p("runs", "term")] + sets())
+    second = run(["train", "--resume", p("runs", "term")])
     rows.append(("a second trainer on the same directory", "error", outcome(second[0]),
                  outcome(second[0]) == "error" and "PID" in second[1], second[1][:150], second[2]))
     t0 = time.time()
@@ -184,8 +198,7 @@ def main():
     got = outcome(proc.returncode)
     rows.append(("SIGTERM during training", "preempted", got, got == "preempted",
                  (err[-1] if err else "")[:150], time.time() - t0))
-    case("resume after SIGTERM", ["train", "--resume", p("runs", "term"), "--set",
-         "train.epochs=3", "--set", "schedule.epochs=20"], expect="ok")
+    case("resume after SIGTERM", ["train", "--resume", p("runs", "term")], expect="ok")
 
     # 5. CLI misuse that used to panic, abort or hang.
     m = ["--model", "ghostnetv3_050"]
@@ -237,7 +250,7 @@ def main():
     os.symlink(p("ds"), p("ds", "val", "a", "loop2"))
     open(p("ds", "val", "b", "broken.png"), "wb").write(b"\x89PNG not really")
     ds = ["data.kind=\"imagefolder\"", f'data.root="{p("ds")}"', "train.batch_size=2",
-          "train.eval_batch_size=4", "augment.size=32", "eval.size=32", "train.epochs=1",
+          "train.eval_batch_size=4", "augment.size=48", "eval.size=48", "train.epochs=1",
           "schedule.epochs=1"]
     case("train: symlink loops, 6 images", ["train", "--out", p("runs", "loops")] + sets(ds),
          expect="ok", must="on 6 images", timeout=120)

@@ -531,14 +531,14 @@ fn fold(a: FoldArgs) -> Result<()> {
         ("ghostv3.form".to_string(), "deploy".to_string()),
     ]);
     save_state(deploy.state(), &a.out, meta)?;
-    println!(
+    outln!(
         "folded {} tensors ({} params) into {} tensors ({} params); eval outputs agree: {check}",
         train.state().params.len() + train.state().buffers.len(),
         thousands(train.state().params.numel() as u64),
         deploy.state().params.len() + deploy.state().buffers.len(),
         thousands(deploy.state().params.numel() as u64),
     );
-    println!("wrote {}", a.out.display());
+    outln!("wrote {}", a.out.display());
     Ok(())
 }
 
@@ -553,7 +553,7 @@ fn train(mut a: TrainArgs) -> Result<()> {
     let mut t = match &a.resume {
         Some(dir) => {
             let t = Trainer::resume(dir, &a.sets)?;
-            println!(
+            outln!(
                 "resuming {} {}",
                 dir.display(),
                 t.resumed_at().unwrap_or("from the start")
@@ -657,7 +657,8 @@ fn predict(a: PredictArgs) -> Result<()> {
     m.check_run(&size_flag(a.size), 1, a.size, a.size, pass_of(&m, a.device))?;
     let names: Option<Vec<String>> = {
         let bytes = std::fs::read(&a.weights)?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let (_, meta) =
+            ghostv3::io::weights::read_header(&bytes, &a.weights.display().to_string())?;
         meta.metadata()
             .as_ref()
             .and_then(|m| m.get("ghostv3.classes"))

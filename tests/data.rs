@@ -1441,3 +1441,23 @@ fn imagenette_counts_and_decoding() {
         assert!(b.images.is_finite());
     }
 }
+
+#[test]
+fn an_image_declaring_a_huge_side_is_refused_before_decoding() {
+    let d = std::env::temp_dir().join(format!("ghostv3-huge-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("wide.png");
+    // A valid 1 x (MAX + 1) PNG: tiny on disk, refused by its declared size.
+    image::GrayImage::new(1, ghostv3::data::dataset::MAX_IMAGE_SIDE + 1)
+        .save(&p)
+        .unwrap();
+    let e = format!("{:#}", ghostv3::data::dataset::decode_rgb(&p).unwrap_err());
+    assert!(e.contains("wide.png"), "{e}");
+    image::GrayImage::new(3, 5).save(d.join("ok.png")).unwrap();
+    assert_eq!(
+        ghostv3::data::dataset::decode_rgb(&d.join("ok.png"))
+            .unwrap()
+            .dimensions(),
+        (3, 5)
+    );
+}

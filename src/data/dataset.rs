@@ -34,12 +34,24 @@ pub trait Dataset: Send + Sync {
     fn describe(&self, i: usize) -> String;
 }
 
+/// The longest image side the loaders decode (px).
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+
 /// Decodes an image file of any supported format (detected from its content, like PIL) to RGB.
 /// Grayscale, gray+alpha and RGBA become RGB (alpha dropped, as PIL's `convert('RGB')` does);
 /// CMYK JPEGs are converted to RGB by the JPEG decoder.
 pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
     let bytes = fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
-    let img = image::load_from_memory(&bytes)
+    // A few hundred bytes may declare a 65535-px side: bounded before decoding, far past photos.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    reader.limits(limits);
+    let img = reader
+        .decode()
         .with_context(|| format!("cannot decode image {}", path.display()))?;
     Ok(img.to_rgb8())
 }

@@ -80,6 +80,21 @@ pub fn checksum(bytes: &[u8]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
+/// The header of a safetensors file (its length and the parsed metadata), with errors that name
+/// the tensor at fault; `origin` names the file.
+pub fn read_header(bytes: &[u8], origin: &str) -> Result<(usize, safetensors::tensor::Metadata)> {
+    SafeTensors::read_metadata(bytes).map_err(|e| {
+        // Some of the crate's errors ("invalid shape, data type, or offset for tensor") do not
+        // say which tensor: find it ourselves.
+        let e = anyhow::Error::new(e);
+        let e = match header_problem(bytes) {
+            Some(why) => e.context(why),
+            None => e,
+        };
+        e.context(format!("{origin} is not a valid safetensors file"))
+    })
+}
+
 /// Reads every tensor of a safetensors file (floats as f32, integers as i64), verifying the
 /// checksums our files carry (files without them, e.g. timm's, load as they are).
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, TensorData>> {
@@ -89,19 +104,7 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, TensorData>> {
 
 /// [`read_tensors`] of a file's bytes; `origin` names the file in errors.
 pub fn parse_tensors(bytes: &[u8], origin: &str) -> Result<BTreeMap<String, TensorData>> {
-    let (n, meta) = match SafeTensors::read_metadata(bytes) {
-        Ok(m) => m,
-        Err(e) => {
-            // Some of the crate's errors ("invalid shape, data type, or offset for tensor") do
-            // not say which tensor: find it ourselves.
-            let e = anyhow::Error::new(e);
-            let e = match header_problem(bytes) {
-                Some(why) => e.context(why),
-                None => e,
-            };
-            return Err(e.context(format!("{origin} is not a valid safetensors file")));
-        }
-    };
+    let (n, meta) = read_header(bytes, origin)?;
     // read_metadata checked that the tensors tile the data region exactly: the slices are in range.
     let data = &bytes[8 + n..];
     let mut views = Vec::new();

@@ -524,8 +524,7 @@ pub fn detect_options(path: &std::path::Path) -> Result<ModelOptions> {
     use anyhow::Context;
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read weights {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let (_, meta) = crate::io::weights::read_header(&bytes, &path.display().to_string())?;
     let tensors = meta.tensors();
     let names: Vec<String> = tensors
         .keys()

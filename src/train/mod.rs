@@ -315,8 +315,7 @@ impl Trainer {
     fn load_checkpoint(&mut self, path: &Path, sets: &[String]) -> Result<()> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .with_context(|| format!("{shown} is corrupt"))?;
+        let (_, meta) = crate::io::weights::read_header(&bytes, &shown)?;
         let meta = meta.metadata().clone().unwrap_or_default();
         drop(bytes);
         let info_text = meta
@@ -450,7 +449,11 @@ impl Trainer {
         if val_ds.class_names() != class_names {
             let (t, v) = (class_names.clone(), val_ds.class_names());
             let only = |a: &[String], b: &[String]| -> Vec<String> {
-                a.iter().filter(|c| !b.contains(c)).take(5).cloned().collect()
+                a.iter()
+                    .filter(|c| !b.contains(c))
+                    .take(5)
+                    .cloned()
+                    .collect()
             };
             bail!(
                 "the train and val splits have different classes ({} and {}): only in train {:?}, \
@@ -459,7 +462,11 @@ impl Trainer {
                 v.len(),
                 only(&t, &v),
                 only(&v, &t),
-                if t.len() == v.len() && only(&t, &v).is_empty() { " (same names, another order)" } else { "" }
+                if t.len() == v.len() && only(&t, &v).is_empty() {
+                    " (same names, another order)"
+                } else {
+                    ""
+                }
             );
         }
         let m = &cfg.model;
@@ -490,9 +497,21 @@ impl Trainer {
         if cfg.train.device == Device::Cpu {
             let (a, e) = (&cfg.augment, &cfg.eval);
             let train_what = format!("augment.size = {} with train.batch_size", a.size);
-            model.check_run(&train_what, cfg.train.batch_size, a.size, a.size, Pass::TapeTrain)?;
+            model.check_run(
+                &train_what,
+                cfg.train.batch_size,
+                a.size,
+                a.size,
+                Pass::TapeTrain,
+            )?;
             let eval_what = format!("eval.size = {} with train.eval_batch_size", e.size);
-            model.check_run(&eval_what, cfg.train.eval_batch_size, e.size, e.size, Pass::Tape)?;
+            model.check_run(
+                &eval_what,
+                cfg.train.eval_batch_size,
+                e.size,
+                e.size,
+                Pass::Tape,
+            )?;
         }
         if let Some(init) = &m.init {
             load_state(model.state_mut(), init)?;
@@ -597,9 +616,11 @@ impl Trainer {
         self.teacher.as_ref()
     }
 
+    /// A progress line on stdout. A closed stdout (`train | head`) does not stop the training:
+    /// the run's record is metrics.jsonl, not its log.
     fn say(&self, s: &str) {
         if !self.quiet {
-            println!("{s}");
+            let _ = writeln!(std::io::stdout().lock(), "{s}");
         }
     }
 
