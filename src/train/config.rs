@@ -326,7 +326,13 @@ impl TrainConfig {
         // Each value may be in range and the schedule still overflow (lr 1e308 over a warm-up
         // of 5e-324 epochs): the rate is checked where it bends.
         let sc = &self.schedule;
-        for e in [0.0, 0.5 * sc.warmup_epochs, sc.warmup_epochs, 0.5 * sc.epochs, sc.epochs] {
+        for e in [
+            0.0,
+            0.5 * sc.warmup_epochs,
+            sc.warmup_epochs,
+            0.5 * sc.epochs,
+            sc.epochs,
+        ] {
             let lr = sc.lr_at(t.lr, e);
             if !(0.0..=f64::MAX).contains(&lr) {
                 bail!(
