@@ -9,6 +9,11 @@
 //             sums, the update recomputed from the stored moments (same bits), p and EMA.
 // Elementwise arithmetic uses explicit round-to-nearest intrinsics (no fused multiply-add) so
 // that it rounds exactly as the CPU code does.
+//
+// Finite-state guard: every update kernel takes `bad`, one int of the plan, and stores 1 there
+// when a parameter or moment it writes is NaN or +-Inf, checked on the values in registers (no
+// pass of its own). Every writer stores the same 1, so the race is benign; the host reads and
+// clears it (Optim::take_nonfinite).
 
 struct LambCoef {
   float one_minus_b1, b2, one_minus_b2, bc1, sqrt_bc2, eps, neg_lr, ema_d, ema_w;
@@ -34,9 +39,10 @@ __device__ __forceinline__ float lamb_update_from(const LambCoef& k, float wd, f
 }
 
 __device__ __forceinline__ void lamb_write(const LambCoef& k, float* p, float* ema, long long j,
-                                           float u, float trust) {
+                                           float u, float trust, int* bad) {
   const float pn = __fadd_rn(p[j], __fmul_rn(k.neg_lr, __fmul_rn(u, trust)));
   p[j] = pn;
+  if (!isfinite(pn)) *bad = 1;
   if (k.do_ema) ema[j] = __fadd_rn(__fmul_rn(k.ema_d, ema[j]), __fmul_rn(k.ema_w, pn));
 }
 
@@ -76,7 +82,7 @@ extern "C" __global__ void lamb_moments(float* __restrict__ p, const float* __re
                                         const int* __restrict__ chunk_whole,
                                         const float* __restrict__ tensor_wd,
                                         const double* __restrict__ gpart, int nchunks, LambCoef k,
-                                        double* __restrict__ pu) {
+                                        double* __restrict__ pu, int* __restrict__ bad) {
   const int ch = blockIdx.x;
   const float clip = lamb_clip(k, gpart, nchunks);
   const long long off = chunk_off[ch];
@@ -89,7 +95,8 @@ extern "C" __global__ void lamb_moments(float* __restrict__ p, const float* __re
       const float u = lamb_update(k, clip, 0.0f, p[j], g[j], mj, vj);
       m[j] = mj;
       v[j] = vj;
-      lamb_write(k, p, ema, j, u, 1.0f);
+      if (!isfinite(mj) || !isfinite(vj)) *bad = 1;
+      lamb_write(k, p, ema, j, u, 1.0f, bad);
     }
     return;
   }
@@ -101,6 +108,7 @@ extern "C" __global__ void lamb_moments(float* __restrict__ p, const float* __re
     const float u = lamb_update(k, clip, wd, pj, g[j], mj, vj);
     m[j] = mj;
     v[j] = vj;
+    if (!isfinite(mj) || !isfinite(vj)) *bad = 1;
     sp += (double)pj * (double)pj;
     su += (double)u * (double)u;
   }
@@ -110,7 +118,7 @@ extern "C" __global__ void lamb_moments(float* __restrict__ p, const float* __re
     const float trust = trust_ratio(sp, su);
     for (int i = threadIdx.x; i < len; i += blockDim.x) {
       const long long j = off + i;
-      lamb_write(k, p, ema, j, lamb_update_from(k, wd, p[j], m[j], v[j]), trust);
+      lamb_write(k, p, ema, j, lamb_update_from(k, wd, p[j], m[j], v[j]), trust, bad);
     }
   } else if (threadIdx.x == 0) {
     pu[2 * ch] = sp;
@@ -128,7 +136,7 @@ extern "C" __global__ void lamb_apply(float* __restrict__ p, const float* __rest
                                       const float* __restrict__ tensor_wd,
                                       const int* __restrict__ tensor_chunk0,
                                       const int* __restrict__ tensor_nchunks, LambCoef k,
-                                      const double* __restrict__ pu) {
+                                      const double* __restrict__ pu, int* __restrict__ bad) {
   const int ch = blockIdx.x;
   const int t = chunk_tensor[ch];
   const float wd = tensor_wd[t];
@@ -142,7 +150,7 @@ extern "C" __global__ void lamb_apply(float* __restrict__ p, const float* __rest
   const long long off = chunk_off[ch];
   for (int i = threadIdx.x; i < chunk_len[ch]; i += blockDim.x) {
     const long long j = off + i;
-    lamb_write(k, p, ema, j, lamb_update_from(k, wd, p[j], m[j], v[j]), trust);
+    lamb_write(k, p, ema, j, lamb_update_from(k, wd, p[j], m[j], v[j]), trust, bad);
   }
 }
 
@@ -216,7 +224,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
                                       const int* __restrict__ tensor_decay,
                                       const float* __restrict__ clip, float w1, float b2, float w2,
                                       float neg_step, float sqrt_bc2, float eps, float decay,
-                                      float ema_d, float ema_w) {
+                                      float ema_d, float ema_w, int* __restrict__ bad) {
   const int ch = blockIdx.x;
   const long long off = chunk_off[ch];
   const int len = chunk_len[ch];
@@ -235,6 +243,7 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
     m[j] = mj;
     v[j] = vj;
     p[j] = pj;
+    if (!isfinite(pj) || !isfinite(mj) || !isfinite(vj)) *bad = 1;
     if (ema) ema[j] = __fadd_rn(__fmul_rn(ema_d, ema[j]), __fmul_rn(ema_w, pj));
   }
 }
@@ -250,7 +259,8 @@ extern "C" __global__ void sgd_step(float* __restrict__ p, const float* __restri
                                     const int* __restrict__ chunk_tensor,
                                     const int* __restrict__ tensor_decay,
                                     const float* __restrict__ clip, float wd, float mom,
-                                    float neg_lr, int nesterov, float ema_d, float ema_w) {
+                                    float neg_lr, int nesterov, float ema_d, float ema_w,
+                                    int* __restrict__ bad) {
   const int ch = blockIdx.x;
   const long long off = chunk_off[ch];
   const int len = chunk_len[ch];
@@ -260,15 +270,16 @@ extern "C" __global__ void sgd_step(float* __restrict__ p, const float* __restri
     const long long j = off + i;
     float pj = p[j];
     const float gj = __fadd_rn(__fmul_rn(g[j], c), __fmul_rn(wdk, pj));
-    float d = gj;
+    float d = gj, bj = 0.0f;
     if (buf) {
       const long long jb = buf_off[ch] + i;
-      const float bj = __fadd_rn(__fmul_rn(mom, buf[jb]), gj);
+      bj = __fadd_rn(__fmul_rn(mom, buf[jb]), gj);
       buf[jb] = bj;
       d = nesterov ? __fadd_rn(gj, __fmul_rn(mom, bj)) : bj;
     }
     pj = __fadd_rn(pj, __fmul_rn(neg_lr, d));
     p[j] = pj;
+    if (!isfinite(pj) || !isfinite(bj)) *bad = 1;
     if (ema) ema[j] = __fadd_rn(__fmul_rn(ema_d, ema[j]), __fmul_rn(ema_w, pj));
   }
 }

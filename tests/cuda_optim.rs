@@ -7,14 +7,15 @@
 //! order, the clip norm included, so the expected difference is 0); LAMB within 1e-6 (its
 //! kernels reduce the norms in f64 in another order). Then the state across devices: a GPU
 //! run's checkpoint form resumes on the GPU and on the CPU, a CPU run's on the GPU, the state
-//! following the parameters' device. Without a GPU the last test runs them all on the CPU
-//! emulator.
+//! following the parameters' device. And the finite-state flag the update kernels set (a NaN
+//! or infinite parameter or moment written) against the CPU loops'. Without a GPU the last
+//! test runs them all on the CPU emulator.
 
 mod common;
 
 use common::cuda::*;
 use ghostv3::optim::{
-    Ema, EmaConfig, Layout, LayoutEntry, Optimizer, OptimizerConfig, OptimizerKind,
+    Ema, EmaConfig, Layout, LayoutEntry, Optimizer, OptimizerConfig, OptimizerKind, Update,
 };
 use ghostv3::Tensor;
 use rand::rngs::StdRng;
@@ -419,6 +420,126 @@ fn state_moves_between_devices() {
             assert!(e.is_err(), "{case}: a state of 9 values loaded");
             // Nothing was loaded: the run goes on as the CPU's.
             pair.run(&format!("{case} after a refused load"), 1, &mut rng);
+        }
+    }
+}
+
+/// What a step is given that is not finite (or, `HugeGrad`, finite with a square that is not).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Poison {
+    NanGrad,
+    InfParam,
+    HugeGrad,
+}
+
+/// A CPU and a GPU `Update` (with the EMA, fused into the GPU's pass) from the same values.
+fn update_pair(cfg: &OptimizerConfig, layout: &Layout, p0: &[f32], b0: &[f32]) -> [Update; 2] {
+    let ema = |p: &Tensor, b: &Tensor| {
+        let c = EmaConfig {
+            decay: 0.9,
+            ..Default::default()
+        };
+        Some(Ema::new(c, p, b).unwrap())
+    };
+    [
+        Update::new(cfg, layout, ema(&host_t(p0), &host_t(b0))).unwrap(),
+        Update::new(cfg, layout, ema(&dev_t(p0), &dev_t(b0))).unwrap(),
+    ]
+}
+
+/// The flag of the fused kernels is the CPU loops': per optimizer (LAMB with and without
+/// clipping, AdamW, SGD with and without momentum), for a NaN gradient element, a +inf
+/// parameter and a gradient whose square overflows (the second moment alone goes infinite:
+/// flagged without clipping, not after LAMB's clip or in SGD), at an element of a decayed
+/// tensor over two chunks (`lamb_apply`), of a no-decay tensor and of a one-chunk decayed
+/// tensor (`lamb_moments`). False before a step and after a finite one, cleared by the read,
+/// false again after a finite step of the same optimizer reloaded from before the bad step;
+/// the non-finite parameters are the same elements on both devices.
+#[test]
+fn nonfinite_flag_matches_cpu() {
+    let Some(_g) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(304);
+    let layout = layout();
+    let n = layout.numel();
+    let cases = [
+        lamb(0.05, None),
+        lamb(0.05, Some(1.0)),
+        adamw(0.01, None),
+        sgd(0.9, true, 1e-4, None),
+        sgd(0.0, false, 0.0, None),
+    ];
+    for cfg in cases {
+        for poison in [Poison::NanGrad, Poison::InfParam, Poison::HugeGrad] {
+            for at in [17_000, 18_440, n - 3] {
+                let case = format!(
+                    "{:?} clip {:?} {poison:?} at {at}",
+                    cfg.kind, cfg.max_grad_norm
+                );
+                let (p0, b0) = (
+                    rand_vec(&mut rng, n, -0.5, 0.5),
+                    rand_vec(&mut rng, BUFFERS, -1.0, 1.0),
+                );
+                let mut ups = update_pair(&cfg, &layout, &p0, &b0);
+                let bufs = [host_t(&b0), dev_t(&b0)];
+                let on = |d: usize, v: &[f32]| if d == 0 { host_t(v) } else { dev_t(v) };
+                let take = |ups: &mut [Update; 2], what: &str| {
+                    let f = [0, 1].map(|d| ups[d].take_nonfinite().unwrap());
+                    assert_eq!(
+                        f[1], f[0],
+                        "{case} {what}: GPU flag {} CPU flag {}",
+                        f[1], f[0]
+                    );
+                    f[0]
+                };
+                assert!(!take(&mut ups, "before a step"));
+
+                let g1 = rand_vec(&mut rng, n, -0.1, 0.1);
+                let mut ps = [host_t(&p0), dev_t(&p0)];
+                for d in 0..2 {
+                    ups[d]
+                        .step(&mut ps[d], &bufs[d], &on(d, &g1), 1e-2)
+                        .unwrap();
+                }
+                assert!(!take(&mut ups, "finite step"));
+                let state = ups[1].optimizer.state();
+                let p1 = values(&ps[1]);
+
+                let mut g2 = rand_vec(&mut rng, n, -0.1, 0.1);
+                let mut pb = p1.clone();
+                match poison {
+                    Poison::NanGrad => g2[at] = f32::NAN,
+                    Poison::InfParam => pb[at] = f32::INFINITY,
+                    Poison::HugeGrad => g2[at] = 1e30,
+                }
+                let mut ps = [host_t(&pb), dev_t(&pb)];
+                for d in 0..2 {
+                    ups[d]
+                        .step(&mut ps[d], &bufs[d], &on(d, &g2), 1e-2)
+                        .unwrap();
+                }
+                let want = match poison {
+                    Poison::HugeGrad => {
+                        cfg.kind != OptimizerKind::Sgd && cfg.max_grad_norm.unwrap_or(0.0) == 0.0
+                    }
+                    _ => true,
+                };
+                assert_eq!(take(&mut ups, "bad step"), want, "{case}: bad step");
+                let bad = |v: &[f32]| (0..n).filter(|&i| !v[i].is_finite()).collect::<Vec<_>>();
+                assert_eq!(
+                    bad(&values(&ps[1])),
+                    bad(ps[0].data()),
+                    "{case}: non-finite elements"
+                );
+                assert!(!take(&mut ups, "read twice"));
+
+                // Both reload the GPU's state and parameters from before the bad step.
+                for d in 0..2 {
+                    ups[d].optimizer.load_state(&state).unwrap();
+                    let mut p = on(d, &p1);
+                    ups[d].step(&mut p, &bufs[d], &on(d, &g1), 1e-2).unwrap();
+                }
+                assert!(!take(&mut ups, "finite step after reload"));
+            }
         }
     }
 }

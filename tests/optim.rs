@@ -21,6 +21,7 @@ use ghostv3::nn::Builder;
 use ghostv3::optim::{
     AdamW, AdamWOptions, Ema, EmaConfig, EmaWarmup, Lamb, LambOptions, Layout, LayoutEntry,
     Optimizer, OptimizerConfig, OptimizerKind, ScheduleConfig, ScheduleKind, Sgd, SgdOptions,
+    Update,
 };
 use ghostv3::Tensor;
 use rand::rngs::StdRng;
@@ -1176,4 +1177,144 @@ fn step_and_constant_schedules() {
     assert!(err.contains("unknown field `warmup`"), "{err}");
     let bad: ScheduleConfig = toml::from_str("kind = \"step\"\nepochs = 10").unwrap();
     assert!(bad.validate().is_err(), "step without decay_epochs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The finite-state flag of the update pass (`Update::take_nonfinite`, `Flat::take_nonfinite`)
+
+/// What a step is given that is not finite (or, `HugeGrad`, finite but with a square that is
+/// not: the second moment overflows while the parameter stays finite).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Poison {
+    NanGrad,
+    InfParam,
+    HugeGrad,
+}
+
+/// Each optimizer with decay (LAMB: trust ratios over one chunk and over several), without
+/// clipping, so that a huge gradient reaches the moments; LAMB clipped (the huge gradient is
+/// divided down); SGD with Nesterov momentum and without momentum.
+fn guard_cases() -> Vec<OptimizerConfig> {
+    let c = |kind, wd: f64, clip: f64| OptimizerConfig {
+        weight_decay: Some(wd),
+        max_grad_norm: Some(clip),
+        ..OptimizerConfig::new(kind)
+    };
+    vec![
+        c(OptimizerKind::Lamb, 0.05, 0.0),
+        c(OptimizerKind::Lamb, 0.05, 1.0),
+        c(OptimizerKind::Adamw, 0.01, 0.0),
+        OptimizerConfig {
+            momentum: Some(0.9),
+            nesterov: Some(true),
+            ..c(OptimizerKind::Sgd, 1e-4, 0.0)
+        },
+        OptimizerConfig {
+            momentum: Some(0.0),
+            nesterov: Some(false),
+            ..c(OptimizerKind::Sgd, 0.0, 0.0)
+        },
+    ]
+}
+
+/// Whether the step flags `poison`: NaN and infinity always; a finite gradient whose square
+/// overflows only where it reaches an Adam second moment unclipped (it then holds +inf while
+/// the parameter stays finite; SGD has no square, LAMB's clip divides the gradient down).
+fn flags(cfg: &OptimizerConfig, poison: Poison) -> bool {
+    match poison {
+        Poison::NanGrad | Poison::InfParam => true,
+        Poison::HugeGrad => cfg.kind != OptimizerKind::Sgd && cfg.max_grad_norm == Some(0.0),
+    }
+}
+
+/// An element of each kind of [`random_layout`]: a decayed tensor of one chunk, a no-decay
+/// tensor, the third chunk of a decayed tensor over several.
+const GUARD_AT: [usize; 3] = [5, 219, 224 + 36_000];
+
+/// `p` and `g` with `poison` at element `at`.
+fn poisoned(p: &[f32], g: &[f32], poison: Poison, at: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut p, mut g) = (p.to_vec(), g.to_vec());
+    match poison {
+        Poison::NanGrad => g[at] = f32::NAN,
+        Poison::InfParam => p[at] = f32::INFINITY,
+        Poison::HugeGrad => g[at] = 1e30,
+    }
+    (p, g)
+}
+
+/// Every optimizer: false before any step and after a finite one; a step with one NaN gradient
+/// element, one +inf parameter or an overflowing second moment reports it (in every kind of
+/// tensor); the read clears it (false again); and the same optimizer, its state and parameters
+/// reloaded from before the bad step, reports false after a finite step.
+#[test]
+fn take_nonfinite_reports_each_bad_step_once() {
+    let layout = random_layout();
+    let n = layout.numel();
+    let mut rng = StdRng::seed_from_u64(41);
+    for cfg in guard_cases() {
+        for poison in [Poison::NanGrad, Poison::InfParam, Poison::HugeGrad] {
+            for at in GUARD_AT {
+                let case = format!(
+                    "{:?} clip {:?} {poison:?} at {at}",
+                    cfg.kind, cfg.max_grad_norm
+                );
+                let mut u = Update::new(&cfg, &layout, None).unwrap();
+                assert!(!u.take_nonfinite().unwrap(), "{case}: before any step");
+                let none = t(&[]);
+                let mut p = t(&uniform(&mut rng, n, 0.5));
+                u.step(&mut p, &none, &t(&uniform(&mut rng, n, 0.1)), 1e-2)
+                    .unwrap();
+                assert!(!u.take_nonfinite().unwrap(), "{case}: finite step");
+                let (state, p1) = (u.optimizer.state(), p.data().to_vec());
+
+                let (pb, gb) = poisoned(&p1, &uniform(&mut rng, n, 0.1), poison, at);
+                let mut p = t(&pb);
+                u.step(&mut p, &none, &t(&gb), 1e-2).unwrap();
+                let want = flags(&cfg, poison);
+                assert_eq!(u.take_nonfinite().unwrap(), want, "{case}: bad step");
+                if poison == Poison::HugeGrad && want {
+                    // The parameter is finite: only the moment can have raised the flag.
+                    assert!(p.data().iter().all(|x| x.is_finite()), "{case}: params");
+                }
+                assert!(!u.take_nonfinite().unwrap(), "{case}: read twice");
+
+                u.optimizer.load_state(&state).unwrap();
+                let mut p = t(&p1);
+                u.step(&mut p, &none, &t(&uniform(&mut rng, n, 0.1)), 1e-2)
+                    .unwrap();
+                assert!(
+                    !u.take_nonfinite().unwrap(),
+                    "{case}: finite step after reload"
+                );
+            }
+        }
+    }
+}
+
+/// The flag of `optim::Flat` itself, flags accumulating over steps until read, and an
+/// `Update` whose optimizer was replaced refusing to answer (it would read the old one).
+#[test]
+fn take_nonfinite_on_flat_and_through_update() {
+    let layout = random_layout();
+    let n = layout.numel();
+    let mut rng = StdRng::seed_from_u64(43);
+    let mut lamb = Lamb::new(layout.clone(), LambOptions::default());
+    assert!(!lamb.take_nonfinite().unwrap());
+    let (p0, g0) = (uniform(&mut rng, n, 0.5), uniform(&mut rng, n, 0.1));
+    let (pb, gb) = poisoned(&p0, &g0, Poison::NanGrad, 7);
+    let mut p = t(&pb);
+    lamb.step(&mut p, &t(&gb), 1e-2, None).unwrap();
+    // A second (NaN again) step before the read: still one flag, read once.
+    lamb.step(&mut p, &t(&g0), 1e-2, None).unwrap();
+    assert!(lamb.take_nonfinite().unwrap());
+    assert!(!lamb.take_nonfinite().unwrap());
+
+    // Any optimizer put into an Update answers through the trait.
+    let cfg = OptimizerConfig::new(OptimizerKind::Adamw);
+    let mut u = Update::new(&cfg, &layout, None).unwrap();
+    u.optimizer = cfg.build(&layout).unwrap();
+    assert!(!u.take_nonfinite().unwrap());
+    let mut p = t(&pb);
+    u.step(&mut p, &t(&[]), &t(&gb), 1e-2).unwrap();
+    assert!(u.take_nonfinite().unwrap());
 }

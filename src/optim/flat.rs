@@ -9,7 +9,7 @@ use super::{check_lr, decode_step, encode_step, host, match_state, place, Ema, L
 use crate::backend::api::optim::{Optim, PlanSlot, Step};
 use crate::on_backend;
 use crate::tensor::storage::Place;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use anyhow::Result;
 
 /// One optimizer's update rule; implemented by its options.
@@ -40,6 +40,8 @@ pub struct Flat<R: Rule> {
     moments: Vec<Tensor<f32>>,
     /// The backend's tables for this layout (on the CPU also the update scratch).
     plan: PlanSlot,
+    /// Where the last step ran (the backend of `plan`); `None` before the first.
+    device: Option<Device>,
     step: u64,
 }
 
@@ -55,6 +57,7 @@ impl<R: Rule> Flat<R> {
             layout,
             opts,
             plan: PlanSlot::default(),
+            device: None,
             step: 0,
         }
     }
@@ -73,6 +76,17 @@ impl<R: Rule> Flat<R> {
         Some(&self.moments[i])
     }
 
+    /// Whether a step since the last call wrote a NaN or infinite parameter or moment, and
+    /// clears it: the update pass flags what it writes (no pass of its own), so this is a
+    /// 4-byte read on the GPU. False before the first step.
+    pub fn take_nonfinite(&mut self) -> Result<bool> {
+        let Some(device) = self.device else {
+            return Ok(false);
+        };
+        let plan = &mut self.plan;
+        on_backend!(device, f32, |b| plan.take_nonfinite(b))
+    }
+
     fn step_on<B: Place<f32> + Optim>(
         &mut self,
         b: &B,
@@ -85,6 +99,7 @@ impl<R: Rule> Flat<R> {
             place(m, b.device())?;
         }
         let plan = self.plan.get(b, self.layout.table())?;
+        self.device = Some(b.device());
         let mut refs: Vec<B::RefMut<'_>> = self.moments.iter_mut().map(|m| b.get_mut(m)).collect();
         let mut moments: Vec<&mut B::Buf> = refs.iter_mut().map(|r| &mut **r).collect();
         run_step(b, params, grads, ema, |s| {
@@ -94,6 +109,10 @@ impl<R: Rule> Flat<R> {
 }
 
 impl<R: Rule> Optimizer for Flat<R> {
+    fn take_nonfinite(&mut self) -> Result<bool> {
+        Flat::take_nonfinite(self)
+    }
+
     fn step(
         &mut self,
         params: &mut Tensor<f32>,

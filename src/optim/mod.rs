@@ -298,6 +298,10 @@ pub trait Optimizer: Send {
     fn name(&self) -> &str;
     /// Number of steps taken so far.
     fn steps(&self) -> u64;
+    /// Whether a step since the last call wrote a NaN or infinite parameter or moment, and
+    /// clears it: flagged by the update pass itself (no pass of its own; on the GPU a 4-byte
+    /// read). False before the first step.
+    fn take_nonfinite(&mut self) -> Result<bool>;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

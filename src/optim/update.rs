@@ -36,6 +36,13 @@ impl Update {
         self.optimizer.step(params, grads, lr, ema)
     }
 
+    /// Whether a step since the last call wrote a NaN or infinite parameter or optimizer
+    /// moment, and clears it ([`Optimizer::take_nonfinite`]: no pass of its own; on the GPU a
+    /// 4-byte read, which waits for the step).
+    pub fn take_nonfinite(&mut self) -> Result<bool> {
+        self.optimizer.take_nonfinite()
+    }
+
     /// Copies of the EMA's parameters and running statistics, on the EMA's device.
     pub fn ema_tensors(&self) -> Option<(Tensor<f32>, Tensor<f32>)> {
         let ema = self.ema.as_ref()?;

@@ -9,6 +9,10 @@
 //! factor itself needs the gradient's global norm, a reduction each backend computes where the
 //! gradient lives; its formula is [`lamb_clip`] / [`torch_clip`] (the CUDA kernels do the same
 //! f32 arithmetic).
+//!
+//! The update passes also watch what they write: a NaN or infinite parameter or moment sets a
+//! flag in the plan (in the pass that writes it, no pass of its own), read and cleared by
+//! [`Optim::take_nonfinite`], so a run can stop at the step that went bad.
 
 use super::Backend;
 use anyhow::Result;
@@ -162,6 +166,11 @@ pub trait Optim: Backend<f32> {
 
     /// The EMA blend of a whole buffer: `e = d e + w x` (same lengths).
     fn ema_blend(&self, e: &mut Self::Buf, x: &Self::Buf, k: EmaCoef) -> Result<()>;
+
+    /// Whether a step with `plan` since the last call wrote a non-finite (NaN or +-Inf)
+    /// parameter or moment; clears the flag. (The EMA is not watched: it only blends
+    /// parameters that were.) On the GPU a 4-byte read, which waits for the queued steps.
+    fn take_nonfinite(&self, plan: &mut Self::Plan) -> Result<bool>;
 }
 
 /// One optimizer's [`Optim::Plan`], made on the first step on a backend and made again when
@@ -180,5 +189,14 @@ impl PlanSlot {
             .as_mut()
             .and_then(|p| p.downcast_mut())
             .expect("the plan was just made"))
+    }
+
+    /// [`Optim::take_nonfinite`] of the plan of backend `b`; false when there is none (no step
+    /// on `b` yet, or the plan was made again for another backend since).
+    pub fn take_nonfinite<B: Optim>(&mut self, b: &B) -> Result<bool> {
+        match self.0.as_mut().and_then(|p| p.downcast_mut()) {
+            Some(plan) => b.take_nonfinite(plan),
+            None => Ok(false),
+        }
     }
 }

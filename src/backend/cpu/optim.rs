@@ -4,6 +4,10 @@
 //! The kernels take their slices as arguments and are not inlined: LLVM then knows that the
 //! buffers do not alias and vectorizes the loops (with slices read from a struct they stayed
 //! scalar and the LAMB step took 1.7x as long).
+//!
+//! Each loop that writes a parameter or moment also ORs whether what it wrote is finite into a
+//! per-chunk flag (branch-free, so the loops still vectorize); the chunks' flags end in the
+//! plan's `nonfinite` ([`Optim::take_nonfinite`]).
 
 use super::Cpu;
 use crate::backend::api::optim::{
@@ -19,6 +23,26 @@ pub struct CpuPlan {
     /// The update of every decayed tensor, kept between LAMB's norm pass and its apply pass so
     /// that the divisions and square roots run once per element (they bound the CPU step).
     update: Vec<f32>,
+    /// A step since the last `take_nonfinite` wrote a NaN or infinite parameter or moment.
+    nonfinite: bool,
+}
+
+/// Whether `a` or `b` is NaN or +-Inf: `x - x` is 0 for a finite `x` and NaN otherwise (fewer
+/// vector operations than an `is_finite` each).
+#[inline(always)]
+#[allow(clippy::eq_op)] // `x - x` on purpose
+fn bad2(a: f32, b: f32) -> bool {
+    ((a - a) + (b - b)).is_nan()
+}
+
+/// Whether an Adam-type element update (AdamW, LAMB without decay) wrote a non-finite `p`, `m`
+/// or `v`, from the new `p` and `v` alone: a non-finite `m` makes the step `m / denom`, and so
+/// `p`, non-finite (lr = 0 too: -0 * inf is NaN), while an infinite `v` does not (the step
+/// becomes 0). `(p - p) * v` is 0 when both are finite and NaN otherwise (`v >= 0`).
+#[inline(always)]
+#[allow(clippy::eq_op)]
+fn adam_bad(p: f32, v: f32) -> bool {
+    ((p - p) * v).is_nan()
 }
 
 /// Successive disjoint mutable slices of `buf`, one per chunk (chunks are sorted and disjoint),
@@ -155,7 +179,8 @@ struct Work<'a> {
 const BLOCK: usize = 1024;
 
 /// Moments and update of a decayed chunk, stored in `u`; returns (||p||^2, ||update||^2)
-/// summed in f32 lanes within 1 Ki blocks and in f64 across blocks, in a fixed order.
+/// summed in f32 lanes within 1 Ki blocks and in f64 across blocks, in a fixed order, and
+/// whether a moment is not finite.
 #[inline(never)]
 fn moments_and_norms<const CLIP: bool>(
     k: Coef,
@@ -165,8 +190,8 @@ fn moments_and_norms<const CLIP: bool>(
     m: &mut [f32],
     v: &mut [f32],
     u: &mut [f32],
-) -> (f64, f64) {
-    let (mut sp, mut su) = (0f64, 0f64);
+) -> (f64, f64, bool) {
+    let (mut sp, mut su, mut bad) = (0f64, 0f64, false);
     let blocks = p
         .chunks(BLOCK)
         .zip(g.chunks(BLOCK))
@@ -182,24 +207,30 @@ fn moments_and_norms<const CLIP: bool>(
             .zip(u.iter_mut());
         for ((((&p, &g), m), v), u) in elems {
             *u = k.update::<CLIP, true>(wd, p, g, m, v);
+            bad |= bad2(*m, *v);
         }
         // The norms in a second loop over the block, still in L1: mixed into the loop above the
         // lane reductions defeat the vectorizer.
         sp += sum_sq(p);
         su += sum_sq(u);
     }
-    (sp, su)
+    (sp, su, bad)
 }
 
-/// `p += -lr * (update * trust)`, timm's `update.mul_(trust)` then `p.add_(update, alpha=-lr)`.
+/// `p += -lr * (update * trust)`, timm's `update.mul_(trust)` then `p.add_(update, alpha=-lr)`;
+/// whether a new `p` is not finite.
 #[inline(never)]
-fn apply(p: &mut [f32], u: &[f32], neg_lr: f32, trust: f32) {
+fn apply(p: &mut [f32], u: &[f32], neg_lr: f32, trust: f32) -> bool {
+    let mut bad = false;
     for (p, &u) in p.iter_mut().zip(u) {
         *p += neg_lr * (u * trust);
+        bad |= !p.is_finite();
     }
+    bad
 }
 
-/// Moments and parameter update in one pass, for tensors without weight decay (no trust ratio).
+/// Moments and parameter update in one pass, for tensors without weight decay (no trust ratio);
+/// whether a new value is not finite.
 #[inline(never)]
 fn fused_no_decay<const CLIP: bool>(
     k: Coef,
@@ -208,10 +239,13 @@ fn fused_no_decay<const CLIP: bool>(
     m: &mut [f32],
     v: &mut [f32],
     neg_lr: f32,
-) {
+) -> bool {
+    let mut bad = false;
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         *p += neg_lr * k.update::<CLIP, false>(0.0, *p, g, m, v);
+        bad |= adam_bad(*p, *v);
     }
+    bad
 }
 
 /// timm's trust ratio from squared norms: norms are f32 tensors there, so round them first.
@@ -224,16 +258,19 @@ fn trust_ratio(sum_p: f64, sum_u: f64) -> f32 {
     }
 }
 
-/// Pass 1 over one chunk; finishes it unless it is part of a larger decayed tensor.
-fn first_pass<const CLIP: bool>(k: &Coef, w: &mut Work, neg_lr: f32) {
+/// Pass 1 over one chunk; finishes it unless it is part of a larger decayed tensor. Whether
+/// it wrote a non-finite value.
+fn first_pass<const CLIP: bool>(k: &Coef, w: &mut Work, neg_lr: f32) -> bool {
     if w.wd == 0.0 {
-        fused_no_decay::<CLIP>(*k, w.p, w.g, w.m, w.v, neg_lr);
+        fused_no_decay::<CLIP>(*k, w.p, w.g, w.m, w.v, neg_lr)
     } else {
-        w.sums = moments_and_norms::<CLIP>(*k, w.wd, w.p, w.g, w.m, w.v, w.u);
+        let (sp, su, mut bad) = moments_and_norms::<CLIP>(*k, w.wd, w.p, w.g, w.m, w.v, w.u);
+        w.sums = (sp, su);
         if w.chunk.whole {
             // Still in cache: apply right away.
-            apply(w.p, w.u, neg_lr, trust_ratio(w.sums.0, w.sums.1));
+            bad |= apply(w.p, w.u, neg_lr, trust_ratio(sp, su));
         }
+        bad
     }
 }
 
@@ -301,13 +338,17 @@ fn lamb(
     // Pass 1: moments and updates everywhere; tensors without decay and decayed tensors
     // that fit in one chunk finish here, while their data is still in cache.
     let clipping = clip != 1.0;
-    work.par_iter_mut().for_each(|w| {
-        if clipping {
-            first_pass::<true>(&k, w, neg_lr)
-        } else {
-            first_pass::<false>(&k, w, neg_lr)
-        }
-    });
+    // map + reduce, not `any`: every chunk must run.
+    let mut bad = work
+        .par_iter_mut()
+        .map(|w| {
+            if clipping {
+                first_pass::<true>(&k, w, neg_lr)
+            } else {
+                first_pass::<false>(&k, w, neg_lr)
+            }
+        })
+        .reduce(|| false, |a, b| a | b);
 
     // Decayed tensors over several chunks: reduce the chunks' norms in order (the same bits
     // every run), then pass 2 applies the stored update with the tensor's trust ratio.
@@ -321,13 +362,16 @@ fn lamb(
         }
     }
     if !trust.is_empty() {
-        work.par_iter_mut()
+        bad |= work
+            .par_iter_mut()
             .filter(|w| !w.chunk.whole && w.wd != 0.0)
-            .for_each(|w| {
+            .map(|w| {
                 let i = trust.partition_point(|&(t, _)| t < w.chunk.tensor);
-                apply(w.p, w.u, neg_lr, trust[i].1);
-            });
+                apply(w.p, w.u, neg_lr, trust[i].1)
+            })
+            .reduce(|| false, |a, b| a | b);
     }
+    plan.nonfinite |= bad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,9 +388,17 @@ struct AdamCoef {
     eps: f32,
 }
 
-/// One AdamW chunk.
+/// One AdamW chunk; whether a new value is not finite.
 #[inline(never)]
-fn adamw_kernel(k: &AdamCoef, decay: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+fn adamw_kernel(
+    k: &AdamCoef,
+    decay: f32,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> bool {
+    let mut bad = false;
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         let g = g * k.clip;
         *p *= decay;
@@ -355,9 +407,12 @@ fn adamw_kernel(k: &AdamCoef, decay: f32, p: &mut [f32], g: &[f32], m: &mut [f32
         *v = k.b2 * *v + k.w2 * g * g;
         let denom = v.sqrt() / k.sqrt_bc2 + k.eps;
         *p += k.neg_step * (*m / denom);
+        bad |= adam_bad(*p, *v);
     }
+    bad
 }
 
+/// Whether it wrote a non-finite value.
 fn adamw(
     table: &FlatTable,
     params: &mut [f32],
@@ -365,7 +420,7 @@ fn adamw(
     exp_avg: &mut [f32],
     exp_avg_sq: &mut [f32],
     s: &AdamWScalars,
-) {
+) -> bool {
     let chunks = &table.chunks[..];
     let k = AdamCoef {
         clip: torch_clip_coef(chunks, grads, s.max_grad_norm),
@@ -384,12 +439,13 @@ fn adamw(
         .zip(split_chunks_mut(chunks, exp_avg_sq))
         .collect::<Vec<_>>()
         .into_par_iter()
-        .for_each(|(((c, p), m), v)| {
+        .map(|(((c, p), m), v)| {
             let g = &grads[c.offset..c.offset + c.len];
             // p * 1.0 is exact, so the no-decay group needs no branch in the loop.
             let decay = if table.decay[c.tensor] { decay } else { 1.0 };
-            adamw_kernel(&k, decay, p, g, m, v);
-        });
+            adamw_kernel(&k, decay, p, g, m, v)
+        })
+        .reduce(|| false, |a, b| a | b)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,12 +454,16 @@ fn adamw(
 /// (clip coefficient, weight decay, momentum, -lr) as f32.
 type Scalars = (f32, f32, f32, f32);
 
+/// Whether a new value is not finite (also [`momentum`]).
 #[inline(never)]
-fn plain((coef, wd, _, neg_lr): Scalars, p: &mut [f32], g: &[f32]) {
+fn plain((coef, wd, _, neg_lr): Scalars, p: &mut [f32], g: &[f32]) -> bool {
+    let mut bad = false;
     for (p, &g) in p.iter_mut().zip(g) {
         let g = g * coef + wd * *p;
         *p += neg_lr * g;
+        bad |= !p.is_finite();
     }
+    bad
 }
 
 #[inline(never)]
@@ -412,22 +472,28 @@ fn momentum<const NESTEROV: bool>(
     p: &mut [f32],
     g: &[f32],
     buf: &mut [f32],
-) {
+) -> bool {
+    let mut bad = false;
     for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
         let g = g * coef + wd * *p;
         *b = mom * *b + g;
         let d = if NESTEROV { g + mom * *b } else { *b };
         *p += neg_lr * d;
+        // p alone: a non-finite `b` makes `d` and then `p` non-finite (momentum > 0, finite lr;
+        // -0 * inf is NaN).
+        bad |= !p.is_finite();
     }
+    bad
 }
 
+/// Whether it wrote a non-finite value.
 fn sgd(
     table: &FlatTable,
     params: &mut [f32],
     grads: &[f32],
     momentum_buffer: Option<&mut [f32]>,
     s: &SgdScalars,
-) {
+) -> bool {
     let chunks = &table.chunks[..];
     let coef = torch_clip_coef(chunks, grads, s.max_grad_norm);
     let (wd, mom, nesterov, neg_lr) = (s.wd, s.momentum, s.nesterov, s.neg_lr);
@@ -447,7 +513,7 @@ fn sgd(
         })
         .collect::<Vec<_>>()
         .into_par_iter()
-        .for_each(|(c, p, b)| {
+        .map(|(c, p, b)| {
             let g = &grads[c.offset..c.offset + c.len];
             let k = (coef, wd_of(c.tensor), mom, neg_lr);
             match (with_buf, nesterov) {
@@ -455,7 +521,8 @@ fn sgd(
                 (true, false) => momentum::<false>(k, p, g, b),
                 (true, true) => momentum::<true>(k, p, g, b),
             }
-        });
+        })
+        .reduce(|| false, |a, b| a | b)
 }
 
 impl Optim for Cpu {
@@ -465,6 +532,7 @@ impl Optim for Cpu {
         Ok(CpuPlan {
             table: table.clone(),
             update: Vec::new(),
+            nonfinite: false,
         })
     }
 
@@ -491,7 +559,7 @@ impl Optim for Cpu {
         exp_avg_sq: &mut [f32],
         k: &AdamWScalars,
     ) -> Result<()> {
-        adamw(&plan.table, s.params, s.grads, exp_avg, exp_avg_sq, k);
+        plan.nonfinite |= adamw(&plan.table, s.params, s.grads, exp_avg, exp_avg_sq, k);
         if let Some((e, c)) = s.ema {
             blend(e, s.params, c);
         }
@@ -505,7 +573,7 @@ impl Optim for Cpu {
         momentum: Option<&mut [f32]>,
         k: &SgdScalars,
     ) -> Result<()> {
-        sgd(&plan.table, s.params, s.grads, momentum, k);
+        plan.nonfinite |= sgd(&plan.table, s.params, s.grads, momentum, k);
         if let Some((e, c)) = s.ema {
             blend(e, s.params, c);
         }
@@ -515,5 +583,9 @@ impl Optim for Cpu {
     fn ema_blend(&self, e: &mut [f32], x: &[f32], k: EmaCoef) -> Result<()> {
         blend(e, x, k);
         Ok(())
+    }
+
+    fn take_nonfinite(&self, plan: &mut CpuPlan) -> Result<bool> {
+        Ok(std::mem::take(&mut plan.nonfinite))
     }
 }

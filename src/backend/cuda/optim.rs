@@ -3,7 +3,8 @@
 //! the chunks cover the whole buffer (a layout with gaps blends after the update, as the CPU
 //! blends the gaps too), and the EMA blend alone. The per-step scalars come from `optim` as
 //! plain data (`backend::api::optim`); the state of an optimizer (moments) lives in tensors
-//! above; here only the chunk tables and the reduction scratch ([`OptimPlan`]).
+//! above; here only the chunk tables, the reduction scratch and the finite-state flag the
+//! update kernels set ([`OptimPlan`]).
 
 use super::alloc::DevBuf;
 use super::backend::Cuda;
@@ -51,6 +52,9 @@ pub struct OptimPlan {
     gpart: DevBuf<f64>,
     pu: DevBuf<f64>,
     clip: DBuf,
+    /// One int the update kernels set to 1 when they write a non-finite parameter or moment
+    /// (zeroed here, read and cleared by `take_nonfinite`).
+    bad: DevBuf<i32>,
 }
 
 impl OptimPlan {
@@ -95,6 +99,8 @@ impl OptimPlan {
             gpart: gpu.alloc_f64(chunks.len().max(1))?,
             pu: gpu.alloc_f64(2 * chunks.len().max(1))?,
             clip: gpu.alloc(1)?,
+            // Uploaded, not allocated: the pool may hand out NaN-poisoned bytes.
+            bad: gpu.upload_i32(&[0])?,
         })
     }
 
@@ -294,6 +300,7 @@ impl Optim for Cuda<f32> {
                     i32a(p.nchunks),
                     Arg::Lamb(c),
                     ptr(&p.pu),
+                    ptr(&p.bad),
                 ],
             )?;
             self.launch(
@@ -314,6 +321,7 @@ impl Optim for Cuda<f32> {
                     ptr(&p.tensor_nchunks),
                     Arg::Lamb(c),
                     ptr(&p.pu),
+                    ptr(&p.bad),
                 ],
             )?;
         }
@@ -360,6 +368,7 @@ impl Optim for Cuda<f32> {
                     Arg::F32(k.decay),
                     Arg::F32(ema.k.d),
                     Arg::F32(ema.k.w),
+                    ptr(&c.bad),
                 ],
             )?;
         }
@@ -402,6 +411,7 @@ impl Optim for Cuda<f32> {
                     Arg::I32(k.nesterov as i32),
                     Arg::F32(ema.k.d),
                     Arg::F32(ema.k.w),
+                    ptr(&c.bad),
                 ],
             )?;
         }
@@ -410,5 +420,22 @@ impl Optim for Cuda<f32> {
 
     fn ema_blend(&self, e: &mut DBuf, x: &DBuf, k: EmaCoef) -> Result<()> {
         self.ema_blend_f32(e, x, k)
+    }
+
+    /// A 4-byte read of the flag (it waits for the step's kernels); a 4-byte memset only when
+    /// it was set.
+    fn take_nonfinite(&self, plan: &mut OptimPlan) -> Result<bool> {
+        let mut bad = [0i32];
+        self.ctx.bind_to_thread()?;
+        let cu = self.stream.cu_stream();
+        // SAFETY: the flag holds one i32; the stream is synchronized before `bad` is read.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut bad, plan.bad.device_ptr(), cu) }?;
+        self.stream.synchronize()?;
+        if bad[0] == 0 {
+            return Ok(false);
+        }
+        // SAFETY: 4 bytes at the flag's address; stream-ordered after the read above.
+        unsafe { cudarc::driver::result::memset_d8_async(plan.bad.device_ptr(), 0, 4, cu) }?;
+        Ok(true)
     }
 }
