@@ -1,6 +1,8 @@
 //! Long-run robustness: one writer per run directory, clean-up on resume, the finite-state
 //! guard and refused implausible weights.
 
+mod common;
+
 use ghostv3::nn::State;
 use ghostv3::train::{guard, run_dir};
 use std::path::PathBuf;
@@ -129,7 +131,10 @@ fn train_and_val_splits_with_other_class_names_are_refused() {
         e.contains("different classes") && e.contains("dogs") && e.contains("owls"),
         "{e}"
     );
-    assert!(!root.join("run").exists(), "nothing written for a refused recipe");
+    assert!(
+        !root.join("run").exists(),
+        "nothing written for a refused recipe"
+    );
 }
 
 #[test]
@@ -138,7 +143,10 @@ fn evaluation_refuses_non_finite_outputs() {
     let ds = std::sync::Arc::new(Synthetic::new(8, 32, 0));
     let loader = Loader::new(ds, TransformConfig::eval(32), 4, false, false, 1, 0).unwrap();
     let ok = ghostv3::train::evaluate_with(&loader, |x| {
-        Ok(ghostv3::Tensor::new(&[x.shape()[0], 10], vec![0.5; x.shape()[0] * 10]))
+        Ok(ghostv3::Tensor::new(
+            &[x.shape()[0], 10],
+            vec![0.5; x.shape()[0] * 10],
+        ))
     })
     .unwrap();
     assert_eq!((ok.images, ok.skipped.len()), (8, 0));
@@ -150,4 +158,13 @@ fn evaluation_refuses_non_finite_outputs() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("NaN") && err.contains("image 1"), "{err}");
+}
+
+/// A diverging run stops at the step whose update wrote the first non-finite value, naming the
+/// tensor: the flag of the optimizer pass, read through `Update` on every device (the GPU's
+/// flag against the CPU's: `nonfinite_flag_matches_cpu` in tests/cuda_optim.rs).
+#[test]
+fn divergence_stops_at_its_step() {
+    let e = common::diverging_run_error("cpu");
+    assert!(e.contains("became") && e.contains("at epoch 1 step"), "{e}");
 }

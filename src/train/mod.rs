@@ -864,11 +864,15 @@ impl Trainer {
                 if !loss.is_finite() {
                     return Err(self.stopped(&format!("the loss became {loss} {at}")));
                 }
-                // On the host the parameters are checked after every step (a pass over them
-                // costs little next to the step); a device run is checked at every checkpoint.
-                if self.cfg.train.device == Device::Cpu {
-                    guard::check_state(self.model.state(), "model")
-                        .map_err(|e| self.stopped(&format!("{e} {at}")))?;
+                // The update pass flags a non-finite parameter or moment as it writes it (no
+                // pass of its own); only then are the host copies searched for its name.
+                if self.update.take_nonfinite()? {
+                    let (_, tensors) = self.checkpoint_tensors()?;
+                    let why = guard::check_tensors(&tensors).err().map_or_else(
+                        || "the optimizer wrote a non-finite value".to_string(),
+                        |e| format!("{e:#}"),
+                    );
+                    return Err(self.stopped(&format!("{why} {at}")));
                 }
                 p.loss_sum += loss * batch_len as f64;
                 p.images += batch_len;

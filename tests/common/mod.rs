@@ -109,3 +109,39 @@ pub fn randomize_bn(state: &mut State, rng: &mut StdRng, branch_gain: f32) {
         });
     }
 }
+
+/// The error of a tiny run on `device` with SGD at lr 1e6 (it diverges in its first steps);
+/// panics if the run succeeds or writes its best weights.
+pub fn diverging_run_error(device: &str) -> String {
+    use ghostv3::train::config::TrainConfig;
+    let sets: Vec<String> = [
+        "data.synthetic_train=16",
+        "data.synthetic_val=4",
+        "data.synthetic_size=40",
+        "augment.size=40",
+        "eval.size=40",
+        "train.batch_size=4",
+        "train.eval_batch_size=4",
+        "train.epochs=2",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "optimizer.kind=\"sgd\"",
+        "train.lr=1e6",
+        "ema.decay=0.9",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("train.device=\"{device}\"")])
+    .collect();
+    let cfg = TrainConfig::from_toml(TrainConfig::default_recipe(), &sets, "test").unwrap();
+    let dir = std::env::temp_dir().join(format!("ghostv3-diverge-{device}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut t = ghostv3::train::Trainer::new(cfg, &dir).unwrap();
+    t.quiet = true;
+    let e = format!("{:#}", t.run().expect_err("a run at lr 1e6 diverges"));
+    assert!(
+        !dir.join("best.safetensors").exists(),
+        "{device}: best written"
+    );
+    e
+}
