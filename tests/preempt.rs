@@ -306,5 +306,8 @@ fn resume_keeps_its_directory() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("cannot be used with"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("cannot be used with"),
+        "{e}"
+    );
 }
