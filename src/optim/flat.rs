@@ -76,17 +76,6 @@ impl<R: Rule> Flat<R> {
         Some(&self.moments[i])
     }
 
-    /// Whether a step since the last call wrote a NaN or infinite parameter or moment, and
-    /// clears it: the update pass flags what it writes (no pass of its own), so this is a
-    /// 4-byte read on the GPU. False before the first step.
-    pub fn take_nonfinite(&mut self) -> Result<bool> {
-        let Some(device) = self.device else {
-            return Ok(false);
-        };
-        let plan = &mut self.plan;
-        on_backend!(device, f32, |b| plan.take_nonfinite(b))
-    }
-
     fn step_on<B: Place<f32> + Optim>(
         &mut self,
         b: &B,
@@ -109,8 +98,13 @@ impl<R: Rule> Flat<R> {
 }
 
 impl<R: Rule> Optimizer for Flat<R> {
+    /// The flag of the plan of the last step's backend.
     fn take_nonfinite(&mut self) -> Result<bool> {
-        Flat::take_nonfinite(self)
+        let Some(device) = self.device else {
+            return Ok(false);
+        };
+        let plan = &mut self.plan;
+        on_backend!(device, f32, |b| plan.take_nonfinite(b))
     }
 
     fn step(

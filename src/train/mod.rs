@@ -891,9 +891,7 @@ impl Trainer {
             );
             // The epoch's last step is checkpointed with the epoch, after its evaluation.
             if stop.is_some() || (due && p.step < steps) {
-                self.partial = Some(p.clone());
-                bar.suspend(|| self.save_partial())?;
-                self.partial = None;
+                bar.suspend(|| self.save_partial(&p))?;
                 if let Some(sig) = stop {
                     bar.finish_and_clear();
                     self.partial = Some(p);
@@ -1022,13 +1020,12 @@ impl Trainer {
         Ok(())
     }
 
-    /// A checkpoint inside the epoch (`self.partial` says where), after the finite-state guard.
-    fn save_partial(&mut self) -> Result<()> {
-        let p = self.partial.clone().expect("progress of the epoch");
-        let at = progress_at(self.epoch, Some(&p));
+    /// A checkpoint inside the epoch at `p`, after the finite-state guard.
+    fn save_partial(&mut self, p: &Progress) -> Result<()> {
+        let at = progress_at(self.epoch, Some(p));
         let (_, tensors) = self.checkpoint_tensors()?;
         guard::check_tensors(&tensors).map_err(|e| self.stopped(&format!("{e} {at}")))?;
-        self.write_checkpoint(tensors, Some(&p))
+        self.write_checkpoint(tensors, Some(p))
     }
 
     /// Folds the best weights into the deploy form (`deploy.safetensors`).
