@@ -10,7 +10,9 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod plot;
 pub mod reparam;
+pub mod study;
 pub mod tensor;
 pub mod train;
 

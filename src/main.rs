@@ -4,10 +4,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ghostv3::io::{load_state, read_tensors, save_state, write_tensors, TensorData};
 use ghostv3::models::{self, Model, ModelOptions, Pass};
-use ghostv3::nn::{Mode, RepOptions};
+use ghostv3::nn::RepOptions;
 use ghostv3::tensor::Device;
 use ghostv3::train::step::{self, Targets};
-use ghostv3::{infer, reparam, Tape, Tensor};
+use ghostv3::{infer, reparam, Tensor};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -43,6 +43,56 @@ enum Cmd {
     Export(ExportArgs),
     /// Lists the models the engine can build.
     Models,
+    /// Runs a study: every (variant, seed) of a study file, then results.md/csv and plots.
+    Study(StudyArgs),
+    /// Draws learning curves of run directories (or accuracy against latency: --latency).
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct StudyArgs {
+    /// The study file (see configs/studies/). Rerunning it with the same --out resumes it.
+    #[arg(required_unless_present_any = ["status", "report", "resume"])]
+    file: Option<PathBuf>,
+    /// Study directory (default studies/<study name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a recipe entry in every run, e.g. --set data.root=/data/mine --set train.epochs=2.
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the study stored in this directory.
+    #[arg(long, conflicts_with_all = ["file", "out", "sets", "status", "report"])]
+    resume: Option<PathBuf>,
+    /// Print what is done, running and left in a study directory, with the time left.
+    #[arg(long, conflicts_with_all = ["file", "out", "sets", "report"])]
+    status: Option<PathBuf>,
+    /// Write results.md, results.csv and the plots of a (partial) study directory now.
+    #[arg(long, conflicts_with_all = ["file", "out", "sets"])]
+    report: Option<PathBuf>,
+    /// Runs at a time, each a child `ghostv3 train` with 1/jobs of the cores (default 1: one
+    /// after another in this process).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Runs at a time on N GPUs, one per GPU (CUDA_VISIBLE_DEVICES), each with --device cuda.
+    #[arg(long, conflicts_with = "jobs")]
+    gpus: Option<usize>,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Run directories (each with metrics.jsonl; with --latency, deploy.safetensors too).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// The PNG to write.
+    #[arg(long, default_value = "curves.png")]
+    out: PathBuf,
+    /// Accuracy against CPU latency (the fast path, batch 1, the run's eval size) of every run's
+    /// folded weights, like the paper's Figures 1 and 5.
+    #[arg(long)]
+    latency: bool,
+    /// Threads for the latency measurement (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -320,6 +370,8 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::Export(a) => export(a),
         Cmd::Models => list_models(),
+        Cmd::Study(a) => study(a),
+        Cmd::Plot(a) => plot(a),
     };
     if let Err(e) = r {
         if e.downcast_ref::<StdoutClosed>().is_some() {
@@ -356,10 +408,7 @@ fn thousands(n: u64) -> String {
 
 /// Parameters (trainable, BN affine included, buffers excluded) and MACs at `size`.
 fn count(m: &mut Model, size: usize) -> (u64, u64) {
-    let mut tape = Tape::inference();
-    let x = tape.constant(Tensor::zeros(&[1, 3, size, size]));
-    m.forward(&mut tape, x, Mode::Eval, None);
-    (m.state().params.numel() as u64, tape.macs())
+    m.params_and_macs(size)
 }
 
 fn info(a: InfoArgs) -> Result<()> {
@@ -842,5 +891,135 @@ fn export(a: ExportArgs) -> Result<()> {
         e.graph.nodes.len(),
         bytes.len() as f64 / 1e6
     );
+    Ok(())
+}
+
+/// Runs (or resumes, reports, shows) a study; SIGTERM/SIGINT stop it with every live run
+/// checkpointed, exiting with `EXIT_PREEMPTED` like `train`.
+fn study(a: StudyArgs) -> Result<()> {
+    use ghostv3::study::{spec::Resolved, Outcome, RunOptions, Study};
+    use ghostv3::train::preempt::{StopFlag, EXIT_PREEMPTED};
+    if let Some(dir) = &a.status {
+        out!("{}", Study::open(dir)?.status());
+        return Ok(());
+    }
+    if let Some(dir) = &a.report {
+        Study::open(dir)?.report()?;
+        outln!("wrote {}", dir.join("results.md").display());
+        return Ok(());
+    }
+    let s = match (&a.resume, &a.file) {
+        (Some(dir), _) => Study::open(dir)?,
+        (None, Some(file)) => {
+            let r = Resolved::load(file, &a.sets)?;
+            let name = r.file()?.study.name;
+            let dir = a
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("studies").join(name));
+            Study::create(&dir, r)?
+        }
+        (None, None) => bail!("give a study file, or --resume/--status/--report DIR"),
+    };
+    if a.jobs == 0 || a.gpus == Some(0) {
+        bail!("--jobs and --gpus take at least 1");
+    }
+    let opts = RunOptions {
+        jobs: a.gpus.unwrap_or(a.jobs),
+        gpus: a.gpus.is_some(),
+        exe: None,
+        quiet: false,
+    };
+    let outcome = s.run(&opts, &StopFlag::on_signals()?)?;
+    outln!("results: {}", s.dir.join("results.md").display());
+    match outcome {
+        Outcome::Stopped(sig) => {
+            eprintln!(
+                "{sig}: study stopped, its runs checkpointed; continue with: ghostv3 study --resume {}",
+                s.dir.display()
+            );
+            std::process::exit(EXIT_PREEMPTED);
+        }
+        Outcome::Finished { failed } if !failed.is_empty() => bail!(
+            "{} run(s) failed: {} (their errors are in failed.txt; rerun the study to retry them)",
+            failed.len(),
+            failed.join(", ")
+        ),
+        Outcome::Finished { .. } => Ok(()),
+    }
+}
+
+/// Learning curves of runs, or their best top-1 against the CPU latency of their folded weights.
+fn plot(a: PlotArgs) -> Result<()> {
+    use ghostv3::plot::{scatter, Point};
+    use ghostv3::train::{config::TrainConfig, curves};
+    let label = |d: &Path| {
+        d.components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let mut runs = Vec::new();
+    for d in &a.runs {
+        let ms = curves::read_metrics(d)?;
+        if ms.is_empty() {
+            bail!("{} has no logged epoch (metrics.jsonl)", d.display());
+        }
+        runs.push((label(d), ms));
+    }
+    if !a.latency {
+        ghostv3::plot::panels(&a.out, &curves::run_panels(&runs))?;
+        outln!("wrote {}", a.out.display());
+        return Ok(());
+    }
+    use ghostv3::infer::bench::{bench_engine, BenchConfig};
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads.unwrap_or(0))
+        .build()?;
+    let mut pts = Vec::new();
+    for (d, (label, ms)) in a.runs.iter().zip(&runs) {
+        let cfg = TrainConfig::load(&d.join("config.toml"), &[])?;
+        let w = d.join("deploy.safetensors");
+        let mut m = models::create(&cfg.model.name, &models::detect_options(&w)?)?;
+        load_state(m.state_mut(), &w)?;
+        let size = cfg.eval.size;
+        let bc = BenchConfig {
+            batch: 1,
+            size,
+            warmup: 5,
+            min_runs: 20,
+            min_time: std::time::Duration::from_secs(1),
+        };
+        let r = pool.install(|| -> Result<_> { bench_engine(&infer::model_engine(&m)?, &bc) })?;
+        let best = ms
+            .iter()
+            .map(|e| e.top1.max(e.ema_top1.unwrap_or(0.0)))
+            .fold(0.0, f64::max);
+        outln!(
+            "{label}: {} at {size} px, best top-1 {:.2}%, {:.3} ms median (batch 1)",
+            cfg.model.name,
+            100.0 * best,
+            r.median_ms
+        );
+        pts.push(Point {
+            label: label.clone(),
+            group: cfg.model.name.clone(),
+            x: r.median_ms,
+            y: 100.0 * best,
+        });
+    }
+    scatter(
+        &a.out,
+        "top-1 against CPU latency (batch 1)",
+        "latency (ms)",
+        "best top-1 (%)",
+        &pts,
+    )?;
+    outln!("wrote {}", a.out.display());
     Ok(())
 }

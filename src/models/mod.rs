@@ -330,6 +330,15 @@ impl Model {
         Ok(())
     }
 
+    /// Parameters (trainable, BN affine included, buffers excluded) and MACs of one image at
+    /// `size` x `size`, counted by an eval-mode pass on the tape.
+    pub fn params_and_macs(&mut self, size: usize) -> (u64, u64) {
+        let mut tape = Tape::inference();
+        let x = tape.constant(Tensor::zeros(&[1, 3, size, size]));
+        self.forward(&mut tape, x, Mode::Eval, None);
+        (self.state().params.numel() as u64, tape.macs())
+    }
+
     /// What a forward pass holds per input pixel, measured by one eval-mode pass of two images
     /// at the smallest multiple of 32 px the model takes (32 or 64: every stride divides it, so
     /// the figures scale with the pixel count; other sizes round their maps up a little).

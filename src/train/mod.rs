@@ -16,6 +16,7 @@
 //! can resume on either device.
 
 pub mod config;
+pub mod curves;
 pub mod guard;
 pub mod preempt;
 pub mod run_dir;
@@ -43,7 +44,7 @@ use std::time::Instant;
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 
 /// One epoch's figures, as appended to `metrics.jsonl`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub train_loss: f64,
@@ -57,6 +58,7 @@ pub struct EpochMetrics {
     pub epoch_seconds: f64,
     pub skipped_images: usize,
     /// Validation images that could not be read (top-1 and top-5 are over the others).
+    #[serde(default)]
     pub val_skipped_images: usize,
 }
 
@@ -158,7 +160,7 @@ fn progress_at(epoch: usize, progress: Option<&Progress>) -> String {
 }
 
 /// The keys (dotted) whose values differ between two recipes, as `key: a -> b`.
-fn recipe_diff(a: &str, b: &str) -> Vec<String> {
+pub fn recipe_diff(a: &str, b: &str) -> Vec<String> {
     fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, String>) {
         for (k, v) in t {
             let key = if prefix.is_empty() {
@@ -194,6 +196,22 @@ fn recipe_diff(a: &str, b: &str) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The model a recipe trains (`deploy`: its folded form, for counting what deploys).
+pub fn model_options(cfg: &TrainConfig, num_classes: usize, deploy: bool) -> ModelOptions {
+    let m = &cfg.model;
+    ModelOptions {
+        num_classes,
+        rep: RepOptions {
+            branches: m.rep_branches,
+            scale: m.rep_scale,
+            identity: m.rep_identity,
+        },
+        deploy,
+        drop_rate: m.drop_rate,
+        seed: cfg.train.seed,
+    }
 }
 
 fn datasets(cfg: &TrainConfig) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
@@ -470,17 +488,7 @@ impl Trainer {
             );
         }
         let m = &cfg.model;
-        let opts = ModelOptions {
-            num_classes,
-            rep: RepOptions {
-                branches: m.rep_branches,
-                scale: m.rep_scale,
-                identity: m.rep_identity,
-            },
-            deploy: false,
-            drop_rate: m.drop_rate,
-            seed: cfg.train.seed,
-        };
+        let opts = model_options(&cfg, num_classes, false);
         let mut model = models::create(&m.name, &opts)?;
         for (key, size) in [
             ("augment.size", cfg.augment.size),
@@ -626,6 +634,11 @@ impl Trainer {
 
     /// Trains until `train.epochs`, evaluating and checkpointing after every epoch.
     pub fn run(&mut self) -> Result<Summary> {
+        self.run_with(&mut |_| {})
+    }
+
+    /// `run`, calling `on_epoch` with every finished epoch's figures (a study's progress).
+    pub fn run_with(&mut self, on_epoch: &mut dyn FnMut(&EpochMetrics)) -> Result<Summary> {
         let mut epochs = Vec::new();
         if self.cfg.train.device != Device::Cpu {
             self.say(&format!(
@@ -652,7 +665,10 @@ impl Trainer {
                 break;
             }
             match self.run_epoch()? {
-                Some(m) => epochs.push(m),
+                Some(m) => {
+                    on_epoch(&m);
+                    epochs.push(m)
+                }
                 None => {
                     stopped_by = self.stop.requested();
                     break;
@@ -757,6 +773,11 @@ impl Trainer {
             .open(self.run_dir.join("metrics.jsonl"))
             .context("cannot open metrics.jsonl")?;
         writeln!(f, "{}", serde_json::to_string(&m)?)?;
+        drop(f);
+        // The run's curves so far; a chart that cannot be drawn never stops the training.
+        if let Err(e) = curves::write_run_curves(&self.run_dir) {
+            eprintln!("warning: curves.png not drawn: {e:#}");
+        }
         // Best weights: the model or its EMA, whichever scores higher.
         let (best_now, from_ema) = match ema_top1 {
             Some(e) if e > top1 => (e, true),

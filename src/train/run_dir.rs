@@ -8,7 +8,7 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 const LOCK: &str = ".lock";
-const METRICS: &str = "metrics.jsonl";
+use super::curves::METRICS;
 /// The run's identity, written once when the run starts; its checkpoints carry the same id.
 const IDENTITY: &str = "run.json";
 
