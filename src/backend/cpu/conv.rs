@@ -153,8 +153,8 @@ pub fn conv2d_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
     y
 }
 
-/// One depth-wise output plane: `out[oy,ox] = sum_{ky,kx} w[ky,kx] * x[oy*sh+ky-ph, ox*sw+kx-pw]`.
-fn dw_plane_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], out: &mut [T]) {
+/// One depth-wise output plane: `out[oy,ox] += sum_{ky,kx} w[ky,kx] * x[oy*sh+ky-ph, ox*sw+kx-pw]`.
+pub(super) fn dw_plane_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], out: &mut [T]) {
     for ky in 0..g.kh {
         let (oy0, oy1) = g.oy_range(ky);
         for kx in 0..g.kw {
@@ -287,6 +287,66 @@ pub fn conv2d_backward<T: Elem>(
     ConvGrads { dx, dw, db }
 }
 
+/// The input gradient of one depth-wise plane, added into `dxp`: the transpose of
+/// [`dw_plane_forward`] with the plane's kernel `wc` [kh*kw].
+pub(super) fn dw_plane_backward_input<T: Elem>(g: &ConvGeom, dyp: &[T], wc: &[T], dxp: &mut [T]) {
+    for ky in 0..g.kh {
+        let (oy0, oy1) = g.oy_range(ky);
+        for kx in 0..g.kw {
+            let wv = wc[ky * g.kw + kx];
+            let (ox0, ox1) = g.ox_range(kx);
+            if ox0 >= ox1 {
+                continue;
+            }
+            for oy in oy0..oy1 {
+                let iy = oy * g.sh + ky - g.ph;
+                let drow = &mut dxp[iy * g.w..(iy + 1) * g.w];
+                let srow = &dyp[oy * g.wo + ox0..oy * g.wo + ox1];
+                // input columns ox*sw + kx - pw for ox in [ox0, ox1)
+                let start = ox0 * g.sw + kx - g.pw;
+                if g.sw == 1 {
+                    for (d, &s) in drow[start..].iter_mut().zip(srow) {
+                        *d += wv * s;
+                    }
+                } else {
+                    for (d, &s) in drow[start..].iter_mut().step_by(g.sw).zip(srow) {
+                        *d += wv * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The kernel gradient of one depth-wise plane (input `xp`, output gradient `dyp`), added into
+/// `dwc` [kh*kw].
+pub(super) fn dw_plane_weight_grad<T: Elem>(g: &ConvGeom, xp: &[T], dyp: &[T], dwc: &mut [T]) {
+    for ky in 0..g.kh {
+        let (oy0, oy1) = g.oy_range(ky);
+        for kx in 0..g.kw {
+            let (ox0, ox1) = g.ox_range(kx);
+            let mut s = T::zero();
+            if ox0 < ox1 {
+                for oy in oy0..oy1 {
+                    let iy = oy * g.sh + ky - g.ph;
+                    let xrow = &xp[iy * g.w..(iy + 1) * g.w];
+                    let drow = &dyp[oy * g.wo + ox0..oy * g.wo + ox1];
+                    let start = ox0 * g.sw + kx - g.pw;
+                    s += if g.sw == 1 {
+                        reduce::dot(drow, &xrow[start..])
+                    } else {
+                        drow.iter()
+                            .zip(xrow[start..].iter().step_by(g.sw))
+                            .map(|(&a, &b)| a * b)
+                            .sum()
+                    };
+                }
+            }
+            dwc[ky * g.kw + kx] += s;
+        }
+    }
+}
+
 fn dw_backward<T: Elem>(
     g: &ConvGeom,
     x: &[T],
@@ -303,34 +363,12 @@ fn dw_backward<T: Elem>(
             .with_min_len(min_len(hw))
             .for_each(|(nc, dxp)| {
                 let c = nc % g.cin;
-                let wc = &w[c * kk..(c + 1) * kk];
-                let dyp = &dy[nc * p..(nc + 1) * p];
-                for ky in 0..g.kh {
-                    let (oy0, oy1) = g.oy_range(ky);
-                    for kx in 0..g.kw {
-                        let wv = wc[ky * g.kw + kx];
-                        let (ox0, ox1) = g.ox_range(kx);
-                        if ox0 >= ox1 {
-                            continue;
-                        }
-                        for oy in oy0..oy1 {
-                            let iy = oy * g.sh + ky - g.ph;
-                            let drow = &mut dxp[iy * g.w..(iy + 1) * g.w];
-                            let srow = &dyp[oy * g.wo + ox0..oy * g.wo + ox1];
-                            // input columns ox*sw + kx - pw for ox in [ox0, ox1)
-                            let start = ox0 * g.sw + kx - g.pw;
-                            if g.sw == 1 {
-                                for (d, &s) in drow[start..].iter_mut().zip(srow) {
-                                    *d += wv * s;
-                                }
-                            } else {
-                                for (d, &s) in drow[start..].iter_mut().step_by(g.sw).zip(srow) {
-                                    *d += wv * s;
-                                }
-                            }
-                        }
-                    }
-                }
+                dw_plane_backward_input(
+                    g,
+                    &dy[nc * p..(nc + 1) * p],
+                    &w[c * kk..(c + 1) * kk],
+                    dxp,
+                );
             });
         dx
     });
@@ -342,32 +380,12 @@ fn dw_backward<T: Elem>(
             .for_each(|(c, dwc)| {
                 for n in 0..g.n {
                     let nc = n * g.cin + c;
-                    let xp = &x[nc * hw..(nc + 1) * hw];
-                    let dyp = &dy[nc * p..(nc + 1) * p];
-                    for ky in 0..g.kh {
-                        let (oy0, oy1) = g.oy_range(ky);
-                        for kx in 0..g.kw {
-                            let (ox0, ox1) = g.ox_range(kx);
-                            let mut s = T::zero();
-                            if ox0 < ox1 {
-                                for oy in oy0..oy1 {
-                                    let iy = oy * g.sh + ky - g.ph;
-                                    let xrow = &xp[iy * g.w..(iy + 1) * g.w];
-                                    let drow = &dyp[oy * g.wo + ox0..oy * g.wo + ox1];
-                                    let start = ox0 * g.sw + kx - g.pw;
-                                    s += if g.sw == 1 {
-                                        reduce::dot(drow, &xrow[start..])
-                                    } else {
-                                        drow.iter()
-                                            .zip(xrow[start..].iter().step_by(g.sw))
-                                            .map(|(&a, &b)| a * b)
-                                            .sum()
-                                    };
-                                }
-                            }
-                            dwc[ky * g.kw + kx] += s;
-                        }
-                    }
+                    dw_plane_weight_grad(
+                        g,
+                        &x[nc * hw..(nc + 1) * hw],
+                        &dy[nc * p..(nc + 1) * p],
+                        dwc,
+                    );
                 }
             });
         dw

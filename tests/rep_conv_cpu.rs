@@ -1,0 +1,230 @@
+//! The fused re-parameterized depth-wise conv on the CPU (`backend/cpu/rep_conv.rs`) against the
+//! composed branches (conv2d + batch_norm_train each, summed) on fresh random inputs: output,
+//! every branch's batch statistics, every gradient; in f64 to 1e-10 and in f32 to rounding; and
+//! its gradients against f64 finite differences. One test function: the fused switch is
+//! process-wide.
+
+use ghostv3::backend::cpu::rep_conv::set_fused;
+use ghostv3::ops;
+use ghostv3::tensor::storage::BatchStats;
+use ghostv3::{Elem, Tape, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const EPS: f64 = 1e-5;
+
+/// (n, c, h, w, k, stride, branches, scale, identity)
+type Case = (usize, usize, usize, usize, usize, usize, usize, bool, bool);
+
+const CASES: [Case; 7] = [
+    (2, 3, 6, 5, 3, 1, 3, true, true),
+    (3, 4, 7, 7, 3, 2, 3, true, false),
+    (2, 2, 5, 6, 5, 1, 2, true, true),
+    (2, 3, 9, 8, 5, 2, 1, true, false),
+    (2, 2, 6, 6, 3, 1, 1, false, false),
+    (1, 5, 4, 4, 3, 1, 4, false, true),
+    (4, 2, 3, 3, 3, 2, 2, true, false),
+];
+
+struct Inputs<T: Elem> {
+    x: Tensor<T>,
+    kxk: Vec<Tensor<T>>,
+    scale: Option<Tensor<T>>,
+    bn: Vec<(Tensor<T>, Tensor<T>)>,
+    gy: Tensor<T>,
+}
+
+fn rand_t<T: Elem>(rng: &mut StdRng, shape: &[usize], lo: f64, hi: f64) -> Tensor<T> {
+    let n = shape.iter().product();
+    Tensor::new(
+        shape,
+        (0..n)
+            .map(|_| T::from_f64(rng.random_range(lo..hi)))
+            .collect(),
+    )
+}
+
+fn inputs<T: Elem>(rng: &mut StdRng, c: &Case) -> Inputs<T> {
+    let &(n, ch, h, w, k, s, nb, scale, id) = c;
+    let nbt = nb + scale as usize + id as usize;
+    let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
+    Inputs {
+        // An offset keeps the means away from zero, as activations are.
+        x: rand_t(rng, &[n, ch, h, w], -1.0, 1.5),
+        kxk: (0..nb)
+            .map(|_| rand_t(rng, &[ch, 1, k, k], -1.0, 1.0))
+            .collect(),
+        scale: scale.then(|| rand_t(rng, &[ch, 1, 1, 1], -1.0, 1.0)),
+        bn: (0..nbt)
+            .map(|_| (rand_t(rng, &[ch], 0.5, 1.5), rand_t(rng, &[ch], -0.5, 0.5)))
+            .collect(),
+        gy: rand_t(rng, &[n, ch, ho, wo], -1.0, 1.0),
+    }
+}
+
+/// y, the statistics, every gradient (x, kxk..., scale, gammas..., betas...) and the ops run.
+type Run = (Vec<f64>, Vec<BatchStats>, Vec<Vec<f64>>, Vec<&'static str>);
+
+/// Picks one input tensor to perturb.
+type Pick = Box<dyn Fn(&mut Inputs<f64>) -> &mut Tensor<f64>>;
+
+/// y, the statistics and every gradient (x, kxk..., scale, gammas..., betas...), fused or not.
+fn run<T: Elem>(inp: &Inputs<T>, c: &Case, fused: bool) -> Run {
+    set_fused(fused);
+    let mut tape = Tape::<T>::new();
+    tape.enable_profile();
+    let x = tape.leaf(inp.x.clone(), true);
+    let kxk: Vec<Var> = inp.kxk.iter().map(|t| tape.leaf(t.clone(), true)).collect();
+    let scale = inp.scale.as_ref().map(|t| tape.leaf(t.clone(), true));
+    let bn: Vec<(Var, Var)> = inp
+        .bn
+        .iter()
+        .map(|(g, b)| (tape.leaf(g.clone(), true), tape.leaf(b.clone(), true)))
+        .collect();
+    let (y, stats) = ops::rep_conv_dw(&mut tape, x, &kxk, scale, c.8, &bn, c.5, EPS);
+    let ops_run: Vec<&'static str> = tape.profile().unwrap().ops.keys().copied().collect();
+    let yv = tape.value(y).data().iter().map(|v| v.as_f64()).collect();
+    let g = tape.backward_with(y, inp.gy.clone());
+    let mut vars = vec![x];
+    vars.extend(&kxk);
+    vars.extend(scale);
+    vars.extend(bn.iter().map(|p| p.0));
+    vars.extend(bn.iter().map(|p| p.1));
+    let grads = vars
+        .iter()
+        .map(|&v| {
+            g.get(v)
+                .unwrap()
+                .data()
+                .iter()
+                .map(|v| v.as_f64())
+                .collect()
+        })
+        .collect();
+    set_fused(true);
+    (yv, stats, grads, ops_run)
+}
+
+/// Max abs error over max(max |b|, 1): gradients that vanish in exact arithmetic (the 1x1 scale
+/// weight's, as BN undoes any scale of its input) are compared at the scale of the others.
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn compare<T: Elem>(seed: u64, tol: f64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for c in &CASES {
+        let inp = inputs::<T>(&mut rng, c);
+        let (yf, sf, gf, opsf) = run(&inp, c, true);
+        let (yc, sc, gc, opsc) = run(&inp, c, false);
+        let case = format!("{c:?} {:?}", T::DTYPE);
+        assert_eq!(opsf, ["rep_conv_dw"], "{case}: the fused op ran");
+        assert!(
+            opsc.contains(&"batch_norm_train"),
+            "{case}: composed {opsc:?}"
+        );
+        assert!(max_rel(&yf, &yc) < tol, "{case} y: {}", max_rel(&yf, &yc));
+        assert_eq!(sf.len(), sc.len());
+        for (i, (a, b)) in sf.iter().zip(&sc).enumerate() {
+            assert_eq!(a.count, b.count, "{case} branch {i} count");
+            let (a, b) = (a.to_host().unwrap(), b.to_host().unwrap());
+            assert!(max_rel(&a.mean, &b.mean) < tol, "{case} branch {i} mean");
+            assert!(max_rel(&a.var, &b.var) < tol, "{case} branch {i} var");
+        }
+        for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+            assert!(
+                max_rel(a, b) < tol,
+                "{case} gradient {i}: {}",
+                max_rel(a, b)
+            );
+        }
+    }
+}
+
+/// Central differences of L = sum(gy * y) at a few coordinates of every input, f64.
+fn finite_differences() {
+    let mut rng = StdRng::seed_from_u64(77);
+    for c in &CASES[..4] {
+        let inp = inputs::<f64>(&mut rng, c);
+        let (_, _, grads, _) = run(&inp, c, true);
+        let loss = |inp: &Inputs<f64>| {
+            let (y, _) = run_forward(inp, c);
+            y.iter().zip(inp.gy.data()).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let h = 1e-6;
+        let mut tensors: Vec<Pick> = vec![Box::new(|i| &mut i.x)];
+        for b in 0..inp.kxk.len() {
+            tensors.push(Box::new(move |i| &mut i.kxk[b]));
+        }
+        if inp.scale.is_some() {
+            tensors.push(Box::new(|i| i.scale.as_mut().unwrap()));
+        }
+        for b in 0..inp.bn.len() {
+            tensors.push(Box::new(move |i| &mut i.bn[b].0));
+        }
+        for b in 0..inp.bn.len() {
+            tensors.push(Box::new(move |i| &mut i.bn[b].1));
+        }
+        assert_eq!(tensors.len(), grads.len());
+        for (ti, pick) in tensors.iter().enumerate() {
+            let mut probe = Inputs {
+                x: inp.x.clone(),
+                kxk: inp.kxk.clone(),
+                scale: inp.scale.clone(),
+                bn: inp.bn.clone(),
+                gy: inp.gy.clone(),
+            };
+            let len = pick(&mut probe).data().len();
+            for _ in 0..4 {
+                let j = rng.random_range(0..len);
+                let at = |probe: &mut Inputs<f64>, d: f64| {
+                    let t = pick(probe);
+                    let mut v = t.data().to_vec();
+                    v[j] += d;
+                    *t = Tensor::new(t.shape(), v);
+                };
+                at(&mut probe, h);
+                let up = loss(&probe);
+                at(&mut probe, -2.0 * h);
+                let down = loss(&probe);
+                at(&mut probe, h);
+                let fd = (up - down) / (2.0 * h);
+                let an = grads[ti][j];
+                assert!(
+                    (fd - an).abs() <= 1e-6 * (1.0 + an.abs()),
+                    "{c:?} input {ti}[{j}]: analytic {an}, finite differences {fd}"
+                );
+            }
+        }
+    }
+}
+
+fn run_forward(inp: &Inputs<f64>, c: &Case) -> (Vec<f64>, Vec<BatchStats>) {
+    let mut tape = Tape::<f64>::new();
+    let x = tape.leaf(inp.x.clone(), false);
+    let kxk: Vec<Var> = inp
+        .kxk
+        .iter()
+        .map(|t| tape.leaf(t.clone(), false))
+        .collect();
+    let scale = inp.scale.as_ref().map(|t| tape.leaf(t.clone(), false));
+    let bn: Vec<(Var, Var)> = inp
+        .bn
+        .iter()
+        .map(|(g, b)| (tape.leaf(g.clone(), false), tape.leaf(b.clone(), false)))
+        .collect();
+    let (y, stats) = ops::rep_conv_dw(&mut tape, x, &kxk, scale, c.8, &bn, c.5, EPS);
+    (tape.value(y).data().to_vec(), stats)
+}
+
+#[test]
+fn fused_rep_dw_on_the_cpu_equals_the_composed_branches() {
+    compare::<f64>(5, 1e-10);
+    compare::<f32>(6, 2e-5);
+    finite_differences();
+}
