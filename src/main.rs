@@ -69,6 +69,9 @@ struct StudyArgs {
     /// Write results.md, results.csv and the plots of a (partial) study directory now.
     #[arg(long, conflicts_with_all = ["file", "out", "sets"])]
     report: Option<PathBuf>,
+    /// Check the study file and print its runs without training anything.
+    #[arg(long, conflicts_with_all = ["resume", "status", "report"])]
+    dry_run: bool,
     /// Runs at a time, each a child `ghostv3 train` with 1/jobs of the cores (default 1: one
     /// after another in this process).
     #[arg(long, default_value_t = 1)]
@@ -912,7 +915,19 @@ fn study(a: StudyArgs) -> Result<()> {
         (Some(dir), _) => Study::open(dir)?,
         (None, Some(file)) => {
             let r = Resolved::load(file, &a.sets)?;
-            let name = r.file()?.study.name;
+            let f = r.file()?;
+            if a.dry_run {
+                for run in r.plan()? {
+                    let v = &f.variants[run.variant];
+                    outln!("{:<36} {}: {}", run.rel_dir, v.label(), v.sets.join(" "));
+                }
+                outln!(
+                    "{} runs; study file and recipes are valid",
+                    f.variants.len() * f.study.seeds.len()
+                );
+                return Ok(());
+            }
+            let name = f.study.name;
             let dir = a
                 .out
                 .clone()

@@ -168,12 +168,25 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, p: &Pan
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
     }
     if p.series.iter().any(|s| !s.label.is_empty()) {
+        // The legend goes where the lines are not: below rising curves, above falling ones.
+        let falling = p
+            .series
+            .iter()
+            .filter(|s| s.y.len() > 1)
+            .map(|s| s.y[s.y.len() - 1] - s.y[0])
+            .sum::<f64>()
+            < 0.0;
+        let corner = if falling {
+            SeriesLabelPosition::UpperRight
+        } else {
+            SeriesLabelPosition::LowerRight
+        };
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(200, 200, 200))
             .label_font((FONT, 12))
-            .position(SeriesLabelPosition::LowerRight)
+            .position(corner)
             .draw()
             .map_err(draw_err)?;
     }

@@ -59,8 +59,11 @@ fn quiet() -> RunOptions {
     }
 }
 
+/// Per run: its directory and per epoch (train loss, top-1, val loss, EMA top-1).
+type Figures = Vec<(String, Vec<(f64, f64, f64, Option<f64>)>)>;
+
 /// Every run's logged figures, timing fields left out: what must match across ways of running.
-fn figures(s: &Study) -> Vec<(String, Vec<(f64, f64, f64, Option<f64>)>)> {
+fn figures(s: &Study) -> Figures {
     s.plan
         .iter()
         .map(|r| {
@@ -75,9 +78,8 @@ fn figures(s: &Study) -> Vec<(String, Vec<(f64, f64, f64, Option<f64>)>)> {
 }
 
 /// One in-process study, shared by the tests that compare against it.
-fn reference() -> &'static (PathBuf, Vec<(String, Vec<(f64, f64, f64, Option<f64>)>)>) {
-    static REF: std::sync::OnceLock<(PathBuf, Vec<(String, Vec<(f64, f64, f64, Option<f64>)>)>)> =
-        std::sync::OnceLock::new();
+fn reference() -> &'static (PathBuf, Figures) {
+    static REF: std::sync::OnceLock<(PathBuf, Figures)> = std::sync::OnceLock::new();
     REF.get_or_init(|| {
         let d = dir("reference");
         let file = study_file(&d, STUDY);
@@ -339,4 +341,20 @@ fn bad_study_files_are_refused_naming_the_fault() {
         e.contains("holds another study") && e.contains("train.lr"),
         "{e}"
     );
+}
+
+#[test]
+fn every_committed_study_file_resolves() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/studies");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let r = Resolved::load(&p, &["data.root=\"/data\"".to_string()])
+                .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            assert!(r.plan().unwrap().len() >= 3, "{}", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 10, "only {n} study files");
 }

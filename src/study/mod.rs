@@ -399,6 +399,9 @@ impl Study {
     ) -> Result<Outcome> {
         let exe = match &opts.exe {
             Some(e) => e.clone(),
+            // The running binary itself, even if a rebuild has replaced the file since: every
+            // run of a study trains with the same code.
+            None if Path::new("/proc/self/exe").exists() => PathBuf::from("/proc/self/exe"),
             None => std::env::current_exe().context("cannot find the ghostv3 binary")?,
         };
         let jobs = opts.jobs.max(1);

@@ -222,6 +222,14 @@ fn fmt_paired(p: Option<Paired>) -> String {
     }
 }
 
+fn minutes(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.0} s")
+    } else {
+        format!("{:.1} min", secs / 60.0)
+    }
+}
+
 fn millions(n: u64) -> String {
     format!("{:.2}M", n as f64 / 1e6)
 }
@@ -288,8 +296,7 @@ impl Results {
                 millions(r.deploy_params),
                 millions(r.deploy_macs),
                 r.eval_size,
-                r.train_seconds
-                    .map_or("–".into(), |t| format!("{:.1} min", t.mean / 60.0)),
+                r.train_seconds.map_or("–".into(), |t| minutes(t.mean)),
                 finished,
                 r.runs.len(),
                 r.paper.map_or("–".into(), |p| format!("{p:.2}")),
