@@ -20,6 +20,7 @@ const SETS: &[&str] = &[
     "train.epochs=2",
     "schedule.epochs=2",
     "train.batch_size=32",
+    "train.lr=0.01",
     "train.eval_batch_size=32",
     "model.rep_branches=2",
     "model.drop_rate=0.2",

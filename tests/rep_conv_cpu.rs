@@ -11,12 +11,18 @@ use ghostv3::{Elem, Tape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod common;
+
 const EPS: f64 = 1e-5;
 
 /// (n, c, h, w, k, stride, branches, scale, identity)
 type Case = (usize, usize, usize, usize, usize, usize, usize, bool, bool);
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 11] = [
+    (2, 36, 28, 28, 5, 2, 3, true, false),
+    (2, 6, 28, 28, 5, 2, 3, true, false),
+    (2, 28, 7, 7, 3, 1, 3, true, true),
+    (2, 30, 14, 14, 3, 1, 3, true, true),
     (2, 3, 6, 5, 3, 1, 3, true, true),
     (3, 4, 7, 7, 3, 2, 3, true, false),
     (2, 2, 5, 6, 5, 1, 2, true, true),
@@ -101,7 +107,7 @@ fn run<T: Elem>(inp: &Inputs<T>, c: &Case, fused: bool) -> Run {
                 .collect()
         })
         .collect();
-    set_fused(true);
+    set_fused(false);
     (yv, stats, grads, ops_run)
 }
 
@@ -116,10 +122,34 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
         / scale
 }
 
+/// Inputs as a ReLU leaves them: about half zeros, and channel 0 zero everywhere (its batch
+/// variance 0, so 1/sigma = 1/sqrt(eps): the largest gradients BN makes).
+fn relu_inputs<T: Elem>(inp: &mut Inputs<T>) {
+    let s = inp.x.shape().to_vec();
+    let hw = s[2] * s[3];
+    let v: Vec<T> = inp
+        .x
+        .data()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if (i / hw) % s[1] == 0 {
+                T::zero()
+            } else {
+                v.max(T::zero())
+            }
+        })
+        .collect();
+    inp.x = Tensor::new(&s, v);
+}
+
 fn compare<T: Elem>(seed: u64, tol: f64) {
     let mut rng = StdRng::seed_from_u64(seed);
-    for c in &CASES {
-        let inp = inputs::<T>(&mut rng, c);
+    for (i, c) in CASES.iter().enumerate() {
+        let mut inp = inputs::<T>(&mut rng, c);
+        if i % 2 == 1 {
+            relu_inputs(&mut inp);
+        }
         let (yf, sf, gf, opsf) = run(&inp, c, true);
         let (yc, sc, gc, opsc) = run(&inp, c, false);
         let case = format!("{c:?} {:?}", T::DTYPE);
@@ -225,6 +255,69 @@ fn run_forward(inp: &Inputs<f64>, c: &Case) -> (Vec<f64>, Vec<BatchStats>) {
 #[test]
 fn fused_rep_dw_on_the_cpu_equals_the_composed_branches() {
     compare::<f64>(5, 1e-10);
-    compare::<f32>(6, 2e-5);
+    compare::<f32>(6, 1e-4);
     finite_differences();
+    whole_model_step_fused_equals_composed();
+}
+
+/// A whole GhostNetV3 train-form step (forward, cross-entropy, backward) with the fused
+/// depth-wise convs against the composed branches: every parameter gradient.
+fn whole_model_step_fused_equals_composed() {
+    use ghostv3::models::{self, ModelOptions};
+    use ghostv3::nn::{Mode, RepOptions};
+    let opts = ModelOptions {
+        num_classes: 10,
+        rep: RepOptions {
+            branches: 3,
+            scale: true,
+            identity: true,
+        },
+        deploy: false,
+        drop_rate: 0.0,
+        seed: 3,
+    };
+    let mut rng = StdRng::seed_from_u64(9);
+    let x: Tensor<f32> = rand_t(&mut rng, &[2, 3, 112, 112], -1.0, 1.0);
+    let step = |fused: bool| {
+        set_fused(fused);
+        let mut m = models::create("ghostnetv3_050", &opts).unwrap();
+        // (With the timm fixture's weights and input the deepest gradients differ by up to
+        // 1.9e-2 instead: see `rep_conv::set_fused`. Random weights and inputs agree.)
+        // Random BN affine and running statistics, as a trained network has (gamma = 1,
+        // beta = 0 everywhere would leave terms untested).
+        common::randomize_bn(m.state_mut(), &mut StdRng::seed_from_u64(4), 3.0);
+        let mut tape = Tape::new();
+        let xv = tape.constant(x.clone());
+        let (logits, leaves) = m.forward(&mut tape, xv, Mode::Train { dropout: false }, None);
+        let loss = ops::cross_entropy(&mut tape, logits, &[1, 7], 0.0);
+        let g = tape.backward(loss);
+        let flat = leaves.flat_grads(m.state(), &g).into_vec();
+        set_fused(false);
+        (m.state().params.entries().to_vec(), flat)
+    };
+    let (entries, gf) = step(true);
+    let (_, gc) = step(false);
+    // Gradients that vanish in exact arithmetic (the 1x1 scale weights': BN undoes the scale)
+    // are compared at a thousandth of the largest.
+    let big = gc.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    let mut bad = Vec::new();
+    for e in &entries {
+        let (a, b) = (&gf[e.offset..][..e.numel()], &gc[e.offset..][..e.numel()]);
+        let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        let scale = b.iter().fold(1e-3 * big, |m, v| m.max(v.abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        if d > 1e-3 {
+            bad.push(format!("{}: {d:.2e}", e.name));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "fused and composed gradients differ:\n{}",
+        bad.join("\n")
+    );
 }

@@ -3,16 +3,17 @@
 //! channel) plane and never written as tensors.
 //!
 //! Forward: (1) per channel, every branch's sum and sum of squares (f64) over the batch; (2) the
-//! branches fold into one kernel from those statistics (BN is affine per channel:
-//! `y = conv(x, sum_b s_b W_b) + sum_b (beta_b - s_b mean_b)`, `s_b = gamma_b / sigma_b`, the
-//! scale and identity branches on the centre tap); (3) one depth-wise conv writes y.
-//! Backward: `dz_b = k1_b gy + k2_b z_b + k0_b` per channel (BN backward, from sum gy and
-//! sum gy z_b = W_b . corr(x, gy)); per plane each z_b is recomputed, dx gathers W_b^T dz_b and
+//! BN scales `s_b = gamma_b / sigma_b`; (3) per plane, `y = sum_b s_b (z_b - mean_b) + beta_b`
+//! with every z_b recomputed, centred as BN computes it. (cuda/rep_conv.cu folds the branches
+//! into one kernel and bias instead: fewer FLOPs, but `s_b mean_b` cancels against the conv in
+//! f32 where a channel's variance is near 0 and s_b large.)
+//! Backward: `dz_b = k1_b gy + k2_b (z_b - mean_b) + k0_b` per channel (BN backward, from sum gy
+//! and sum gy z_b = W_b . corr(x, gy), both in f64); per plane each z_b is recomputed, dx gathers W_b^T dz_b and
 //! the kernel gradients corr(x, dz_b) are summed over the batch in a fixed order (bit-exact
 //! whatever the thread count).
 //!
 //! The 1x1 fused form has no CPU kernel (the composed GEMMs): `fused_rep_1x1` stays false.
-//! `set_fused(false)` turns the depth-wise form off too, to time or test the composed branches.
+//! The depth-wise form is off unless asked for ([`set_fused`], `GHOSTV3_CPU_FUSED_REP=1`).
 
 use super::conv::{dw_plane_backward_input, dw_plane_forward, dw_plane_weight_grad, ConvGeom};
 use super::{min_len, Cpu};
@@ -23,13 +24,17 @@ use anyhow::{anyhow, ensure, Result};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-static FUSED: AtomicBool = AtomicBool::new(true);
+static FUSED: AtomicBool = AtomicBool::new(false);
 static FROM_ENV: std::sync::Once = std::sync::Once::new();
 
-/// Whether the CPU runs re-parameterized depth-wise convs fused (default) or as composed
-/// branches (conv + BN each, summed): for tests and benchmarks that compare the two.
-/// `GHOSTV3_CPU_FUSED_REP=0` in the environment sets it off for a whole process (timing the
-/// composed form with the same binary).
+/// Whether the CPU runs re-parameterized depth-wise convs fused or as composed branches (conv +
+/// BN each, summed; the default). `GHOSTV3_CPU_FUSED_REP=1` in the environment turns the fused
+/// form on for a whole process. Off by default: per op it equals the composed branches to f32
+/// rounding (1e-7), but the timm fixture's whole-model gradient check (tests/fixture_timm.rs,
+/// limit 2e-3 against timm's f64) ends at 1.9e-2 with even one fused 5x5 layer: that input
+/// amplifies a reordered rounding that much, and until that is understood the default keeps
+/// the composition that matches timm. It is also only ~1.15x faster on a 2-core CPU (the 1x1
+/// branches, not fused here, are most of the cost).
 pub fn set_fused(on: bool) {
     FROM_ENV.call_once(|| {});
     FUSED.store(on, Ordering::Relaxed);
@@ -37,8 +42,8 @@ pub fn set_fused(on: bool) {
 
 pub fn fused() -> bool {
     FROM_ENV.call_once(|| {
-        if std::env::var("GHOSTV3_CPU_FUSED_REP").is_ok_and(|v| v == "0") {
-            FUSED.store(false, Ordering::Relaxed);
+        if std::env::var("GHOSTV3_CPU_FUSED_REP").is_ok_and(|v| v == "1") {
+            FUSED.store(true, Ordering::Relaxed);
         }
     });
     FUSED.load(Ordering::Relaxed)
@@ -54,21 +59,21 @@ pub struct RepDwState<T> {
     inv: Vec<f64>,
 }
 
-/// One channel's forward figures: every branch's batch mean and biased variance, the branches
-/// folded into one kernel [kh*kw] and a bias.
-struct ChannelFold<T> {
+/// One channel's forward figures: every branch's batch mean, biased variance and BN scale
+/// gamma / sigma, and the sum of the branches' betas.
+struct ChannelFold {
     mean: Vec<f64>,
     var: Vec<f64>,
-    kernel: Vec<T>,
-    bias: T,
+    scale: Vec<f64>,
+    shift: f64,
 }
 
 /// One channel's backward figures: every branch's dgamma, the common dbeta (sum gy) and the
-/// coefficients (k1, k2, k0) of `dz_b = k1 gy + k2 z_b + k0`.
+/// coefficients (k1, k2, k0, mean) of `dz_b = k1 gy + k2 (z_b - mean_b) + k0`.
 struct ChannelGrad {
     dgamma: Vec<f64>,
     dbeta: f64,
-    k: Vec<[f64; 3]>,
+    k: Vec<[f64; 4]>,
 }
 
 impl<T: Elem> FusedRepDw<T> for Cpu {
@@ -92,10 +97,9 @@ impl<T: Elem> FusedRepDw<T> for Cpu {
         let (nb, nbt, c) = (g.branches, g.nbt(), g.c);
         let (kk, hw, p) = (g.kh * g.kw, g.h * g.w, cg.ho * cg.wo);
         let m = (g.n * p) as f64;
-        let centre = (g.kh / 2) * g.kw + g.kw / 2;
         let wk: Vec<T> = kxk.iter().flat_map(|w| w.iter().copied()).collect();
-        // (1)-(2) per channel: the branch statistics, the folded kernel and bias.
-        let per_channel: Vec<ChannelFold<T>> = (0..c)
+        // (1)-(2) per channel: the branch statistics and BN scales.
+        let per_channel: Vec<ChannelFold> = (0..c)
             .into_par_iter()
             .with_min_len(min_len(g.n * hw))
             .map(|ch| {
@@ -125,45 +129,52 @@ impl<T: Elem> FusedRepDw<T> for Cpu {
                 let var: Vec<f64> = (0..nbt)
                     .map(|b| (sq[b] / m - mean[b] * mean[b]).max(0.0))
                     .collect();
-                let s_b: Vec<f64> = (0..nbt)
+                let scale_b: Vec<f64> = (0..nbt)
                     .map(|b| gamma[b][ch].as_f64() / (var[b] + eps).sqrt())
                     .collect();
-                let mut kernel = vec![0.0f64; kk];
-                for b in 0..nb {
-                    let wb = &wk[(b * c + ch) * kk..][..kk];
-                    kernel
-                        .iter_mut()
-                        .zip(wb)
-                        .for_each(|(k, w)| *k += s_b[b] * w.as_f64());
-                }
-                let mut b = nb;
-                if let Some(ws) = scale {
-                    kernel[centre] += s_b[b] * ws[ch].as_f64();
-                    b += 1;
-                }
-                if g.identity {
-                    kernel[centre] += s_b[b];
-                }
-                let bias: f64 = (0..nbt)
-                    .map(|b| beta[b][ch].as_f64() - s_b[b] * mean[b])
-                    .sum();
+                let shift: f64 = (0..nbt).map(|b| beta[b][ch].as_f64()).sum();
                 ChannelFold {
                     mean,
                     var,
-                    kernel: kernel.into_iter().map(T::from_f64).collect(),
-                    bias: T::from_f64(bias),
+                    scale: scale_b,
+                    shift,
                 }
             })
             .collect();
-        // (3) y = conv(x, folded kernel) + bias, plane by plane.
+        // (3) y = sum_b s_b (z_b - mean_b) + sum_b beta_b, plane by plane, each z_b recomputed:
+        // centred per branch as BN computes it (one conv with the folded kernel and bias would
+        // cancel s_b mean_b against the conv where a branch's variance is near 0 and s_b large).
         let mut y = vec![T::zero(); g.n * c * p];
         y.par_chunks_mut(p)
             .enumerate()
             .with_min_len(min_len(hw))
             .for_each(|(nc, yp)| {
-                let f = &per_channel[nc % c];
-                yp.fill(f.bias);
-                dw_plane_forward(&cg, &x[nc * hw..][..hw], &f.kernel, yp);
+                let ch = nc % c;
+                let f = &per_channel[ch];
+                let xp = &x[nc * hw..][..hw];
+                let mut z = vec![T::zero(); p];
+                let mut add = |z: &[T], b: usize| {
+                    let (m, a) = (T::from_f64(f.mean[b]), T::from_f64(f.scale[b]));
+                    yp.iter_mut().zip(z).for_each(|(o, &v)| *o += (v - m) * a);
+                };
+                for b in 0..nb {
+                    z.fill(T::zero());
+                    dw_plane_forward(&cg, xp, &wk[(b * c + ch) * kk..][..kk], &mut z);
+                    add(&z, b);
+                }
+                let mut b = nb;
+                if let Some(ws) = scale {
+                    centres(&cg, xp, &mut z);
+                    let s = ws[ch];
+                    z.iter_mut().for_each(|v| *v *= s);
+                    add(&z, b);
+                    b += 1;
+                }
+                if g.identity {
+                    add(xp, b);
+                }
+                let shift = T::from_f64(f.shift);
+                yp.iter_mut().for_each(|o| *o += shift);
             });
         let mut stats = vec![
             HostStats {
@@ -219,13 +230,17 @@ impl<T: Elem> FusedRepDw<T> for Cpu {
             .into_par_iter()
             .with_min_len(min_len(g.n * hw))
             .map(|ch| {
-                let mut corr = vec![T::zero(); kk];
+                // In f64: sum gy z_b - mean_b sum gy cancels when the mean is large.
+                let mut corr = vec![0.0f64; kk];
                 let mut sg = 0.0f64;
+                let (mut xp64, mut gp64) = (vec![0.0f64; hw], vec![0.0f64; p]);
                 for n in 0..g.n {
                     let nc = n * c + ch;
                     let (xp, gp) = (&x[nc * hw..][..hw], &gy[nc * p..][..p]);
-                    dw_plane_weight_grad(&cg, xp, gp, &mut corr);
-                    sg += gp.iter().map(|v| v.as_f64()).sum::<f64>();
+                    xp64.iter_mut().zip(xp).for_each(|(d, v)| *d = v.as_f64());
+                    gp64.iter_mut().zip(gp).for_each(|(d, v)| *d = v.as_f64());
+                    dw_plane_weight_grad(&cg, &xp64, &gp64, &mut corr);
+                    sg += gp64.iter().sum::<f64>();
                 }
                 let sgz: Vec<f64> = (0..nbt)
                     .map(|b| {
@@ -236,22 +251,21 @@ impl<T: Elem> FusedRepDw<T> for Cpu {
                                 .map(|(w, v)| w.as_f64() * v.as_f64())
                                 .sum()
                         } else if b == nb && scale.is_some() {
-                            scale.expect("scale")[ch].as_f64() * corr[centre].as_f64()
+                            scale.expect("scale")[ch].as_f64() * corr[centre]
                         } else {
-                            corr[centre].as_f64() // the identity: z = x
+                            corr[centre] // the identity: z = x
                         }
                     })
                     .collect();
                 let mut dgamma = vec![0.0; nbt];
-                let mut k = vec![[0.0; 3]; nbt];
+                let mut k = vec![[0.0; 4]; nbt];
                 for b in 0..nbt {
                     let i = b * c + ch;
                     let (mean, inv, gam) = (saved.mean[i], saved.inv[i], saved.gamma[i]);
                     dgamma[b] = (sgz[b] - mean * sg) * inv;
                     let k1 = gam * inv;
                     let k2 = -gam * inv * inv * dgamma[b] / m;
-                    let k0 = -k1 * sg / m - k2 * mean;
-                    k[b] = [k1, k2, k0];
+                    k[b] = [k1, k2, -k1 * sg / m, mean];
                 }
                 ChannelGrad {
                     dgamma,
@@ -273,11 +287,13 @@ impl<T: Elem> FusedRepDw<T> for Cpu {
                 let (xp, gp) = (&x[nc * hw..][..hw], &gy[nc * p..][..p]);
                 let k = &coeffs[ch].k;
                 let mut z = vec![T::zero(); p];
-                let dz_of = |z: &mut [T], [k1, k2, k0]: [f64; 3]| {
+                // Centred first, as BN's own backward does: k2 (z - mean) does not cancel.
+                let dz_of = |z: &mut [T], [k1, k2, k0, mean]: [f64; 4]| {
                     let (k1, k2, k0) = (T::from_f64(k1), T::from_f64(k2), T::from_f64(k0));
+                    let mean = T::from_f64(mean);
                     z.iter_mut()
                         .zip(gp)
-                        .for_each(|(v, &g)| *v = k1 * g + k2 * *v + k0);
+                        .for_each(|(v, &g)| *v = k1 * g + k2 * (*v - mean) + k0);
                 };
                 for b in 0..nb {
                     let wb = &wk[(b * c + ch) * kk..][..kk];
