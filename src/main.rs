@@ -409,11 +409,6 @@ fn thousands(n: u64) -> String {
     out
 }
 
-/// Parameters (trainable, BN affine included, buffers excluded) and MACs at `size`.
-fn count(m: &mut Model, size: usize) -> (u64, u64) {
-    m.params_and_macs(size)
-}
-
 fn info(a: InfoArgs) -> Result<()> {
     if a.size < 32 {
         bail!(
@@ -433,7 +428,7 @@ fn info(a: InfoArgs) -> Result<()> {
         }
         let mut m = models::create(&a.model.model, &ModelOptions { deploy, ..base })?;
         m.check_run(&size_flag(a.size), 1, a.size, a.size, Pass::Tape)?;
-        let (params, macs) = count(&mut m, a.size);
+        let (params, macs) = m.params_and_macs(a.size);
         let form = m.form();
         lines.push(format!(
             "  {form:<44} {:>12} params  {:>7.1}M MACs  ({} tensors + {} BN buffers)",
@@ -1011,10 +1006,7 @@ fn plot(a: PlotArgs) -> Result<()> {
             min_time: std::time::Duration::from_secs(1),
         };
         let r = pool.install(|| -> Result<_> { bench_engine(&infer::model_engine(&m)?, &bc) })?;
-        let best = ms
-            .iter()
-            .map(|e| e.top1.max(e.ema_top1.unwrap_or(0.0)))
-            .fold(0.0, f64::max);
+        let best = curves::best_top1(ms).unwrap_or(0.0);
         outln!(
             "{label}: {} at {size} px, best top-1 {:.2}%, {:.3} ms median (batch 1)",
             cfg.model.name,

@@ -179,11 +179,8 @@ impl Study {
             let ms = curves::read_metrics(&dir).unwrap_or_default();
             secs += ms.iter().map(|m| m.epoch_seconds).sum::<f64>();
             logged += ms.len();
-            let best = ms
-                .iter()
-                .map(|m| m.top1.max(m.ema_top1.unwrap_or(0.0)))
-                .fold(None, |b: Option<f64>, x| Some(b.map_or(x, |b| b.max(x))));
-            let best = best.map_or(String::new(), |b| format!(", best top-1 {:.2}%", 100.0 * b));
+            let best = curves::best_top1(&ms)
+                .map_or(String::new(), |b| format!(", best top-1 {:.2}%", 100.0 * b));
             let epochs = r.cfg.train.epochs;
             let what = match self.state(r) {
                 RunState::Done => {
@@ -318,10 +315,7 @@ impl Study {
             Ok(()) => {
                 let _ = std::fs::remove_file(dir.join(FAILED));
                 let ms = curves::read_metrics(&dir)?;
-                let best = ms
-                    .iter()
-                    .map(|m| m.top1.max(m.ema_top1.unwrap_or(0.0)))
-                    .fold(0.0, f64::max);
+                let best = curves::best_top1(&ms).unwrap_or(0.0);
                 say(format!(
                     "{}: done, best top-1 {:.2}% (model or EMA), {:.1} min",
                     r.rel_dir,

@@ -32,6 +32,13 @@ pub fn read_metrics(run_dir: &Path) -> Result<Vec<EpochMetrics>> {
     Ok(out)
 }
 
+/// The best validation top-1 of a run: over its epochs, of the model or its EMA.
+pub fn best_top1(ms: &[EpochMetrics]) -> Option<f64> {
+    ms.iter()
+        .map(|m| m.top1.max(m.ema_top1.unwrap_or(0.0)))
+        .reduce(f64::max)
+}
+
 fn line(label: &str, pts: impl Iterator<Item = (f64, f64)>, secondary: bool) -> Series {
     let (x, y) = pts.unzip();
     Series {
