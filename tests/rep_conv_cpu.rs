@@ -133,7 +133,7 @@ fn relu_inputs<T: Elem>(inp: &mut Inputs<T>) {
         .iter()
         .enumerate()
         .map(|(i, &v)| {
-            if (i / hw) % s[1] == 0 {
+            if (i / hw).is_multiple_of(s[1]) {
                 T::zero()
             } else {
                 v.max(T::zero())
