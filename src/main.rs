@@ -195,6 +195,14 @@ struct BenchArgs {
     runs: usize,
     #[arg(long, default_value_t = 3.0)]
     min_secs: f64,
+    /// Time the whole training step instead (forward, loss, backward, LAMB + EMA of the default
+    /// recipe): median step, images/s, peak RSS; with --profile, the time per op. The form is
+    /// the deploy form unless --train-form (then trained as such, not folded).
+    #[arg(long)]
+    train: bool,
+    /// `cuda`: the training step on GPU 0 (--train only).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -829,6 +837,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         min_runs: a.runs,
         min_time: std::time::Duration::try_from_secs_f64(a.min_secs)?,
     };
+    if a.train {
+        return threads.install(|| bench_train(&a, &cfg, num_threads));
+    }
+    if a.device != Device::Cpu {
+        bail!(
+            "bench: --device {} needs --train (inference is timed on the CPU)",
+            a.device.name()
+        );
+    }
     threads.install(|| {
         let form = if a.train_form { "train form, folded at load" } else { "deploy form" };
         let mut m = weights_or_random(&a.model, a.weights.as_deref(), a.train_form)?;
@@ -872,6 +889,45 @@ fn bench(a: BenchArgs) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// `bench --train`: the training step of the default recipe, timed.
+fn bench_train(
+    a: &BenchArgs,
+    cfg: &ghostv3::infer::bench::BenchConfig,
+    num_threads: usize,
+) -> Result<()> {
+    use ghostv3::infer::bench::peak_rss_bytes;
+    let mut m = weights_or_random(&a.model, a.weights.as_deref(), a.train_form)?;
+    m.check_run(&size_flag(a.size), a.batch, a.size, a.size, Pass::Tape)?;
+    to_device(&mut m, a.device)?;
+    let form = if m.is_deploy() {
+        "deploy form"
+    } else {
+        "train form"
+    };
+    let r = ghostv3::train::bench::bench_step(&mut m, cfg)?;
+    if a.profile {
+        out!("{}", r.profile.report());
+        outln!("optimizer + EMA pass: {:.2} ms", r.update_ms);
+    }
+    let where_ = match a.device {
+        Device::Cpu => format!("{num_threads} threads"),
+        Device::Cuda => "cuda".to_string(),
+    };
+    outln!(
+        "{} {form}, training step (LAMB + EMA), batch {}, {}x{}, {where_}: median {:.1} ms, p90 {:.1} ms, {:.1} images/s ({} runs); peak RSS {:.1} MB",
+        a.model.model,
+        a.batch,
+        a.size,
+        a.size,
+        r.report.median_ms,
+        r.report.p90_ms,
+        r.report.images_per_s,
+        r.report.times_ms.len(),
+        peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+    );
+    Ok(())
 }
 
 fn export(a: ExportArgs) -> Result<()> {

@@ -139,10 +139,12 @@ fn check(model: &str) {
     let seed = meta["seed"].as_u64().unwrap();
 
     // Counts of the 1000-class network: parameters, and conv + linear MACs at 224.
+    // GhostNetV3 as timm creates it: the train form with its re-parameterized branches.
+    let deploy = !model.starts_with("ghostnetv3");
     let mut full = models::create(
         model,
         &ModelOptions {
-            deploy: true,
+            deploy,
             ..Default::default()
         },
     )
@@ -163,7 +165,7 @@ fn check(model: &str) {
 
     let opts = ModelOptions {
         num_classes: classes,
-        deploy: true,
+        deploy,
         ..Default::default()
     };
     let mut m = models::create(model, &opts).unwrap();
@@ -324,6 +326,24 @@ fn ghostnet_v1_v2_match_timm() {
     ] {
         check(m);
     }
+}
+
+/// GhostNetV3's train form, its re-parameterized convs run both ways on the CPU: fused (the
+/// default) and composed.
+#[test]
+fn ghostnetv3_train_form_matches_timm_fused_and_composed() {
+    use ghostv3::backend::cpu::{rep_conv::set_fused, rep_conv_1x1::set_fused_1x1};
+    for fused in [true, false] {
+        println!(
+            "ghostnetv3_050 with the fused rep convs {}",
+            if fused { "on" } else { "off" }
+        );
+        set_fused(fused);
+        set_fused_1x1(fused);
+        check("ghostnetv3_050");
+    }
+    set_fused(true);
+    set_fused_1x1(true);
 }
 
 #[test]

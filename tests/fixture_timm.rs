@@ -5,6 +5,7 @@
 mod common;
 
 use common::{fixture, rel_err};
+use ghostv3::backend::cpu::{rep_conv::set_fused, rep_conv_1x1::set_fused_1x1};
 use ghostv3::io::{load_state, read_tensors, TensorData};
 use ghostv3::models::{self, Model, ModelOptions};
 use ghostv3::nn::Mode;
@@ -126,6 +127,15 @@ fn folded_model_matches_timm_deploy_form() {
 #[test]
 fn train_step_loss_gradients_and_running_stats_match_timm() {
     let Some(dir) = fixture(FIXTURE) else { return };
+    // The composed re-parameterized convs here. This draw (batch 2) has one ReLU input,
+    // element 1770 of the [2, 240, 4, 4] pre-activation of the 49th activation call, at 1.2e-5
+    // (the tensor's max is 7.7) whose sign any change of rounding order flips: the fused convs
+    // flip it, and so does scaling the input by 1 + 1e-6 noise with the composed convs, and the
+    // shallow gradients then move by 1.5e-2 of the measure. PyTorch's float32 and our composed
+    // convs happen to round like the float64 reference. The fused forms are held to timm on a
+    // well-conditioned draw instead (tests/fixture_models.rs, ghostnetv3_050-64: both ways).
+    set_fused(false);
+    set_fused_1x1(false);
     let f = load_fixture(&dir);
     let (mut m, _) = train_model(&dir, &f);
     let labels: Vec<usize> = match &f.refs["labels"] {

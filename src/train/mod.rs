@@ -15,6 +15,7 @@
 //! evaluation runs there. Files are written from host copies in the CPU run's format, so a run
 //! can resume on either device.
 
+pub mod bench;
 pub mod config;
 pub mod curves;
 pub mod guard;

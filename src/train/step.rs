@@ -4,7 +4,7 @@
 //! plus KD against a teacher's eval-mode logits), backward, the gradients gathered into one flat
 //! buffer, then one optimizer pass with the EMA.
 
-use crate::autograd::Tape;
+use crate::autograd::{Profile, Tape};
 use crate::models::Model;
 use crate::nn::Mode;
 use crate::ops;
@@ -61,28 +61,52 @@ pub fn forward_backward(
     dropout: bool,
     rng: Option<&mut StdRng>,
 ) -> Result<Backward> {
+    on_tape(&mut Tape::new(), model, images, loss, dropout, rng)
+    // The tape (and its views of the parameters) is dropped here: the update can be in place.
+}
+
+/// [`forward_backward`] with every op of the tape timed (`ghostv3 bench --train --profile`).
+pub fn forward_backward_profiled(
+    model: &mut Model,
+    images: &Tensor<f32>,
+    loss: Loss<'_>,
+) -> Result<(Backward, Profile)> {
+    let mut tape = Tape::new();
+    tape.enable_profile();
+    let b = on_tape(&mut tape, model, images, loss, false, None)?;
+    let profile = tape.profile().cloned().unwrap_or_default();
+    Ok((b, profile))
+}
+
+fn on_tape(
+    tape: &mut Tape<f32>,
+    model: &mut Model,
+    images: &Tensor<f32>,
+    loss: Loss<'_>,
+    dropout: bool,
+    rng: Option<&mut StdRng>,
+) -> Result<Backward> {
     let x = images.to_device(model.state().device())?;
     let Loss { targets, kd } = loss;
     let teacher = match kd {
         Some(kd) => Some((kd.teacher.predict(&x), kd.alpha, kd.temperature)),
         None => None,
     };
-    let mut tape = Tape::new();
     let xv = tape.constant(x);
-    let (logits, leaves) = model.forward(&mut tape, xv, Mode::Train { dropout }, rng);
+    let (logits, leaves) = model.forward(tape, xv, Mode::Train { dropout }, rng);
     let ce = match targets {
-        Targets::Soft(q) => ops::cross_entropy_soft(&mut tape, logits, q),
+        Targets::Soft(q) => ops::cross_entropy_soft(tape, logits, q),
         Targets::Labels { labels, smoothing } => {
-            ops::cross_entropy(&mut tape, logits, labels, smoothing)
+            ops::cross_entropy(tape, logits, labels, smoothing)
         }
     };
     let lv = match teacher {
         Some((tl, alpha, t)) => {
-            let kl = ops::kd_loss(&mut tape, logits, &tl, t);
+            let kl = ops::kd_loss(tape, logits, &tl, t);
             let a = alpha as f32;
-            let ce_w = ops::scale(&mut tape, ce, 1.0 - a);
-            let kl_w = ops::scale(&mut tape, kl, a);
-            ops::add(&mut tape, ce_w, kl_w)
+            let ce_w = ops::scale(tape, ce, 1.0 - a);
+            let kl_w = ops::scale(tape, kl, a);
+            ops::add(tape, ce_w, kl_w)
         }
         None => ce,
     };
@@ -102,7 +126,6 @@ pub fn forward_backward(
         logits,
         grads: Some(flat),
     })
-    // The tape (and its views of the parameters) is dropped here: the update can be in place.
 }
 
 /// One optimizer pass over the model's flat parameters (in place, on their device), with the

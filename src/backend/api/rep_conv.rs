@@ -9,7 +9,7 @@
 
 use super::Backend;
 use crate::backend::Elem;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 
 /// A fused re-parameterized depth-wise conv: `branches` kxk branches (kh x kw, padding
 /// (k-1)/2), the optional 1x1 scale branch and the optional BN identity (stride 1 only).
@@ -70,9 +70,52 @@ impl Rep1x1Geom {
         self.branches + self.identity as usize
     }
 
+    /// The shape limits of the fused form (a clear error, not a wrong result).
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.n > 0 && self.cin > 0 && self.cout > 0 && self.hw > 0,
+            "rep_1x1: empty shape {self:?}"
+        );
+        ensure!(self.branches >= 1, "rep_1x1: needs a conv branch");
+        ensure!(
+            !self.identity || self.cin == self.cout,
+            "rep_1x1: identity branch needs Cin == Cout"
+        );
+        Ok(())
+    }
+
     /// Positions per channel (the BN count).
     pub fn m(&self) -> usize {
         self.n * self.hw
+    }
+
+    /// Estimated cost per position of (fused, unfused) forward + backward in byte equivalents:
+    /// floats moved x 4 + FLOPs / 10 (about a current GPU's f32 FLOP-per-byte ratio). Counts as
+    /// in cuda/rep_conv_1x1.cu's header; the CPU and CUDA backends both decide by it.
+    pub fn costs(&self) -> (f64, f64) {
+        let (ci, co, nb) = (self.cin as f64, self.cout as f64, self.branches as f64);
+        let id = f64::from(u8::from(self.identity));
+        let ca = ci + 1.0;
+        let sums = nb + id - 1.0;
+        let fused_floats = (4.0 * ci + 2.0 * ca + co) + (co + ca) + (ca + ci) + (co + 2.0 * ci);
+        let fused_flops = 2.0 * ci * ci + 4.0 * co * ca + 2.0 * ci * ca + 2.0 * ci * co;
+        let unfused_floats = nb * (ci + 4.0 * co)
+            + id * 3.0 * co
+            + sums * 3.0 * co
+            + nb * (7.0 * co + 2.0 * ci)
+            + id * 5.0 * co
+            + sums * 3.0 * ci;
+        let unfused_flops = 6.0 * nb * ci * co;
+        (
+            4.0 * fused_floats + fused_flops / 10.0,
+            4.0 * unfused_floats + unfused_flops / 10.0,
+        )
+    }
+
+    /// Whether the fused form is estimated to cost less than the explicit branches.
+    pub fn fused_pays(&self) -> bool {
+        let (f, u) = self.costs();
+        f < u
     }
 }
 

@@ -11,6 +11,7 @@ pub mod optim;
 pub mod pool;
 pub mod reduce;
 pub mod rep_conv;
+pub mod rep_conv_1x1;
 
 use super::{Backend, Elem};
 

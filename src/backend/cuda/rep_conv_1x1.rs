@@ -10,7 +10,7 @@ use super::launch::{i32a, i64a, need, opt_ptr, ptr, Arg};
 use super::DeviceStats;
 use crate::backend::api::rep_conv::{FusedRep1x1, RepGrads, RepOut};
 use crate::backend::Elem;
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use cudarc::driver::LaunchConfig;
 
 /// Scratch (floats) of the batched GEMMs that reduce over the batch: as many batch entries per
@@ -19,51 +19,6 @@ use cudarc::driver::LaunchConfig;
 const SCRATCH: usize = 1 << 22;
 
 pub use crate::backend::api::rep_conv::Rep1x1Geom;
-
-/// The kernels' limits and cost model (the geometry itself is `backend::api`'s).
-impl Rep1x1Geom {
-    fn check(&self) -> Result<()> {
-        ensure!(
-            self.n > 0 && self.cin > 0 && self.cout > 0 && self.hw > 0,
-            "rep_1x1: empty shape {self:?}"
-        );
-        ensure!(self.branches >= 1, "rep_1x1: needs a conv branch");
-        ensure!(
-            !self.identity || self.cin == self.cout,
-            "rep_1x1: identity branch needs Cin == Cout"
-        );
-        Ok(())
-    }
-
-    /// Estimated cost per position of (fused, unfused) forward + backward in byte equivalents:
-    /// floats moved x 4 + FLOPs / 10 (about a current GPU's f32 FLOP-per-byte ratio). Counts as
-    /// in cuda/rep_conv_1x1.cu's header.
-    pub fn costs(&self) -> (f64, f64) {
-        let (ci, co, nb) = (self.cin as f64, self.cout as f64, self.branches as f64);
-        let id = f64::from(u8::from(self.identity));
-        let ca = ci + 1.0;
-        let sums = nb + id - 1.0;
-        let fused_floats = (4.0 * ci + 2.0 * ca + co) + (co + ca) + (ca + ci) + (co + 2.0 * ci);
-        let fused_flops = 2.0 * ci * ci + 4.0 * co * ca + 2.0 * ci * ca + 2.0 * ci * co;
-        let unfused_floats = nb * (ci + 4.0 * co)
-            + id * 3.0 * co
-            + sums * 3.0 * co
-            + nb * (7.0 * co + 2.0 * ci)
-            + id * 5.0 * co
-            + sums * 3.0 * ci;
-        let unfused_flops = 6.0 * nb * ci * co;
-        (
-            4.0 * fused_floats + fused_flops / 10.0,
-            4.0 * unfused_floats + unfused_flops / 10.0,
-        )
-    }
-
-    /// Whether the fused form is estimated to cost less than the explicit branches.
-    pub fn fused_pays(&self) -> bool {
-        let (f, u) = self.costs();
-        f < u
-    }
-}
 
 /// What the backward needs from the forward.
 pub struct Rep1x1Saved {
