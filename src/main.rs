@@ -9,6 +9,23 @@ use ghostv3::tensor::Device;
 use ghostv3::train::step::{self, Targets};
 use ghostv3::{infer, reparam, Tensor};
 use rand::{Rng, SeedableRng};
+
+/// mimalloc keeps freed activations for the next op (glibc unmaps large blocks: every op then
+/// page-faults fresh memory, and the TLB shootdowns serialize the threads; 2 threads ran a
+/// training step barely faster than 1).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (v2's option enum: between the crate's
+/// `mi_option_eager_commit_delay`, 14, and `mi_option_use_numa_nodes`, 16).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Never hand freed pages back to the OS (-1): with the default 10 ms delay each training step
+/// still page-faulted its activations back in (clear_page was 19% of a step).
+fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option; any value is valid for this option.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -370,6 +387,7 @@ macro_rules! out {
 }
 
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Info(a) => info(a),

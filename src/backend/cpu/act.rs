@@ -1,6 +1,6 @@
-//! Activations on the CPU: one pass each, forward and backward.
+//! Activations on the CPU: one parallel pass each, forward and backward.
 
-use super::Cpu;
+use super::{par_map, par_map3, Cpu};
 use crate::backend::api::{Activation, Unary};
 use crate::backend::Elem;
 use anyhow::Result;
@@ -29,15 +29,10 @@ fn df<T: Elem>(op: Unary, x: T, y: T) -> T {
 
 impl<T: Elem> Activation<T> for Cpu {
     fn unary(&self, op: Unary, x: &[T]) -> Result<Vec<T>> {
-        Ok(x.iter().map(|&v| f(op, v)).collect())
+        Ok(par_map(x, |v| f(op, v)))
     }
 
     fn unary_backward(&self, op: Unary, x: &[T], y: &[T], gy: &[T]) -> Result<Vec<T>> {
-        Ok(gy
-            .iter()
-            .zip(x)
-            .zip(y)
-            .map(|((&g, &xv), &yv)| g * df(op, xv, yv))
-            .collect())
+        Ok(par_map3(gy, x, y, |g, xv, yv| g * df(op, xv, yv)))
     }
 }

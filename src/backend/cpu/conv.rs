@@ -108,7 +108,7 @@ pub fn conv2d_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
         let kk = g.kh * g.kw;
         y.par_chunks_mut(p)
             .enumerate()
-            .with_min_len(min_len(p))
+            .with_min_len(min_len(p * kk))
             .for_each(|(nc, out)| {
                 let c = nc % g.cin;
                 let plane = &x[nc * g.h * g.w..(nc + 1) * g.h * g.w];
@@ -117,9 +117,10 @@ pub fn conv2d_forward<T: Elem>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]
     } else {
         let (cig, cog, kg) = (g.cin / g.groups, g.cout / g.groups, g.k_group());
         let par_inner = g.n < rayon::current_num_threads();
+        // A task's work is its GEMM's multiply-adds, not its output's size.
         y.par_chunks_mut(g.cout * p)
             .enumerate()
-            .with_min_len(min_len(g.cout * p))
+            .with_min_len(min_len(g.cout * p * kg))
             .for_each(|(n, yn)| {
                 let xn = &x[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
                 let mut col = if g.is_pointwise() {
@@ -360,7 +361,7 @@ fn dw_backward<T: Elem>(
         let mut dx = vec![T::zero(); g.n * g.cin * hw];
         dx.par_chunks_mut(hw)
             .enumerate()
-            .with_min_len(min_len(hw))
+            .with_min_len(min_len(p * kk))
             .for_each(|(nc, dxp)| {
                 let c = nc % g.cin;
                 dw_plane_backward_input(
@@ -376,7 +377,7 @@ fn dw_backward<T: Elem>(
         let mut dw = vec![T::zero(); g.cin * kk];
         dw.par_chunks_mut(kk)
             .enumerate()
-            .with_min_len(min_len(kk))
+            .with_min_len(min_len(g.n * p * kk))
             .for_each(|(c, dwc)| {
                 for n in 0..g.n {
                     let nc = n * g.cin + c;

@@ -1,6 +1,6 @@
 //! add, mul, scale and the per-channel mul of the SE gate on the CPU.
 
-use super::{min_len, Cpu};
+use super::{min_len, par_map, par_map2, Cpu};
 use crate::backend::api::Elementwise;
 use crate::backend::Elem;
 use anyhow::Result;
@@ -12,16 +12,16 @@ impl<T: Elem> Elementwise<T> for Cpu {
     }
 
     fn add(&self, a: &[T], b: &[T]) -> Result<Vec<T>> {
-        Ok(a.iter().zip(b).map(|(&p, &q)| p + q).collect())
+        Ok(par_map2(a, b, |p, q| p + q))
     }
 
     fn mul(&self, a: &[T], b: &[T]) -> Result<Vec<T>> {
-        Ok(a.iter().zip(b).map(|(&p, &q)| p * q).collect())
+        Ok(par_map2(a, b, |p, q| p * q))
     }
 
     fn scale(&self, x: &[T], a: f64) -> Result<Vec<T>> {
         let a = T::from_f64(a);
-        Ok(x.iter().map(|&v| v * a).collect())
+        Ok(par_map(x, |v| v * a))
     }
 
     fn mul_channel(&self, x: &[T], s: &[T], hw: usize) -> Result<Vec<T>> {

@@ -66,11 +66,11 @@ impl<T: Elem> Loss<T> for Cpu {
         let mut grad = vec![0.0; n * c];
         for i in 0..n {
             let ls = log_softmax(&z[i * c..(i + 1) * c], 1.0);
+            let qsum: f64 = q[i * c..(i + 1) * c].iter().sum();
             for j in 0..c {
                 let qv = q[i * c + j];
                 loss -= qv * ls[j];
                 // d/dz of -sum q log softmax(z) = softmax(z) * sum(q) - q
-                let qsum: f64 = q[i * c..(i + 1) * c].iter().sum();
                 grad[i * c + j] = (ls[j].exp() * qsum - qv) / n as f64;
             }
         }

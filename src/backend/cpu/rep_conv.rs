@@ -145,7 +145,7 @@ impl<T: Elem> FusedRepDw<T> for Cpu {
         let mut y = vec![T::zero(); g.n * c * p];
         y.par_chunks_mut(p)
             .enumerate()
-            .with_min_len(min_len(hw))
+            .with_min_len(min_len(p * kk * nbt))
             .for_each(|(nc, yp)| {
                 let ch = nc % c;
                 let f = &per_channel[ch];
@@ -279,7 +279,7 @@ impl<T: Elem> FusedRepDw<T> for Cpu {
         dx.par_chunks_mut(hw)
             .zip(partial.par_chunks_mut(wlen))
             .enumerate()
-            .with_min_len(min_len(hw))
+            .with_min_len(min_len(3 * p * kk * nbt))
             .for_each(|(nc, (dxp, part))| {
                 let ch = nc % c;
                 let (xp, gp) = (&x[nc * hw..][..hw], &gy[nc * p..][..p]);
