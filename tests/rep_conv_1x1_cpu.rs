@@ -14,6 +14,8 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 
+use common::{max_rel, rand_tensor};
+
 const EPS: f64 = 1e-5;
 
 /// (n, cin, cout, h, w, branches, identity, input offset)
@@ -39,32 +41,22 @@ struct Inputs<T: Elem> {
     gy: Tensor<T>,
 }
 
-fn rand_t<T: Elem>(rng: &mut StdRng, shape: &[usize], lo: f64, hi: f64) -> Tensor<T> {
-    let n = shape.iter().product();
-    Tensor::new(
-        shape,
-        (0..n)
-            .map(|_| T::from_f64(rng.random_range(lo..hi)))
-            .collect(),
-    )
-}
-
 fn inputs<T: Elem>(rng: &mut StdRng, c: &Case) -> Inputs<T> {
     let &(n, cin, cout, h, w, nb, id, off) = c;
     Inputs {
-        x: rand_t(rng, &[n, cin, h, w], off - 1.0, off + 1.0),
+        x: rand_tensor(rng, &[n, cin, h, w], off - 1.0, off + 1.0),
         w: (0..nb)
-            .map(|_| rand_t(rng, &[cout, cin, 1, 1], -0.5, 0.5))
+            .map(|_| rand_tensor(rng, &[cout, cin, 1, 1], -0.5, 0.5))
             .collect(),
         bn: (0..nb + id as usize)
             .map(|_| {
                 (
-                    rand_t(rng, &[cout], 0.5, 1.5),
-                    rand_t(rng, &[cout], -0.5, 0.5),
+                    rand_tensor(rng, &[cout], 0.5, 1.5),
+                    rand_tensor(rng, &[cout], -0.5, 0.5),
                 )
             })
             .collect(),
-        gy: rand_t(rng, &[n, cout, h, w], -1.0, 1.0),
+        gy: rand_tensor(rng, &[n, cout, h, w], -1.0, 1.0),
     }
 }
 
@@ -103,16 +95,6 @@ fn run<T: Elem>(inp: &Inputs<T>, c: &Case, fused: bool) -> Run {
         .collect();
     set_fused_1x1(true);
     (yv, stats, grads, ops_run)
-}
-
-/// Max abs error over max(max |b|, 1).
-fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 /// Inputs as a ReLU leaves them: about half zeros, and channel 0 zero everywhere (its branch
@@ -253,7 +235,7 @@ fn whole_model_step_fused_equals_composed() {
         seed: 3,
     };
     let mut rng = StdRng::seed_from_u64(9);
-    let x: Tensor<f32> = rand_t(&mut rng, &[4, 3, 64, 64], -1.0, 1.0);
+    let x: Tensor<f32> = rand_tensor(&mut rng, &[4, 3, 64, 64], -1.0, 1.0);
     let step = |fused: bool| {
         set_fused_1x1(fused);
         let mut m = models::create("ghostnetv3_050", &opts).unwrap();
@@ -273,22 +255,7 @@ fn whole_model_step_fused_equals_composed() {
     let (_, gc, nc) = step(false);
     assert!(nf.unwrap_or(0) > 0, "no 1x1 conv ran fused");
     assert!(nc.is_none(), "the composed run fused {nc:?}");
-    let big = gc.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-    let mut bad = Vec::new();
-    for e in &entries {
-        let (a, b) = (&gf[e.offset..][..e.numel()], &gc[e.offset..][..e.numel()]);
-        let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
-        let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
-        let scale = b.iter().fold(1e-3 * big, |m, v| m.max(v.abs()));
-        let d = a
-            .iter()
-            .zip(&b)
-            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-            / scale;
-        if d > 1e-3 {
-            bad.push(format!("{}: {d:.2e}", e.name));
-        }
-    }
+    let bad = common::differing_grads(&entries, &gf, &gc);
     assert!(
         bad.is_empty(),
         "fused and composed gradients differ:\n{}",

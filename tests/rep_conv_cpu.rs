@@ -13,6 +13,8 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 
+use common::{max_rel, rand_tensor};
+
 const EPS: f64 = 1e-5;
 
 /// (n, c, h, w, k, stride, branches, scale, identity)
@@ -40,31 +42,26 @@ struct Inputs<T: Elem> {
     gy: Tensor<T>,
 }
 
-fn rand_t<T: Elem>(rng: &mut StdRng, shape: &[usize], lo: f64, hi: f64) -> Tensor<T> {
-    let n = shape.iter().product();
-    Tensor::new(
-        shape,
-        (0..n)
-            .map(|_| T::from_f64(rng.random_range(lo..hi)))
-            .collect(),
-    )
-}
-
 fn inputs<T: Elem>(rng: &mut StdRng, c: &Case) -> Inputs<T> {
     let &(n, ch, h, w, k, s, nb, scale, id) = c;
     let nbt = nb + scale as usize + id as usize;
     let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
     Inputs {
         // An offset keeps the means away from zero, as activations are.
-        x: rand_t(rng, &[n, ch, h, w], -1.0, 1.5),
+        x: rand_tensor(rng, &[n, ch, h, w], -1.0, 1.5),
         kxk: (0..nb)
-            .map(|_| rand_t(rng, &[ch, 1, k, k], -1.0, 1.0))
+            .map(|_| rand_tensor(rng, &[ch, 1, k, k], -1.0, 1.0))
             .collect(),
-        scale: scale.then(|| rand_t(rng, &[ch, 1, 1, 1], -1.0, 1.0)),
+        scale: scale.then(|| rand_tensor(rng, &[ch, 1, 1, 1], -1.0, 1.0)),
         bn: (0..nbt)
-            .map(|_| (rand_t(rng, &[ch], 0.5, 1.5), rand_t(rng, &[ch], -0.5, 0.5)))
+            .map(|_| {
+                (
+                    rand_tensor(rng, &[ch], 0.5, 1.5),
+                    rand_tensor(rng, &[ch], -0.5, 0.5),
+                )
+            })
             .collect(),
-        gy: rand_t(rng, &[n, ch, ho, wo], -1.0, 1.0),
+        gy: rand_tensor(rng, &[n, ch, ho, wo], -1.0, 1.0),
     }
 }
 
@@ -109,17 +106,6 @@ fn run<T: Elem>(inp: &Inputs<T>, c: &Case, fused: bool) -> Run {
         .collect();
     set_fused(true);
     (yv, stats, grads, ops_run)
-}
-
-/// Max abs error over max(max |b|, 1): gradients that vanish in exact arithmetic (the 1x1 scale
-/// weight's, as BN undoes any scale of its input) are compared at the scale of the others.
-fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 /// Inputs as a ReLU leaves them: about half zeros, and channel 0 zero everywhere (its batch
@@ -277,7 +263,7 @@ fn whole_model_step_fused_equals_composed() {
         seed: 3,
     };
     let mut rng = StdRng::seed_from_u64(9);
-    let x: Tensor<f32> = rand_t(&mut rng, &[2, 3, 112, 112], -1.0, 1.0);
+    let x: Tensor<f32> = rand_tensor(&mut rng, &[2, 3, 112, 112], -1.0, 1.0);
     let step = |fused: bool| {
         set_fused(fused);
         let mut m = models::create("ghostnetv3_050", &opts).unwrap();
@@ -297,22 +283,7 @@ fn whole_model_step_fused_equals_composed() {
     let (_, gc) = step(false);
     // Gradients that vanish in exact arithmetic (the 1x1 scale weights': BN undoes the scale)
     // are compared at a thousandth of the largest.
-    let big = gc.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-    let mut bad = Vec::new();
-    for e in &entries {
-        let (a, b) = (&gf[e.offset..][..e.numel()], &gc[e.offset..][..e.numel()]);
-        let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
-        let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
-        let scale = b.iter().fold(1e-3 * big, |m, v| m.max(v.abs()));
-        let d = a
-            .iter()
-            .zip(&b)
-            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
-            / scale;
-        if d > 1e-3 {
-            bad.push(format!("{}: {d:.2e}", e.name));
-        }
-    }
+    let bad = common::differing_grads(&entries, &gf, &gc);
     assert!(
         bad.is_empty(),
         "fused and composed gradients differ:\n{}",

@@ -145,3 +145,56 @@ pub fn diverging_run_error(device: &str) -> String {
     );
     e
 }
+
+/// A tensor of `shape` drawn uniformly from [lo, hi).
+pub fn rand_tensor<T: ghostv3::Elem>(
+    rng: &mut StdRng,
+    shape: &[usize],
+    lo: f64,
+    hi: f64,
+) -> ghostv3::Tensor<T> {
+    use rand::Rng;
+    let n = shape.iter().product();
+    ghostv3::Tensor::new(
+        shape,
+        (0..n)
+            .map(|_| T::from_f64(rng.random_range(lo..hi)))
+            .collect(),
+    )
+}
+
+/// Max abs error over max(max |b|, 1): gradients that vanish in exact arithmetic (the 1x1 scale
+/// weight's, as BN undoes any scale of its input) are compared at the scale of the others.
+pub fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// The parameters whose flat gradients `a` and `b` differ by more than 1e-3 of the larger of
+/// their own scale and a thousandth of the largest gradient (gradients that vanish in exact
+/// arithmetic are compared at that scale), as "name: error" lines.
+pub fn differing_grads(
+    entries: &[ghostv3::nn::params::Entry],
+    a: &[f32],
+    b: &[f32],
+) -> Vec<String> {
+    let big = b.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    let mut bad = Vec::new();
+    for e in entries {
+        let (x, y) = (&a[e.offset..][..e.numel()], &b[e.offset..][..e.numel()]);
+        let scale = y.iter().fold(1e-3 * big, |m, v| m.max(v.abs() as f64));
+        let d = x
+            .iter()
+            .zip(y)
+            .fold(0.0f64, |m, (p, q)| m.max((*p as f64 - *q as f64).abs()))
+            / scale;
+        if d > 1e-3 {
+            bad.push(format!("{}: {d:.2e}", e.name));
+        }
+    }
+    bad
+}
