@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 
-use common::{max_rel, rand_tensor};
+use common::{assert_runs_agree, rand_tensor, relu_like};
 
 const EPS: f64 = 1e-5;
 
@@ -97,33 +97,12 @@ fn run<T: Elem>(inp: &Inputs<T>, c: &Case, fused: bool) -> Run {
     (yv, stats, grads, ops_run)
 }
 
-/// Inputs as a ReLU leaves them: about half zeros, and channel 0 zero everywhere (its branch
-/// variances come from the other channels only; the identity's is 0, so 1/sigma = 1/sqrt(eps)).
-fn relu_inputs<T: Elem>(inp: &mut Inputs<T>) {
-    let s = inp.x.shape().to_vec();
-    let hw = s[2] * s[3];
-    let v: Vec<T> = inp
-        .x
-        .data()
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            if (i / hw).is_multiple_of(s[1]) {
-                T::zero()
-            } else {
-                v.max(T::zero())
-            }
-        })
-        .collect();
-    inp.x = Tensor::new(&s, v);
-}
-
 fn compare<T: Elem>(seed: u64, tol: f64) {
     let mut rng = StdRng::seed_from_u64(seed);
     for (i, c) in CASES.iter().enumerate() {
         let mut inp = inputs::<T>(&mut rng, c);
         if i % 2 == 1 && c.7 == 0.0 {
-            relu_inputs(&mut inp);
+            inp.x = relu_like(&inp.x);
         }
         let (yf, sf, gf, opsf) = run(&inp, c, true);
         let (yc, sc, gc, opsc) = run(&inp, c, false);
@@ -133,21 +112,7 @@ fn compare<T: Elem>(seed: u64, tol: f64) {
             opsc.contains(&"batch_norm_train"),
             "{case}: composed {opsc:?}"
         );
-        assert!(max_rel(&yf, &yc) < tol, "{case} y: {}", max_rel(&yf, &yc));
-        assert_eq!(sf.len(), sc.len());
-        for (i, (a, b)) in sf.iter().zip(&sc).enumerate() {
-            assert_eq!(a.count, b.count, "{case} branch {i} count");
-            let (a, b) = (a.to_host().unwrap(), b.to_host().unwrap());
-            assert!(max_rel(&a.mean, &b.mean) < tol, "{case} branch {i} mean");
-            assert!(max_rel(&a.var, &b.var) < tol, "{case} branch {i} var");
-        }
-        for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
-            assert!(
-                max_rel(a, b) < tol,
-                "{case} gradient {i}: {}",
-                max_rel(a, b)
-            );
-        }
+        assert_runs_agree(&case, (&yf, &sf, &gf), (&yc, &sc, &gc), tol);
     }
 }
 

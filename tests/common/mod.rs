@@ -198,3 +198,51 @@ pub fn differing_grads(
     }
     bad
 }
+
+/// `x` [N, C, H, W] as a ReLU leaves it: negatives zeroed, and channel 0 zero everywhere (its
+/// batch variance 0, so BN's 1/sigma = 1/sqrt(eps): the largest gradients BN makes).
+pub fn relu_like<T: ghostv3::Elem>(x: &ghostv3::Tensor<T>) -> ghostv3::Tensor<T> {
+    let s = x.shape().to_vec();
+    let hw = s[2] * s[3];
+    let v: Vec<T> = x
+        .data()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if (i / hw).is_multiple_of(s[1]) {
+                T::zero()
+            } else {
+                v.max(T::zero())
+            }
+        })
+        .collect();
+    ghostv3::Tensor::new(&s, v)
+}
+
+/// One run of a fused op and of its composed branches: output, branch statistics, gradients.
+pub type OpRun<'a> = (
+    &'a [f64],
+    &'a [ghostv3::tensor::storage::BatchStats],
+    &'a [Vec<f64>],
+);
+
+/// Asserts that two runs agree to `tol` ([`max_rel`]): output, every branch's count, mean and
+/// variance, every gradient.
+pub fn assert_runs_agree(case: &str, (yf, sf, gf): OpRun, (yc, sc, gc): OpRun, tol: f64) {
+    assert!(max_rel(yf, yc) < tol, "{case} y: {}", max_rel(yf, yc));
+    assert_eq!(sf.len(), sc.len());
+    for (i, (a, b)) in sf.iter().zip(sc).enumerate() {
+        assert_eq!(a.count, b.count, "{case} branch {i} count");
+        let (a, b) = (a.to_host().unwrap(), b.to_host().unwrap());
+        assert!(max_rel(&a.mean, &b.mean) < tol, "{case} branch {i} mean");
+        assert!(max_rel(&a.var, &b.var) < tol, "{case} branch {i} var");
+    }
+    assert_eq!(gf.len(), gc.len());
+    for (i, (a, b)) in gf.iter().zip(gc).enumerate() {
+        assert!(
+            max_rel(a, b) < tol,
+            "{case} gradient {i}: {}",
+            max_rel(a, b)
+        );
+    }
+}
