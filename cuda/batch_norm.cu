@@ -81,8 +81,8 @@ extern "C" __global__ void bn_apply(const float* __restrict__ x, float* __restri
 }
 
 // PyTorch's running-stat update: r = (1 - momentum) r + momentum * stat, unbiased variance.
-extern "C" __global__ void bn_running_update(float* __restrict__ running_mean,
-                                             float* __restrict__ running_var,
+extern "C" __global__ void bn_running_update(float* /*inout*/ __restrict__ running_mean,
+                                             float* /*inout*/ __restrict__ running_var,
                                              const double* __restrict__ mean,
                                              const double* __restrict__ var, int C,
                                              double momentum, double count) {
@@ -90,6 +90,25 @@ extern "C" __global__ void bn_running_update(float* __restrict__ running_mean,
     const double unb = count > 1.0 ? var[c] * count / (count - 1.0) : var[c];
     running_mean[c] = (float)((1.0 - momentum) * (double)running_mean[c] + momentum * mean[c]);
     running_var[c] = (float)((1.0 - momentum) * (double)running_var[c] + momentum * unb);
+  }
+}
+
+// The same update of NB BNs in one launch (a fused rep_conv's branch BNs): BN b's running mean
+// and variance at mean_at + b * stride and var_at + b * stride of `run` (a view of the flat
+// buffers), its batch statistics at b * C of the stacked mean and var.
+extern "C" __global__ void bn_running_update_strided(float* /*inout*/ __restrict__ run,
+                                                     long long mean_at, long long var_at,
+                                                     long long stride,
+                                                     const double* __restrict__ mean,
+                                                     const double* __restrict__ var, int C, int NB,
+                                                     double momentum, double count) {
+  GS_LOOP(i, (long long)C * NB) {
+    const long long b = i / C, c = i % C;
+    const double unb = count > 1.0 ? var[i] * count / (count - 1.0) : var[i];
+    float* rm = run + mean_at + b * stride + c;
+    float* rv = run + var_at + b * stride + c;
+    *rm = (float)((1.0 - momentum) * (double)*rm + momentum * mean[i]);
+    *rv = (float)((1.0 - momentum) * (double)*rv + momentum * unb);
   }
 }
 

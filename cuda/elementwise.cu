@@ -57,7 +57,7 @@ extern "C" __global__ void add_fwd(const float* __restrict__ a, const float* __r
 }
 
 // y += x (gradient accumulation).
-extern "C" __global__ void add_inplace(float* __restrict__ y, const float* __restrict__ x, long long n) {
+extern "C" __global__ void add_inplace(float* /*inout*/ __restrict__ y, const float* __restrict__ x, long long n) {
   GS_LOOP(i, n) y[i] += x[i];
 }
 
@@ -122,19 +122,19 @@ extern "C" __global__ void sum_rows(const float* __restrict__ a, int R, long lon
 }
 
 // y[r, k] += b[k] (linear bias).
-extern "C" __global__ void add_bias_rows(float* __restrict__ y, const float* __restrict__ b,
+extern "C" __global__ void add_bias_rows(float* /*inout*/ __restrict__ y, const float* __restrict__ b,
                                          long long K, long long n) {
   GS_LOOP(i, n) y[i] += b[i % K];
 }
 
 // y[n, c, p] += b[c] over [N, C, P] (conv bias).
-extern "C" __global__ void add_channel_bias(float* __restrict__ y, const float* __restrict__ b,
+extern "C" __global__ void add_channel_bias(float* /*inout*/ __restrict__ y, const float* __restrict__ b,
                                             int C, long long P, long long n) {
   GS_LOOP(i, n) y[i] += b[(i / P) % C];
 }
 
 // EMA of a flat buffer: e = d * e + w * x, rounded as the CPU does (no fused multiply-add).
-extern "C" __global__ void ema_blend(float* __restrict__ e, const float* __restrict__ x, float d,
+extern "C" __global__ void ema_blend(float* /*inout*/ __restrict__ e, const float* __restrict__ x, float d,
                                      float w, long long n) {
   GS_LOOP(i, n) e[i] = __fadd_rn(__fmul_rn(d, e[i]), __fmul_rn(w, x[i]));
 }

@@ -74,9 +74,9 @@ __device__ float lamb_clip(const LambCoef& k, const double* gpart, int nchunks) 
 
 // chunk_tensor[ch]: tensor index; tensor_wd[t]: weight decay (0 for no-decay tensors);
 // chunk_whole[ch]: the chunk is its tensor. pu[2*ch + {0,1}]: sums of p^2 and update^2.
-extern "C" __global__ void lamb_moments(float* __restrict__ p, const float* __restrict__ g,
-                                        float* __restrict__ m, float* __restrict__ v,
-                                        float* __restrict__ ema, const long long* __restrict__ chunk_off,
+extern "C" __global__ void lamb_moments(float* /*inout*/ __restrict__ p, const float* __restrict__ g,
+                                        float* /*inout*/ __restrict__ m, float* /*inout*/ __restrict__ v,
+                                        float* /*inout*/ __restrict__ ema, const long long* __restrict__ chunk_off,
                                         const int* __restrict__ chunk_len,
                                         const int* __restrict__ chunk_tensor,
                                         const int* __restrict__ chunk_whole,
@@ -127,8 +127,8 @@ extern "C" __global__ void lamb_moments(float* __restrict__ p, const float* __re
 }
 
 // tensor_chunk0[t], tensor_nchunks[t]: the chunks of tensor t.
-extern "C" __global__ void lamb_apply(float* __restrict__ p, const float* __restrict__ m,
-                                      const float* __restrict__ v, float* __restrict__ ema,
+extern "C" __global__ void lamb_apply(float* /*inout*/ __restrict__ p, const float* __restrict__ m,
+                                      const float* __restrict__ v, float* /*inout*/ __restrict__ ema,
                                       const long long* __restrict__ chunk_off,
                                       const int* __restrict__ chunk_len,
                                       const int* __restrict__ chunk_tensor,
@@ -215,9 +215,9 @@ extern "C" __global__ void torch_clip_coef(const double* __restrict__ gpart, int
 
 // tensor_decay[t]: whether tensor t is in the weight-decay group. clip: the factor of
 // torch_clip_coef, or nullptr for none. decay = 1 - lr wd (f32). ema: nullptr for none.
-extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __restrict__ g,
-                                      float* __restrict__ m, float* __restrict__ v,
-                                      float* __restrict__ ema,
+extern "C" __global__ void adamw_step(float* /*inout*/ __restrict__ p, const float* __restrict__ g,
+                                      float* /*inout*/ __restrict__ m, float* /*inout*/ __restrict__ v,
+                                      float* /*inout*/ __restrict__ ema,
                                       const long long* __restrict__ chunk_off,
                                       const int* __restrict__ chunk_len,
                                       const int* __restrict__ chunk_tensor,
@@ -251,8 +251,8 @@ extern "C" __global__ void adamw_step(float* __restrict__ p, const float* __rest
 // buf: the momentum buffer, nullptr without momentum; as optim::Sgd's, it holds the chunks back
 // to back (chunk ch from buf_off[ch]; the same as chunk_off when the layout has no gaps).
 // wd: L2 decay of the decay group.
-extern "C" __global__ void sgd_step(float* __restrict__ p, const float* __restrict__ g,
-                                    float* __restrict__ buf, float* __restrict__ ema,
+extern "C" __global__ void sgd_step(float* /*inout*/ __restrict__ p, const float* __restrict__ g,
+                                    float* /*inout*/ __restrict__ buf, float* /*inout*/ __restrict__ ema,
                                     const long long* __restrict__ chunk_off,
                                     const long long* __restrict__ buf_off,
                                     const int* __restrict__ chunk_len,

@@ -17,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu/bin
-TESTS="cuda_ops cuda_ops_more cuda_rep_1x1 cuda_prefetch cuda_optim"
+TESTS="cuda_ops cuda_ops_more cuda_rep_1x1 cuda_prefetch cuda_optim cuda_traffic"
 LOG="${OUT:-target/gpu-check}"
 mkdir -p "$LOG"
 
@@ -81,6 +81,13 @@ run() {
   timeout 180 "$BIN/cuda_bench" 2>&1 | tee "$LOG/bench.log"
   local bench_rc=${PIPESTATUS[0]}
 
+  echo "== the step counted (bytes, launches) and timed: ghostv3 vs PyTorch eager's count"
+  timeout 90 "$BIN/ghostv3" bench --train --train-form --device cuda --profile --model ghostnetv3_100 \
+    --size 224 --batch 256 --warmup 3 --runs 10 --min-secs 2 --json "$LOG/ours-counts.json" 2>&1 | tee "$LOG/counts.log"
+  local counts_rc=${PIPESTATUS[0]}
+  timeout 60 python3 scripts/count_torch_step.py --model ghostnetv3_100 --form train \
+    --ours "$LOG/ours-counts.json" 2>&1 | tee -a "$LOG/counts.log"
+
   echo "== PyTorch eager + timm training throughput"
   PYTHONUNBUFFERED=1 timeout 150 python3 scripts/bench_torch_train.py --batch 256 --steps 8 --warmup 3 2>&1 | tee "$LOG/torch.log"
   local torch_rc=${PIPESTATUS[0]}
@@ -99,6 +106,8 @@ run() {
   echo "-- training throughput, ghostnetv3_100 train form, 224x224 (bench rc $bench_rc, torch rc $torch_rc)"
   grep -E "CUDA train step|deploy form step" "$LOG/bench.log"
   grep -E "images/s|skipped" "$LOG/torch.log"
+  echo "-- the step counted (counts rc $counts_rc)"
+  grep -E "^total:|H100|H200|training step|ours/torch" "$LOG/counts.log"
   [ "$test_rc" -eq 0 ] && [ "$info_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
 }
 

@@ -217,9 +217,18 @@ struct BenchArgs {
     /// the deploy form unless --train-form (then trained as such, not folded).
     #[arg(long)]
     train: bool,
-    /// `cuda`: the training step on GPU 0 (--train only).
+    /// `cuda`: the training step on GPU 0 (--train only). With --profile, the step's bytes,
+    /// FLOPs and launches are counted too, by op family and layer, with the roofline floor on
+    /// named GPUs (at --batch, fitted from counts at batches 2, 3 and 4).
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// With --device cuda --profile: count only, no timing (the CPU emulator runs a step at
+    /// batch 256 for hours; the counts need only small batches).
+    #[arg(long)]
+    count_only: bool,
+    /// Write the counts as JSON here too (scripts/step_traffic_vs_torch.sh reads it).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -917,13 +926,33 @@ fn bench_train(
 ) -> Result<()> {
     use ghostv3::infer::bench::peak_rss_bytes;
     let mut m = weights_or_random(&a.model, a.weights.as_deref(), a.train_form)?;
-    m.check_run(&size_flag(a.size), a.batch, a.size, a.size, Pass::Tape)?;
+    // Counting alone runs batches of at most 4 (--batch is where the counts are evaluated).
+    let run_batch = if a.count_only {
+        a.batch.min(4)
+    } else {
+        a.batch
+    };
+    m.check_run(&size_flag(a.size), run_batch, a.size, a.size, Pass::Tape)?;
     to_device(&mut m, a.device)?;
     let form = if m.is_deploy() {
         "deploy form"
     } else {
         "train form"
     };
+    let counting = a.profile && a.device == Device::Cuda;
+    if (a.count_only || a.json.is_some()) && !counting {
+        bail!("bench: --count-only and --json go with --train --device cuda --profile");
+    }
+    if counting {
+        let t = ghostv3::train::bench::count_step(&mut m, &a.model.model, a.size, [2, 3, 4])?;
+        out!("{}", t.report(a.batch, 15));
+        if let Some(p) = &a.json {
+            ghostv3::io::atomic::write_atomic(p, serde_json::to_string_pretty(&t)?.as_bytes())?;
+        }
+        if a.count_only {
+            return Ok(());
+        }
+    }
     let r = ghostv3::train::bench::bench_step(&mut m, cfg)?;
     if a.profile {
         out!("{}", r.profile.report());

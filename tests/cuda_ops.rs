@@ -347,6 +347,19 @@ fn dense_and_pointwise_convs() {
     conv_case(&g, &mut rng, [3, 24, 13, 11], 40, (1, 1), 1, 1, false);
     conv_case(&g, &mut rng, [5, 17, 7, 7], 9, (1, 1), 1, 1, true);
     conv_case(&g, &mut rng, [2, 8, 9, 9], 12, (1, 1), 2, 1, false);
+    // Small maps with many channels: the weight gradient goes through channel-major copies and
+    // one GEMM over all positions (the other cases above: per-image partials).
+    for (x, cout) in [([3, 40, 2, 2], 24), ([2, 64, 1, 1], 48)] {
+        let geom = ConvGeom::new(&x, &[cout, x[1], 1, 1], (1, 1), (0, 0), 1).unwrap();
+        assert!(ghostv3::backend::cuda::conv::pointwise_dw_by_transpose(
+            &geom
+        ));
+        conv_case(&g, &mut rng, x, cout, (1, 1), 1, 1, true);
+    }
+    let big = ConvGeom::new(&[3, 24, 13, 11], &[40, 24, 1, 1], (1, 1), (0, 0), 1).unwrap();
+    assert!(!ghostv3::backend::cuda::conv::pointwise_dw_by_transpose(
+        &big
+    ));
 }
 
 #[test]

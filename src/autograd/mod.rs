@@ -1,6 +1,7 @@
 //! The tape: every op computes its output eagerly and records a backward closure holding what it
 //! saved. `Tape::backward` walks the records in reverse and accumulates input gradients.
 
+use crate::backend::trace::{self, Phase};
 use crate::tensor::{Elem, Tensor};
 
 /// A handle to a value recorded on a tape.
@@ -167,6 +168,8 @@ impl<T: Elem> Tape<T> {
             e.1 += dt;
             p.last = Some(now);
         }
+        // The device work since the last op was this op's forward.
+        trace::label(op, Phase::Forward, Some(self.nodes.len()));
         let requires_grad =
             self.grad_enabled && inputs.iter().any(|v| self.nodes[v.0].requires_grad);
         self.nodes.push(Node {
@@ -211,6 +214,7 @@ impl<T: Elem> Tape<T> {
             if let (Some(p), Some(t0)) = (self.profile.as_mut(), t0) {
                 p.ops.entry(self.nodes[i].op).or_default().2 += t0.elapsed().as_secs_f64();
             }
+            trace::label(self.nodes[i].op, Phase::Backward, Some(i));
             assert_eq!(
                 input_grads.len(),
                 inputs.len(),
@@ -231,6 +235,7 @@ impl<T: Elem> Tape<T> {
                     Some(acc) => acc.add(&gi),
                 });
             }
+            trace::label("grad_sum", Phase::Backward, Some(i));
         }
         Grads { grads }
     }

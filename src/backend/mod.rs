@@ -6,6 +6,7 @@ pub mod api;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;
+pub mod trace;
 
 pub use api::Backend;
 pub use dtype::{DType, Elem};

@@ -162,6 +162,53 @@ impl BatchNorm2d {
         ops::batch_norm::update_running(state.buffers.tensor_mut(), at, stats, BN_MOMENTUM);
     }
 
+    /// [`Self::update_running`] of several BNs (a re-parameterized layer's branches): each run
+    /// of consecutive BNs whose running statistics lie evenly spaced in the flat buffers at
+    /// once (on a device, one launch), e.g. the kxk and scale branches, then the identity BN
+    /// that timm registers first.
+    pub fn update_running_all(bns: &[&BatchNorm2d], state: &mut State, stats: &[ops::BatchStats]) {
+        assert_eq!(bns.len(), stats.len(), "one batch statistic per BN");
+        let at: Vec<(usize, usize, usize)> = bns
+            .iter()
+            .map(|b| {
+                let (rm, rv) = (
+                    state.buffers.entry(b.running_mean),
+                    state.buffers.entry(b.running_var),
+                );
+                (rm.offset, rv.offset, rm.numel())
+            })
+            .collect();
+        for b in bns {
+            state.counters[b.counter].1 += 1;
+        }
+        let mut i = 0;
+        while i < at.len() {
+            // The run [i, j): BN k's statistics at at[i] + (k - i) * stride.
+            let stride = match at.get(i + 1) {
+                Some(n) if n.0 > at[i].0 && n.2 == at[i].2 => n.0 - at[i].0,
+                _ => 0,
+            };
+            let mut j = i + 1;
+            while stride > 0
+                && j < at.len()
+                && at[j].2 == at[i].2
+                && at[j].0 == at[i].0 + (j - i) * stride
+                && at[j].1 == at[i].1 + (j - i) * stride
+            {
+                j += 1;
+            }
+            let refs: Vec<&ops::BatchStats> = stats[i..j].iter().collect();
+            ops::batch_norm::update_running_strided(
+                state.buffers.tensor_mut(),
+                at[i],
+                stride,
+                &refs,
+                BN_MOMENTUM,
+            );
+            i = j;
+        }
+    }
+
     /// The eval-mode affine map y = t * x + s per channel: (t, s), in f64.
     pub fn affine(&self, state: &State) -> (Vec<f64>, Vec<f64>) {
         let g = state.params.slice(self.weight);

@@ -189,9 +189,7 @@ impl RepConv {
                 };
                 let args = kxk[0].conv.args;
                 let (y, stats) = ops::rep_conv(ctx.tape, x, &branches, args, BN_EPS);
-                for (b, st) in bns.iter().zip(&stats) {
-                    b.update_running(ctx.state, st);
-                }
+                BatchNorm2d::update_running_all(&bns, ctx.state, &stats);
                 y
             }
             RepConv::Train {

@@ -143,6 +143,49 @@ pub fn update_running(
     ))
 }
 
+/// [`update_running`] of `stats.len()` BNs whose running statistics lie `stride` values apart
+/// (BN i's mean at `mean_offset + i * stride`): a re-parameterized layer's branch BNs, one
+/// launch on a device.
+pub fn update_running_strided(
+    buffers: &mut Tensor<f32>,
+    at: (usize, usize, usize),
+    stride: usize,
+    stats: &[&BatchStats],
+    momentum: f64,
+) {
+    let Some(first) = stats.first() else {
+        return;
+    };
+    assert!(
+        stats.iter().all(|s| s.count == first.count),
+        "branch statistics over different counts"
+    );
+    on_backend!(buffers.device(), f32, |b| running_update_strided(
+        b, buffers, at, stride, stats, momentum
+    ))
+}
+
+fn running_update_strided<B: Place<f32> + BatchNorm<f32>>(
+    b: &B,
+    buffers: &mut Tensor<f32>,
+    at: (usize, usize, usize),
+    stride: usize,
+    stats: &[&BatchStats],
+    momentum: f64,
+) {
+    let refs: Vec<_> = stats.iter().map(|s| b.stats(s)).collect();
+    let views: Vec<&B::Stats> = refs.iter().map(|r| &**r).collect();
+    let count = stats[0].count;
+    ok(b.batch_norm_update_running_strided(
+        &mut *b.get_mut(buffers),
+        at,
+        stride,
+        &views,
+        count,
+        momentum,
+    ))
+}
+
 fn running_update<B: Place<f32> + BatchNorm<f32>>(
     b: &B,
     buffers: &mut Tensor<f32>,

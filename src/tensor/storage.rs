@@ -264,8 +264,8 @@ impl BatchStats {
             StatsStorage::Cuda(d) => {
                 let g = cuda::global().map_err(|e| anyhow::anyhow!("{e}"))?;
                 Ok(HostStats {
-                    mean: g.download_f64(&d.mean)?,
-                    var: g.download_f64(&d.var)?,
+                    mean: g.download_f64(&d.mean())?,
+                    var: g.download_f64(&d.var())?,
                 })
             }
         }

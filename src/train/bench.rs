@@ -1,16 +1,19 @@
 //! The training step timed (`ghostv3 bench --train`): the whole step of the default recipe
 //! (forward in train mode, cross-entropy with label smoothing 0.1, backward, LAMB and the EMA),
 //! on random images, on the device the model's state lives on; the median step, images/s, and
-//! one profiled step's time per op (forward and backward) and in the optimizer pass.
+//! one profiled step's time per op (forward and backward) and in the optimizer pass; and on a
+//! device, the step's bytes and launches counted (`train::traffic`).
 
 use super::config::TrainConfig;
 use super::step::{self, Loss, Targets};
+use super::traffic::{self, StepTraffic};
 use crate::autograd::Profile;
+use crate::backend::trace::{self, Phase};
 use crate::infer::bench::{random_input, time_runs, BenchConfig, BenchReport};
 use crate::models::Model;
 use crate::optim::{Ema, Layout, Update};
 use crate::tensor::Tensor;
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 use std::time::Instant;
 
 /// A timed training step.
@@ -27,17 +30,7 @@ pub struct StepReport {
 pub fn bench_step(model: &mut Model, cfg: &BenchConfig) -> Result<StepReport> {
     cfg.validate()?;
     let recipe = TrainConfig::from_toml(TrainConfig::default_recipe(), &[], "the default recipe")?;
-    let st = model.state();
-    let layout = Layout::from_store(&st.params);
-    let ema = match &recipe.ema {
-        Some(e) => Some(Ema::new(
-            e.clone(),
-            st.params.tensor(),
-            st.buffers.tensor(),
-        )?),
-        None => None,
-    };
-    let mut update = Update::new(&recipe.optimizer, &layout, ema)?;
+    let mut update = new_update(model, &recipe)?;
     let (b, s) = (cfg.batch, cfg.size);
     let x = Tensor::new(&[b, 3, s, s], random_input(b, s, 0));
     let classes = model.num_classes();
@@ -68,4 +61,74 @@ pub fn bench_step(model: &mut Model, cfg: &BenchConfig) -> Result<StepReport> {
         profile,
         update_ms,
     })
+}
+
+/// The default recipe's whole step on random images of any batch, for counting.
+pub struct StepRunner {
+    update: Update,
+    lr: f64,
+}
+
+impl StepRunner {
+    pub fn new(model: &Model) -> Result<Self> {
+        let recipe =
+            TrainConfig::from_toml(TrainConfig::default_recipe(), &[], "the default recipe")?;
+        Ok(StepRunner {
+            update: new_update(model, &recipe)?,
+            lr: recipe.train.lr,
+        })
+    }
+
+    /// One step on `batch` random images of `size` px; the device work is labelled by phase
+    /// for `backend::trace` (the tape labels the forward and backward ops).
+    pub fn run(&mut self, model: &mut Model, size: usize, batch: usize) -> Result<()> {
+        let classes = model.num_classes();
+        let x = Tensor::new(&[batch, 3, size, size], random_input(batch, size, 0));
+        let labels: Vec<usize> = (0..batch).map(|i| i % classes).collect();
+        let targets = Targets::Labels {
+            labels: &labels,
+            smoothing: 0.1,
+        };
+        let out = step::forward_backward(model, &x, Loss::ce(targets), false, None)?;
+        trace::label("grad_gather", Phase::Update, None);
+        let g = out
+            .grads
+            .ok_or_else(|| anyhow!("the loss is {}", out.loss))?;
+        step::apply(model, &mut self.update, &g, self.lr)?;
+        model.state().params.tensor().to_host(); // waits for the device's queue
+        trace::label("lamb+ema", Phase::Update, None);
+        Ok(())
+    }
+}
+
+/// The bytes, FLOPs and launches of the default recipe's step on `model`'s device (CUDA: the
+/// device backend records them; `train::traffic`), counted at `batches` of `size` px.
+pub fn count_step(
+    model: &mut Model,
+    name: &str,
+    size: usize,
+    batches: [usize; 3],
+) -> Result<StepTraffic> {
+    let mut runner = StepRunner::new(model)?;
+    let form = if model.is_deploy() {
+        "deploy form"
+    } else {
+        "train form"
+    };
+    traffic::count_step(name, form, size, batches, |b| runner.run(model, size, b))
+}
+
+/// The default recipe's optimizer (and EMA) for `model`'s parameters.
+fn new_update(model: &Model, recipe: &TrainConfig) -> Result<Update> {
+    let st = model.state();
+    let layout = Layout::from_store(&st.params);
+    let ema = match &recipe.ema {
+        Some(e) => Some(Ema::new(
+            e.clone(),
+            st.params.tensor(),
+            st.buffers.tensor(),
+        )?),
+        None => None,
+    };
+    Update::new(&recipe.optimizer, &layout, ema)
 }

@@ -22,6 +22,7 @@ pub mod guard;
 pub mod preempt;
 pub mod run_dir;
 pub mod step;
+pub mod traffic;
 
 use crate::data::{self, Batch, Cifar10, Dataset, ImageFolder, Loader, Mixup, Subset, Synthetic};
 use crate::io::weights::state_tensors;

@@ -69,4 +69,23 @@ pub trait BatchNorm<T: Elem>: Backend<T> {
         count: usize,
         momentum: f64,
     ) -> Result<()>;
+
+    /// The same update of `stats.len()` BNs of `c` channels, BN i's running mean and variance
+    /// at `mean_at + i * stride` and `var_at + i * stride` (a re-parameterized layer's branch
+    /// BNs, laid out one after another). Backends whose statistics are stacked do it at once.
+    fn batch_norm_update_running_strided(
+        &self,
+        buffers: &mut Self::Buf,
+        (mean_at, var_at, c): (usize, usize, usize),
+        stride: usize,
+        stats: &[&Self::Stats],
+        count: usize,
+        momentum: f64,
+    ) -> Result<()> {
+        for (i, s) in stats.iter().enumerate() {
+            let at = (mean_at + i * stride, var_at + i * stride, c);
+            self.batch_norm_update_running(buffers, at, s, count, momentum)?;
+        }
+        Ok(())
+    }
 }

@@ -1,16 +1,17 @@
 //! Launchers of cuda/batch_norm.cu: train- and eval-mode BatchNorm (statistics in f64, the
 //! f32 affine map), its backward, and the running-statistics updates. BN dims are (n, c, hw).
 
-use super::alloc::DevBuf;
+use super::alloc::{DevBuf, View};
 use super::device::{DBuf, Gpu};
 use super::launch::{blocks, i32a, i64a, need, opt_ptr, ptr, Arg};
 use anyhow::{bail, ensure, Result};
+use std::sync::Arc;
 
 /// Statistics of a BatchNorm on the device: f64 mean, biased variance (train mode only) and
 /// 1/sqrt(var + eps); the f32 affine map y = (x - center) * scale + shift.
 pub struct BnSaved {
-    pub mean: DevBuf<f64>,
-    pub var: Option<DevBuf<f64>>,
+    pub mean: Arc<DevBuf<f64>>,
+    pub var: Option<Arc<DevBuf<f64>>>,
     pub invstd: DevBuf<f64>,
     pub center: DBuf,
     pub scale: DBuf,
@@ -18,15 +19,29 @@ pub struct BnSaved {
     pub count: usize,
 }
 
-/// Batch statistics of a train-mode BN left on the device: f64 mean and biased variance.
+/// Batch statistics of a train-mode BN left on the device: `c` channels from channel `at` of
+/// f64 mean and biased-variance buffers shared with the forward's saved state (one BN's own,
+/// or one branch's of a fused rep_conv's stacked statistics). Shared, not copied: nothing
+/// writes them after the forward, and a copy would be two launches per BN per step.
 pub struct DeviceStats {
-    pub mean: DevBuf<f64>,
-    pub var: DevBuf<f64>,
+    pub mean: Arc<DevBuf<f64>>,
+    pub var: Arc<DevBuf<f64>>,
+    pub at: usize,
+    pub c: usize,
+}
+
+impl DeviceStats {
+    pub fn mean(&self) -> View<'_, f64> {
+        self.mean.view(self.at, self.c)
+    }
+    pub fn var(&self) -> View<'_, f64> {
+        self.var.view(self.at, self.c)
+    }
 }
 
 impl std::fmt::Debug for DeviceStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceStats[{}]", self.mean.len())
+        write!(f, "DeviceStats[{}]", self.c)
     }
 }
 
@@ -58,8 +73,8 @@ impl Gpu {
             &[ptr(x), i32a(n), i32a(c), i32a(hw), ptr(&part)],
         )?;
         let saved = BnSaved {
-            mean: self.alloc_f64(c)?,
-            var: Some(self.alloc_f64(c)?),
+            mean: Arc::new(self.alloc_f64(c)?),
+            var: Some(Arc::new(self.alloc_f64(c)?)),
             invstd: self.alloc_f64(c)?,
             center: self.alloc(c)?,
             scale: self.alloc(c)?,
@@ -78,8 +93,8 @@ impl Gpu {
                 Arg::F64(eps),
                 ptr(gamma),
                 ptr(beta),
-                ptr(&saved.mean),
-                opt_ptr(saved.var.as_ref()),
+                ptr(&*saved.mean),
+                opt_ptr(saved.var.as_deref()),
                 ptr(&saved.invstd),
                 ptr(&saved.center),
                 ptr(&saved.scale),
@@ -147,7 +162,7 @@ impl Gpu {
         need("batch_norm running_mean", running_mean, c)?;
         need("batch_norm running_var", running_var, c)?;
         let saved = BnSaved {
-            mean: self.alloc_f64(c)?,
+            mean: Arc::new(self.alloc_f64(c)?),
             var: None,
             invstd: self.alloc_f64(c)?,
             center: self.alloc(c)?,
@@ -166,7 +181,7 @@ impl Gpu {
                 Arg::F64(eps),
                 ptr(gamma),
                 ptr(beta),
-                ptr(&saved.mean),
+                ptr(&*saved.mean),
                 ptr(&saved.invstd),
                 ptr(&saved.center),
                 ptr(&saved.scale),
@@ -198,7 +213,7 @@ impl Gpu {
             &[
                 ptr(gy),
                 ptr(x),
-                ptr(&saved.mean),
+                ptr(&*saved.mean),
                 i32a(n),
                 i32a(c),
                 i32a(hw),
@@ -267,7 +282,7 @@ impl Gpu {
             &[
                 ptr(running_mean),
                 ptr(running_var),
-                ptr(&saved.mean),
+                ptr(&*saved.mean),
                 ptr(var),
                 i32a(c),
                 Arg::F64(momentum),
@@ -284,13 +299,13 @@ impl Gpu {
         Ok((self.download_f64(&saved.mean)?, self.download_f64(var)?))
     }
 
-    /// The batch statistics, kept on the device: copies of `c` channels from channel `at` of the
-    /// saved f64 mean and variance (a BN's own, or one branch of a fused rep_conv's stacked
-    /// statistics), so they outlive the saved buffers' backward closure.
+    /// The batch statistics, kept on the device: `c` channels from channel `at` of the saved
+    /// f64 mean and variance (a BN's own, or one branch of a fused rep_conv's stacked
+    /// statistics), shared with the saved state.
     pub fn batch_stats_device(
         &self,
-        mean: &DevBuf<f64>,
-        var: &DevBuf<f64>,
+        mean: &Arc<DevBuf<f64>>,
+        var: &Arc<DevBuf<f64>>,
         at: usize,
         c: usize,
     ) -> Result<DeviceStats> {
@@ -300,24 +315,11 @@ impl Gpu {
             at + c,
             mean.len()
         );
-        let copy = |src: &DevBuf<f64>| -> Result<DevBuf<f64>> {
-            let dst = self.alloc_f64(c)?;
-            if c > 0 {
-                // SAFETY: both buffers hold c f64 from these addresses; same stream as every use.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        dst.device_ptr(),
-                        src.view(at, c).device_ptr(),
-                        c * std::mem::size_of::<f64>(),
-                        self.stream.cu_stream(),
-                    )
-                }?;
-            }
-            Ok(dst)
-        };
         Ok(DeviceStats {
-            mean: copy(mean)?,
-            var: copy(var)?,
+            mean: mean.clone(),
+            var: var.clone(),
+            at,
+            c,
         })
     }
 
@@ -332,7 +334,7 @@ impl Gpu {
         momentum: f64,
     ) -> Result<()> {
         need("running statistics", buffers, mean_at.max(var_at) + c)?;
-        ensure!(stats.mean.len() == c, "running-stat update: {c} channels");
+        ensure!(stats.c == c, "running-stat update: {c} channels");
         self.launch(
             "batch_norm",
             "bn_running_update",
@@ -340,8 +342,8 @@ impl Gpu {
             &[
                 ptr(&buffers.view(mean_at, c)),
                 ptr(&buffers.view(var_at, c)),
-                ptr(&stats.mean),
-                ptr(&stats.var),
+                ptr(&stats.mean()),
+                ptr(&stats.var()),
                 i32a(c),
                 Arg::F64(momentum),
                 Arg::F64(count as f64),
@@ -410,5 +412,56 @@ impl<T: crate::backend::Elem> crate::backend::api::BatchNorm<T> for super::Cuda<
         momentum: f64,
     ) -> Result<()> {
         self.bn_running_update_at(buffers, at, stats, count, momentum)
+    }
+
+    fn batch_norm_update_running_strided(
+        &self,
+        buffers: &mut DBuf,
+        (mean_at, var_at, c): (usize, usize, usize),
+        stride: usize,
+        stats: &[&DeviceStats],
+        count: usize,
+        momentum: f64,
+    ) -> Result<()> {
+        // One launch when the statistics are one stacked buffer's consecutive slices (a fused
+        // rep_conv's); else one per BN.
+        let stacked = stats.iter().enumerate().all(|(i, s)| {
+            Arc::ptr_eq(&s.mean, &stats[0].mean)
+                && Arc::ptr_eq(&s.var, &stats[0].var)
+                && s.at == stats[0].at + i * c
+                && s.c == c
+        });
+        if !stacked || stats.len() < 2 {
+            for (i, s) in stats.iter().enumerate() {
+                let at = (mean_at + i * stride, var_at + i * stride, c);
+                self.bn_running_update_at(buffers, at, s, count, momentum)?;
+            }
+            return Ok(());
+        }
+        let nb = stats.len();
+        let lo = mean_at.min(var_at);
+        let hi = mean_at.max(var_at) + (nb - 1) * stride + c;
+        need("running statistics", buffers, hi)?;
+        let (mean, var) = (
+            stats[0].mean.view(stats[0].at, nb * c),
+            stats[0].var.view(stats[0].at, nb * c),
+        );
+        self.launch(
+            "batch_norm",
+            "bn_running_update_strided",
+            self.grid(nb * c),
+            &[
+                ptr(&buffers.view(lo, hi - lo)),
+                i64a(mean_at - lo),
+                i64a(var_at - lo),
+                i64a(stride),
+                ptr(&mean),
+                ptr(&var),
+                i32a(c),
+                i32a(nb),
+                Arg::F64(momentum),
+                Arg::F64(count as f64),
+            ],
+        )
     }
 }

@@ -6,7 +6,7 @@ use super::device::{DBuf, Gpu};
 use super::launch::{blocks, i32a, i64a, need, opt_ptr, ptr, Arg};
 use super::Cuda;
 use crate::backend::api::{Conv, ConvGeom, ConvGrads, LinearDims};
-use crate::backend::Elem;
+use crate::backend::{trace, Elem};
 use anyhow::{ensure, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 
@@ -101,7 +101,16 @@ impl Gpu {
                 )
             }
         };
-        r.map_err(|e| anyhow::anyhow!("cuBLAS sgemm: {e:?}"))
+        r.map_err(|e| anyhow::anyhow!("cuBLAS sgemm: {e:?}"))?;
+        if trace::is_on() {
+            // Compulsory traffic: a matrix shared by the batch (stride 0) is read once.
+            let mat = |s: usize, len: usize| 4 * len as u64 * if s == 0 { 1 } else { batch as u64 };
+            let c_bytes = mat(sc, m * n);
+            let read = mat(sa, m * k) + mat(sb, k * n) + if beta != 0.0 { c_bytes } else { 0 };
+            let flops = 2 * (m * n * k * batch) as u64;
+            trace::record("cublas", "sgemm", read, c_bytes, flops);
+        }
+        Ok(())
     }
 
     // ---- convolutions ----
@@ -142,6 +151,7 @@ impl Gpu {
             let mut args = vec![ptr(x), ptr(w), opt_ptr(bias), ptr(&y)];
             args.extend(Self::geom_args(g));
             self.launch("conv", "dw_fwd", self.grid(total), &args)?;
+            trace::add_flops(2 * (total * g.kh * g.kw) as u64);
             return Ok(y);
         }
         ensure!(
@@ -236,6 +246,7 @@ impl Gpu {
                 let mut args = vec![ptr(dy), ptr(w), ptr(&dx)];
                 args.extend(Self::geom_args(g));
                 self.launch("conv", "dw_bwd_dx", self.grid(xs), &args)?;
+                trace::add_flops(2 * (g.n * g.cout * p * g.kh * g.kw) as u64);
                 Some(dx)
             } else {
                 None
@@ -253,6 +264,7 @@ impl Gpu {
                 args.extend(Self::geom_args(g));
                 args.push(ptr(&part));
                 self.launch("conv", "dw_bwd_dw_partial", blocks(g.cin, s, 1), &args)?;
+                trace::add_flops(2 * (g.n * g.cout * p * g.kh * g.kw) as u64);
                 let dw = self.alloc(g.cin * kk)?;
                 self.launch(
                     "conv",
@@ -291,7 +303,34 @@ impl Gpu {
             } else {
                 None
             };
-            let dw = if need_dw {
+            let dw = if need_dw && pointwise_dw_by_transpose(g) {
+                // One GEMM over all n*p positions, on channel-major copies of dy and x.
+                let np = g.n * p;
+                let (dyc, xc) = (self.alloc(g.cout * np)?, self.alloc(g.cin * np)?);
+                for (src, dst, c) in [(dy, &dyc, g.cout), (x, &xc, g.cin)] {
+                    self.launch(
+                        "conv",
+                        "ncp_to_cnp",
+                        self.grid(c * np),
+                        &[ptr(src), ptr(dst), i32a(g.n), i32a(c), i64a(p)],
+                    )?;
+                }
+                let dw = self.alloc(g.cout * g.cin)?;
+                self.gemm_rm(
+                    (g.cout, g.cin, np),
+                    &dyc,
+                    false,
+                    0,
+                    &xc,
+                    true,
+                    0,
+                    &dw,
+                    0,
+                    0.0,
+                    1,
+                )?;
+                Some(dw)
+            } else if need_dw {
                 let wsz = g.cout * g.cin;
                 let per = self.alloc(g.n * wsz)?;
                 self.gemm_rm(
@@ -452,4 +491,12 @@ impl<T: Elem> Conv<T> for Cuda<T> {
             db: need.2.then_some(db),
         })
     }
+}
+
+/// Whether the weight gradient of a 1x1 conv goes through channel-major copies of dy and x and
+/// one GEMM over all n*p positions (extra traffic 2 n p (cout + cin) values), rather than one
+/// GEMM per image into per-image partials summed after (extra 2 n cout cin): the cheaper of
+/// the two in bytes. The late layers (7x7 and 1x1 maps, hundreds of channels) take the first.
+pub fn pointwise_dw_by_transpose(g: &ConvGeom) -> bool {
+    g.ho * g.wo * (g.cout + g.cin) < g.cout * g.cin
 }

@@ -4,6 +4,7 @@
 use super::alloc::{DevBuf, Pool, PoolStats};
 use super::nvrtc::{self, Nvrtc, Target};
 use super::sources::{self, ParamKind};
+use crate::backend::trace;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
@@ -232,6 +233,7 @@ impl Gpu {
     fn memset<T>(&self, b: &DevBuf<T>, v: u8) -> Result<()> {
         let bytes = b.len() * std::mem::size_of::<T>();
         if bytes > 0 {
+            trace::record("driver", "memset", 0, bytes as u64, 0);
             // SAFETY: the buffer (or view) holds `bytes` bytes at its address.
             unsafe {
                 cudarc::driver::result::memset_d8_async(
@@ -253,6 +255,7 @@ impl Gpu {
             b.len()
         );
         if !x.is_empty() {
+            trace::record_h2d(std::mem::size_of_val(x) as u64);
             self.ctx.bind_to_thread()?;
             // SAFETY: the buffer holds x.len() elements; the copy completes before `x` can be
             // freed because pageable host copies are synchronous with respect to the host.
@@ -270,6 +273,8 @@ impl Gpu {
     fn dtoh<T: DeviceRepr + Default + Clone>(&self, b: &DevBuf<T>) -> Result<Vec<T>> {
         let mut v = vec![T::default(); b.len()];
         if !v.is_empty() {
+            trace::record_d2h(std::mem::size_of_val(v.as_slice()) as u64);
+            trace::record_sync();
             self.ctx.bind_to_thread()?;
             // SAFETY: the buffer holds v.len() elements; synchronized before `v` is read.
             unsafe {
@@ -328,6 +333,7 @@ impl Gpu {
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        trace::record_sync();
         self.stream.synchronize()?;
         Ok(())
     }

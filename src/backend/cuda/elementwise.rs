@@ -74,6 +74,8 @@ impl Gpu {
         }
         let t = self.upload_i64(&table)?;
         let blocks = n.min(self.multiprocessors() as usize * 16).max(1);
+        let src_bytes: usize = segments.iter().map(|(s, _)| 4 * s.len()).sum();
+        crate::backend::trace::add_indirect(src_bytes as u64, 0);
         self.launch(
             "elementwise",
             "copy_segments",

@@ -4,7 +4,8 @@
 
 use super::alloc::DevBuf;
 use super::device::Gpu;
-use super::sources::{self, ParamKind};
+use super::sources::{self, Access, ParamKind};
+use crate::backend::trace;
 use anyhow::{anyhow, ensure, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -35,19 +36,23 @@ pub enum Arg {
     I64(i64),
     F32(f32),
     F64(f64),
-    /// A device pointer (0 for a kernel's optional null argument).
-    Ptr(u64),
+    /// A device pointer (0 for a kernel's optional null argument) and the bytes of the
+    /// buffer or view behind it (what the traffic count charges the kernel).
+    Ptr(u64, u64),
     Lamb(LambCoef),
 }
 
 /// The device pointer of a buffer.
 pub fn ptr<T>(b: &DevBuf<T>) -> Arg {
-    Arg::Ptr(b.device_ptr())
+    Arg::Ptr(b.device_ptr(), (b.len() * std::mem::size_of::<T>()) as u64)
 }
+
+/// The null pointer of an absent optional argument.
+pub const NULL: Arg = Arg::Ptr(0, 0);
 
 /// The device pointer of an optional buffer, null when absent.
 pub fn opt_ptr<T>(b: Option<&DevBuf<T>>) -> Arg {
-    b.map_or(Arg::Ptr(0), ptr)
+    b.map_or(NULL, ptr)
 }
 
 pub fn i32a(v: usize) -> Arg {
@@ -65,7 +70,7 @@ impl Arg {
             Arg::I64(_) => ParamKind::I64,
             Arg::F32(_) => ParamKind::F32,
             Arg::F64(_) => ParamKind::F64,
-            Arg::Ptr(_) => ParamKind::Ptr,
+            Arg::Ptr(..) => ParamKind::Ptr,
             Arg::Lamb(_) => ParamKind::Lamb,
         }
     }
@@ -112,15 +117,46 @@ impl Gpu {
                 Arg::I64(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
                 Arg::F64(v) => b.arg(v),
-                Arg::Ptr(v) => b.arg(v),
+                Arg::Ptr(v, _) => b.arg(v),
                 Arg::Lamb(v) => b.arg(v),
             };
         }
         // SAFETY: argument lists mirror the kernels' signatures in cuda/*.cu, and every launcher
         // checks that its buffers hold the elements the kernel indexes.
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launch of {name}: {e}"))?;
+        if trace::is_on() {
+            record_traffic(module, name, args)?;
+        }
         Ok(())
     }
+}
+
+/// Charges a launch with the bytes of its buffer arguments, read or written as the kernel's
+/// declaration says (`sources::Access`).
+fn record_traffic(module: &'static str, name: &'static str, args: &[Arg]) -> Result<()> {
+    let src = sources::MODULES
+        .iter()
+        .find(|(m, _)| *m == module)
+        .ok_or_else(|| anyhow!("no kernel module {module}"))?
+        .1;
+    let access = sources::kernel_access(src, name)
+        .ok_or_else(|| anyhow!("no kernel {name} in cuda/{module}.cu"))?;
+    let (mut read, mut written) = (0, 0);
+    for (a, acc) in args.iter().zip(access) {
+        if let Arg::Ptr(_, bytes) = a {
+            match acc {
+                Access::Read => read += bytes,
+                Access::Write => written += bytes,
+                Access::ReadWrite => {
+                    read += bytes;
+                    written += bytes;
+                }
+                Access::Value => {}
+            }
+        }
+    }
+    trace::record(module, name, read, written, 0);
+    Ok(())
 }
 
 /// Fails unless the buffer (or view) holds at least `n` values (every launcher checks its

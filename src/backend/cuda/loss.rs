@@ -3,7 +3,7 @@
 
 use super::alloc::DevBuf;
 use super::device::{DBuf, Gpu};
-use super::launch::{blocks, i32a, need, ptr, Arg};
+use super::launch::{blocks, i32a, need, ptr, Arg, NULL};
 use super::Cuda;
 use crate::backend::api::Loss;
 use crate::backend::Elem;
@@ -55,7 +55,7 @@ impl Gpu {
             blocks(n, 1, 1),
             &[
                 ptr(z),
-                Arg::Ptr(0),
+                NULL,
                 ptr(&lab),
                 Arg::F32(q_off),
                 Arg::F32(q_on),
@@ -88,7 +88,7 @@ impl Gpu {
             &[
                 ptr(z),
                 ptr(q),
-                Arg::Ptr(0),
+                NULL,
                 Arg::F32(0.0),
                 Arg::F32(0.0),
                 i32a(n),

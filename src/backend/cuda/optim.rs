@@ -9,7 +9,7 @@
 use super::alloc::DevBuf;
 use super::backend::Cuda;
 use super::device::{DBuf, Gpu};
-use super::launch::{blocks, i32a, i64a, need, opt_ptr, ptr, Arg, LambCoef};
+use super::launch::{blocks, i32a, i64a, need, opt_ptr, ptr, Arg, LambCoef, NULL};
 use crate::backend::api::optim::{
     AdamWScalars, EmaCoef, FlatTable, LambScalars, Optim, SgdScalars, Step,
 };
@@ -144,7 +144,7 @@ impl OptimPlan {
     /// argument (null: factor 1).
     fn clip_factor(&self, gpu: &Gpu, grads: &DBuf, max_grad_norm: Option<f32>) -> Result<Arg> {
         let Some(m) = max_grad_norm else {
-            return Ok(Arg::Ptr(0));
+            return Ok(NULL);
         };
         gpu.launch(
             "optim",
@@ -426,6 +426,8 @@ impl Optim for Cuda<f32> {
     /// it was set.
     fn take_nonfinite(&self, plan: &mut OptimPlan) -> Result<bool> {
         let mut bad = [0i32];
+        crate::backend::trace::record_d2h(4);
+        crate::backend::trace::record_sync();
         self.ctx.bind_to_thread()?;
         let cu = self.stream.cu_stream();
         // SAFETY: the flag holds one i32; the stream is synchronized before `bad` is read.
@@ -434,6 +436,7 @@ impl Optim for Cuda<f32> {
         if bad[0] == 0 {
             return Ok(false);
         }
+        crate::backend::trace::record("driver", "memset", 0, 4, 0);
         // SAFETY: 4 bytes at the flag's address; stream-ordered after the read above.
         unsafe { cudarc::driver::result::memset_d8_async(plan.bad.device_ptr(), 0, 4, cu) }?;
         Ok(true)

@@ -9,8 +9,9 @@ use super::launch::{blocks, i32a, need, opt_ptr, ptr, Arg};
 use super::DeviceStats;
 use crate::backend::api::rep_conv::{FusedRepDw, RepGrads, RepOut};
 use crate::backend::cpu::conv::ConvGeom;
-use crate::backend::Elem;
+use crate::backend::{trace, Elem};
 use anyhow::{ensure, Result};
+use std::sync::Arc;
 
 pub use crate::backend::api::rep_conv::RepDwGeom;
 
@@ -61,8 +62,8 @@ impl RepDwGeom {
 /// Saved by the fused rep_conv forward: every branch's batch mean and biased variance
 /// ([NBT][C], f64) and the folded kernel and bias it ran.
 pub struct RepDwSaved {
-    pub mean: DevBuf<f64>,
-    pub var: DevBuf<f64>,
+    pub mean: Arc<DevBuf<f64>>,
+    pub var: Arc<DevBuf<f64>>,
     pub weff: DBuf,
     pub beff: DBuf,
 }
@@ -113,8 +114,8 @@ impl Gpu {
         args.push(ptr(&part));
         self.launch("rep_conv", "repdw_stats_partial", blocks(g.c, s, 1), &args)?;
         let saved = RepDwSaved {
-            mean: self.alloc_f64(nbt * g.c)?,
-            var: self.alloc_f64(nbt * g.c)?,
+            mean: Arc::new(self.alloc_f64(nbt * g.c)?),
+            var: Arc::new(self.alloc_f64(nbt * g.c)?),
             weff: self.alloc(g.c * kk)?,
             beff: self.alloc(g.c)?,
         };
@@ -137,8 +138,8 @@ impl Gpu {
                 ptr(beta),
                 ptr(wk),
                 opt_ptr(ws),
-                ptr(&saved.mean),
-                ptr(&saved.var),
+                ptr(&*saved.mean),
+                ptr(&*saved.var),
                 ptr(&saved.weff),
                 ptr(&saved.beff),
             ],
@@ -165,6 +166,7 @@ impl Gpu {
         let mut args = vec![ptr(x), ptr(&saved.weff), ptr(&saved.beff), ptr(&y)];
         args.extend(Self::geom_args(&geom));
         self.launch("conv", "dw_fwd", self.grid(total), &args)?;
+        trace::add_flops(2 * (total * g.kh * g.kw) as u64);
         Ok((y, saved))
     }
 
@@ -214,8 +216,8 @@ impl Gpu {
                 Arg::F64(m as f64),
                 Arg::F64(eps),
                 ptr(gamma),
-                ptr(&saved.mean),
-                ptr(&saved.var),
+                ptr(&*saved.mean),
+                ptr(&*saved.var),
                 ptr(&dgamma),
                 ptr(&dbeta),
                 ptr(&ka),
@@ -230,6 +232,9 @@ impl Gpu {
         args.extend(g.args());
         args.extend([ptr(&ka), ptr(&kb), ptr(&kc), ptr(&km), ptr(&dx)]);
         self.launch("rep_conv", "repdw_bwd_dx", self.grid(xs), &args)?;
+        let (ho, wo) = g.out_hw();
+        let branch_flops = 2 * (g.n * g.c * ho * wo * kk * g.branches) as u64;
+        trace::add_flops(branch_flops);
         let per = g.branches * kk + 1;
         let part2 = self.alloc_f64(g.c * s * per)?;
         let mut args = vec![ptr(gy), ptr(x), ptr(wk), opt_ptr(ws)];
@@ -241,6 +246,7 @@ impl Gpu {
             blocks(g.c, s, g.kh),
             &args,
         )?;
+        trace::add_flops(branch_flops);
         let dwk = self.alloc(g.branches * g.c * kk)?;
         let dws = if g.scale {
             Some(self.alloc(g.c)?)
@@ -273,26 +279,32 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// The buffers one after another in one buffer (one launch): stacked branch weights and BN
-    /// parameters.
-    pub(crate) fn stack(&self, bufs: &[&DBuf]) -> Result<DBuf> {
-        let mut segments = Vec::with_capacity(bufs.len());
+    /// Each group's buffers one after another, all groups in one buffer, in one launch: a fused
+    /// rep conv's stacked branch weights and BN parameters. Returns the buffer and each
+    /// group's (offset, length) in it.
+    pub(crate) fn stack(&self, groups: &[&[&DBuf]]) -> Result<(DBuf, Vec<(usize, usize)>)> {
+        let mut segments = Vec::new();
+        let mut at = Vec::with_capacity(groups.len());
         let mut off = 0;
-        for b in bufs {
-            segments.push((*b, off));
-            off += b.len();
+        for g in groups {
+            let start = off;
+            for b in *g {
+                segments.push((*b, off));
+                off += b.len();
+            }
+            at.push((start, off - start));
         }
         let mut buf = self.alloc(off)?;
         self.copy_segments(&segments, &mut buf)?;
-        Ok(buf)
+        Ok((buf, at))
     }
 
     /// Every branch's batch statistics (`branches` of `c` channels) of a fused rep conv's
-    /// stacked f64 mean and variance, copied so that they outlive its saved state.
+    /// stacked f64 mean and variance (shared with its saved state).
     pub(crate) fn branch_stats(
         &self,
-        mean: &DevBuf<f64>,
-        var: &DevBuf<f64>,
+        mean: &Arc<DevBuf<f64>>,
+        var: &Arc<DevBuf<f64>>,
         branches: usize,
         c: usize,
     ) -> Result<Vec<DeviceStats>> {
@@ -306,8 +318,10 @@ impl Gpu {
 /// weights and BN gammas it ran with.
 pub struct RepDwState {
     saved: RepDwSaved,
-    wk: DBuf,
-    gamma: DBuf,
+    /// The stacked weights, gammas and betas, and where the weights and gammas are in it.
+    stacked: DBuf,
+    wk: (usize, usize),
+    gamma: (usize, usize),
 }
 
 impl<T: Elem> FusedRepDw<T> for Cuda<T> {
@@ -329,12 +343,17 @@ impl<T: Elem> FusedRepDw<T> for Cuda<T> {
     ) -> Result<RepOut<DBuf, RepDwState, DeviceStats>> {
         let gpu: &Gpu = self;
         // Stacked [NB][C][kk] weights and [NBT][C] BN parameters (device copies).
-        let wk = gpu.stack(kxk)?;
-        let gamma = gpu.stack(gamma)?;
-        let beta = gpu.stack(beta)?;
-        let (y, saved) = gpu.rep_dw_forward(g, x, &wk, scale, &gamma, &beta, eps)?;
+        let (stacked, at) = gpu.stack(&[kxk, gamma, beta])?;
+        let view = |i: usize| stacked.view(at[i].0, at[i].1);
+        let (y, saved) = gpu.rep_dw_forward(g, x, &view(0), scale, &view(1), &view(2), eps)?;
         let stats = gpu.branch_stats(&saved.mean, &saved.var, g.nbt(), g.c)?;
-        Ok((y, RepDwState { saved, wk, gamma }, stats))
+        let state = RepDwState {
+            saved,
+            wk: at[0],
+            gamma: at[1],
+            stacked,
+        };
+        Ok((y, state, stats))
     }
 
     fn rep_dw_backward(
@@ -347,7 +366,9 @@ impl<T: Elem> FusedRepDw<T> for Cuda<T> {
         eps: f64,
     ) -> Result<RepGrads<DBuf>> {
         let gpu: &Gpu = self;
-        let r = gpu.rep_dw_backward(g, x, &s.wk, scale, &s.gamma, &s.saved, gy, eps)?;
+        let wk = s.stacked.view(s.wk.0, s.wk.1);
+        let gamma = s.stacked.view(s.gamma.0, s.gamma.1);
+        let r = gpu.rep_dw_backward(g, x, &wk, scale, &gamma, &s.saved, gy, eps)?;
         Ok(RepGrads {
             dx: r.dx,
             dw: r.dwk,

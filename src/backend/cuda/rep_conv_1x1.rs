@@ -12,6 +12,7 @@ use crate::backend::api::rep_conv::{FusedRep1x1, RepGrads, RepOut};
 use crate::backend::Elem;
 use anyhow::Result;
 use cudarc::driver::LaunchConfig;
+use std::sync::Arc;
 
 /// Scratch (floats) of the batched GEMMs that reduce over the batch: as many batch entries per
 /// GEMM as fit, each writing its own partial (the partials are then summed in f64), and the
@@ -26,8 +27,8 @@ pub struct Rep1x1Saved {
     pub xc: DBuf,
     /// Per branch and output channel [NBT, Cout] (f64): batch mean, biased variance, 1/sqrt(var
     /// + eps), gamma * invstd.
-    pub mean: DevBuf<f64>,
-    pub var: DevBuf<f64>,
+    pub mean: Arc<DevBuf<f64>>,
+    pub var: Arc<DevBuf<f64>>,
     pub invstd: DevBuf<f64>,
     pub a: DevBuf<f64>,
     /// The folded kernel K [Cout, Cin].
@@ -229,8 +230,8 @@ impl Gpu {
             y,
             Rep1x1Saved {
                 xc,
-                mean,
-                var,
+                mean: Arc::new(mean),
+                var: Arc::new(var),
                 invstd,
                 a,
                 k,
@@ -361,7 +362,9 @@ impl Gpu {
 /// it ran with.
 pub struct Rep1x1State {
     saved: Rep1x1Saved,
-    w: DBuf,
+    /// The stacked weights (at `w`), gammas and betas.
+    stacked: DBuf,
+    w: (usize, usize),
 }
 
 impl<T: Elem> FusedRep1x1<T> for Cuda<T> {
@@ -386,13 +389,16 @@ impl<T: Elem> FusedRep1x1<T> for Cuda<T> {
     ) -> Result<RepOut<DBuf, Rep1x1State, DeviceStats>> {
         let gpu: &Gpu = self;
         // Stacked [NB, Cout, Cin] weights and [NBT, Cout] BN parameters (device copies).
-        let w = gpu.stack(w)?;
-        let gamma = gpu.stack(gamma)?;
-        let beta = gpu.stack(beta)?;
-        let (y, saved) = gpu.rep_1x1_forward(g, x, &w, &gamma, &beta, eps)?;
-        drop((gamma, beta));
+        let (stacked, at) = gpu.stack(&[w, gamma, beta])?;
+        let view = |i: usize| stacked.view(at[i].0, at[i].1);
+        let (y, saved) = gpu.rep_1x1_forward(g, x, &view(0), &view(1), &view(2), eps)?;
         let stats = gpu.branch_stats(&saved.mean, &saved.var, g.nbt(), g.cout)?;
-        Ok((y, Rep1x1State { saved, w }, stats))
+        let state = Rep1x1State {
+            saved,
+            w: at[0],
+            stacked,
+        };
+        Ok((y, state, stats))
     }
 
     fn rep_1x1_backward(
@@ -402,7 +408,7 @@ impl<T: Elem> FusedRep1x1<T> for Cuda<T> {
         gy: &DBuf,
     ) -> Result<RepGrads<DBuf>> {
         let gpu: &Gpu = self;
-        let r = gpu.rep_1x1_backward(g, &s.w, &s.saved, gy)?;
+        let r = gpu.rep_1x1_backward(g, &s.stacked.view(s.w.0, s.w.1), &s.saved, gy)?;
         Ok(RepGrads {
             dx: r.dx,
             dw: r.dw,

@@ -55,10 +55,19 @@ pub enum ParamKind {
     Lamb,
 }
 
-/// The parameter kinds of kernel `name` in module source `src`, parsed from its
-/// `__global__ void name(...)` declaration (macros such as REP_ARGS expanded). None when the
-/// kernel is not there or a parameter type is unknown.
-pub fn kernel_params(src: &str, name: &str) -> Option<Vec<ParamKind>> {
+/// How a kernel uses a parameter, for the traffic count (`backend::trace`): `const T*` is
+/// read, `T*` written, and `T* /*inout*/` both (read-modify-write, as an in-place add).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+    /// Not a pointer.
+    Value,
+}
+
+/// The parameter list of kernel `name` in `src`, macros such as REP_ARGS expanded.
+fn param_list(src: &str, name: &str) -> Option<Vec<String>> {
     let start =
         src.find(&format!("__global__ void {name}("))? + "__global__ void ".len() + name.len() + 1;
     let body = &src[start..];
@@ -67,9 +76,36 @@ pub fn kernel_params(src: &str, name: &str) -> Option<Vec<ParamKind>> {
         "REP_ARGS",
         "int N, int C, int H, int W, int Ho, int Wo, int kh, int kw, int s, int ph, int pw, int NB, int has_scale, int has_id",
     );
-    list.split(',')
+    Some(list.split(',').map(|p| p.trim().to_string()).collect())
+}
+
+/// How kernel `name` uses each of its parameters (see [`Access`]).
+pub fn kernel_access(src: &str, name: &str) -> Option<Vec<Access>> {
+    Some(
+        param_list(src, name)?
+            .iter()
+            .map(|p| {
+                if !p.contains('*') {
+                    Access::Value
+                } else if p.starts_with("const ") {
+                    Access::Read
+                } else if p.contains("/*inout*/") {
+                    Access::ReadWrite
+                } else {
+                    Access::Write
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The parameter kinds of kernel `name` in module source `src`, parsed from its
+/// `__global__ void name(...)` declaration (macros such as REP_ARGS expanded). None when the
+/// kernel is not there or a parameter type is unknown.
+pub fn kernel_params(src: &str, name: &str) -> Option<Vec<ParamKind>> {
+    param_list(src, name)?
+        .iter()
         .map(|p| {
-            let p = p.trim();
             if p.contains('*') {
                 Some(ParamKind::Ptr)
             } else if p.starts_with("long long") {
