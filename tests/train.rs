@@ -273,3 +273,98 @@ fn kd_with_a_resnet18_teacher() {
         "teacher weights changed"
     );
 }
+
+/// `train.accum_steps = 2`: the trainer's epoch equals a replay by hand of what accumulation
+/// means: forward/backward of each loader micro-batch (own BN statistics), the mean of each
+/// pair's flat gradients, one optimizer step per pair at the lr of the pair's first
+/// micro-batch. Bit for bit. And it differs from the run without accumulation.
+#[test]
+fn accum_steps_average_micro_batches_into_one_optimizer_step() {
+    use ghostv3::train::step;
+    // 64 images in micro-batches of 16: 4 micro-batches, 2 optimizer steps per epoch.
+    let extra = [
+        "train.epochs=1",
+        "schedule.epochs=1",
+        "train.batch_size=16",
+        "model.drop_rate=0",
+    ];
+    let cfg = |k: &str| {
+        let mut e: Vec<&str> = extra.to_vec();
+        e.push(k);
+        tiny(&e)
+    };
+    let mut t = Trainer::new(cfg("train.accum_steps=2"), &run_dir("accum")).unwrap();
+    t.quiet = true;
+    t.run_epoch().unwrap().unwrap();
+    let trained = t.model.state().params.flat().to_vec();
+
+    let mut r = Trainer::new(cfg("train.accum_steps=2"), &run_dir("accum-replay")).unwrap();
+    let batches: Vec<_> = r
+        .train_loader()
+        .epoch(0)
+        .collect::<anyhow::Result<_>>()
+        .unwrap();
+    assert_eq!(batches.len(), 4);
+    let (classes, smoothing) = (r.model.num_classes(), r.cfg.train.label_smoothing);
+    let mut grads = Vec::new();
+    for (i, b) in batches.iter().enumerate() {
+        let q = ghostv3::data::mixup::one_hot_smoothed(&b.labels, classes, smoothing);
+        let loss = step::Loss::ce(step::Targets::Soft(&q));
+        let out = step::forward_backward(&mut r.model, &b.images, loss, true, None).unwrap();
+        grads.push(out.grads.unwrap());
+        if i % 2 == 1 {
+            let mean = grads[0].add(&grads[1]).scale(0.5);
+            grads.clear();
+            let lr = r.cfg.schedule.lr_at(r.cfg.train.lr, (i - 1) as f64 / 4.0);
+            step::apply(&mut r.model, &mut r.update, &mean, lr).unwrap();
+        }
+    }
+    let replayed = r.model.state().params.flat().to_vec();
+    assert!(
+        trained == replayed,
+        "accum_steps=2 is not the mean of micro-batch gradients"
+    );
+
+    let mut u = Trainer::new(cfg("train.accum_steps=1"), &run_dir("no-accum")).unwrap();
+    u.quiet = true;
+    u.run_epoch().unwrap().unwrap();
+    let max_diff = trained
+        .iter()
+        .zip(u.model.state().params.flat())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max_diff > 1e-6, "accumulation changed nothing ({max_diff})");
+}
+
+/// With accumulation a stop waits for the end of the optimizer step (partial gradients are not
+/// checkpointed), and resuming from there gives the uninterrupted run bit for bit.
+#[test]
+fn accum_steps_stop_at_a_step_boundary_and_resume_exactly() {
+    use ghostv3::train::preempt::StopFlag;
+    let cfg = || tiny(&["train.batch_size=16", "train.accum_steps=3"]);
+    let mut t = Trainer::new(cfg(), &run_dir("accum-straight")).unwrap();
+    t.quiet = true;
+    t.run().unwrap();
+    let straight = t.model.state().params.flat().to_vec();
+
+    let b = run_dir("accum-stopped");
+    let mut t = Trainer::new(cfg(), &b).unwrap();
+    t.quiet = true;
+    let flag = StopFlag::new();
+    t.stop_on(flag.clone());
+    t.run_epoch()
+        .unwrap()
+        .unwrap_or_else(|| panic!("stopped early"));
+    flag.request(signal_hook::consts::SIGTERM);
+    // Epoch 2: micro-batches 0, 1, 2 make its first optimizer step; the stop waits for them.
+    assert!(t.run_epoch().unwrap().is_none());
+    drop(t);
+    let mut t = Trainer::resume(&b, &[]).unwrap();
+    t.quiet = true;
+    assert_eq!(t.resumed_at(), Some("at epoch 2 step 3"));
+    t.run().unwrap();
+    assert!(
+        t.model.state().params.flat().to_vec() == straight,
+        "the resumed run differs"
+    );
+}

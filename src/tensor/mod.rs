@@ -188,6 +188,13 @@ impl<T: Elem> Tensor<T> {
             .out(&self.shape, b.add(&b.get(self), &b.get(other))))
     }
 
+    /// Every element times `a` (on the device of the input).
+    pub fn scale(&self, a: f64) -> Self {
+        use crate::backend::api::Elementwise;
+        use storage::Place;
+        crate::on_backend!([self], |b| b.out(&self.shape, b.scale(&b.get(self), a)))
+    }
+
     /// A copy with storage of its own, on the same device.
     pub fn deep_copy(&self) -> Self {
         use crate::backend::api::Elementwise;

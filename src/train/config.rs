@@ -150,6 +150,11 @@ pub struct TrainSection {
     pub seed: u64,
     #[serde(default = "eval_batch")]
     pub eval_batch_size: usize,
+    /// Gradient accumulation: one optimizer step per `accum_steps` micro-batches of
+    /// `batch_size` (each with its own BN statistics), their gradients averaged; the effective
+    /// batch is `batch_size x accum_steps` (timm's `--grad-accum-steps`).
+    #[serde(default = "one_step")]
+    pub accum_steps: usize,
     /// Where the step runs: `cpu`, or `cuda` (the whole step on GPU 0: forward, backward,
     /// optimizer, EMA and evaluation; batches reach it through pinned buffers).
     #[serde(default)]
@@ -165,6 +170,10 @@ pub use crate::tensor::Device;
 
 /// The most loader threads a recipe may ask for (`data.workers`).
 pub const MAX_WORKERS: usize = 256;
+
+fn one_step() -> usize {
+    1
+}
 
 fn eval_batch() -> usize {
     64
@@ -310,6 +319,12 @@ impl TrainConfig {
         let t = &self.train;
         if t.epochs == 0 || t.batch_size == 0 || t.eval_batch_size == 0 {
             bail!("train.epochs, train.batch_size and train.eval_batch_size must be positive");
+        }
+        if t.accum_steps == 0 || t.accum_steps > 4096 {
+            bail!(
+                "train.accum_steps must be in 1..=4096 (1: no accumulation), got {}",
+                t.accum_steps
+            );
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
             bail!("train.lr must be finite and > 0, got {}", t.lr);

@@ -115,7 +115,7 @@ pub struct Trainer {
     pub model: Model,
     ema_model: Option<Model>,
     /// The optimizer and the EMA (`optim::Update`: on the device the parameters are on).
-    update: Update,
+    pub update: Update,
     teacher: Option<Model>,
     train_loader: Loader,
     val_loader: Loader,
@@ -622,6 +622,11 @@ impl Trainer {
     }
 
     /// The KD teacher, if the recipe has one (run in eval mode, never updated).
+    /// The training set's loader (its batches are the steps' micro-batches).
+    pub fn train_loader(&self) -> &Loader {
+        &self.train_loader
+    }
+
     pub fn teacher(&self) -> Option<&Model> {
         self.teacher.as_ref()
     }
@@ -868,6 +873,10 @@ impl Trainer {
         let every = self.cfg.train.checkpoint_every;
         let (t0, seconds_before, images_before) = (Instant::now(), p.train_seconds, p.images);
         let mut last_checkpoint = (first, Instant::now());
+        // Micro-batches m*k .. (m+1)*k - 1 make optimizer step m (the epoch's last one may be
+        // shorter); its learning rate is that of its first micro-batch.
+        let k = self.cfg.train.accum_steps;
+        let mut accum = step::GradAccum::default();
         for item in batches {
             let (batch_images, batch) = item?;
             let step = batch.step;
@@ -876,16 +885,30 @@ impl Trainer {
             for s in &batch.skipped {
                 bar.suspend(|| eprintln!("warning: skipped unreadable image {s}"));
             }
+            let group_first = (step - step % k).max(first);
+            let lr = self.cfg.schedule.lr_at(
+                self.cfg.train.lr,
+                epoch as f64 + group_first as f64 / steps as f64,
+            );
+            let at = format!("at epoch {} step {step} (lr {lr:.3e})", epoch + 1);
             if let Some(targets) = batch.targets {
                 let batch_len = targets.shape()[0];
-                let lr = self
-                    .cfg
-                    .schedule
-                    .lr_at(self.cfg.train.lr, epoch as f64 + step as f64 / steps as f64);
-                let loss = self.train_step(&batch_images, &targets, epoch, step, lr)?;
-                let at = format!("at epoch {} step {step} (lr {lr:.3e})", epoch + 1);
-                if !loss.is_finite() {
+                let (loss, grads) = self.train_step(&batch_images, &targets, epoch, step)?;
+                let Some(grads) = grads.filter(|_| loss.is_finite()) else {
                     return Err(self.stopped(&format!("the loss became {loss} {at}")));
+                };
+                accum.add(grads);
+                p.loss_sum += loss * batch_len as f64;
+                p.images += batch_len;
+                p.lr = lr;
+                bar.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {:.1} img/s",
+                    (p.images - images_before) as f64 / t0.elapsed().as_secs_f64()
+                ));
+            }
+            if (step + 1) % k == 0 || step + 1 == steps {
+                if let Some(grads) = accum.take_mean() {
+                    step::apply(&mut self.model, &mut self.update, &grads, lr)?;
                 }
                 // The update pass flags a non-finite parameter or moment as it writes it (no
                 // pass of its own); only then are the host copies searched for its name.
@@ -897,16 +920,14 @@ impl Trainer {
                     );
                     return Err(self.stopped(&format!("{why} {at}")));
                 }
-                p.loss_sum += loss * batch_len as f64;
-                p.images += batch_len;
-                p.lr = lr;
-                bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {:.1} img/s",
-                    (p.images - images_before) as f64 / t0.elapsed().as_secs_f64()
-                ));
             }
             bar.inc(1);
             p.train_seconds = seconds_before + t0.elapsed().as_secs_f64();
+            // Checkpoints and stops wait for the end of an optimizer step: gradients of a
+            // partial accumulation are not saved.
+            if accum.count() > 0 {
+                continue;
+            }
             let stop = self.stop.requested();
             let due = every.due(
                 p.step - last_checkpoint.0,
@@ -955,15 +976,15 @@ impl Trainer {
         Some(m)
     }
 
-    /// Forward, loss, backward and the parameter update for one batch; returns the loss.
+    /// Forward, loss and backward of one (micro-)batch; returns the loss and the flat
+    /// gradients (None when the loss is not finite).
     fn train_step(
         &mut self,
         images: &Tensor<f32>,
         targets: &Tensor<f32>,
         epoch: usize,
         step: usize,
-        lr: f64,
-    ) -> Result<f64> {
+    ) -> Result<(f64, Option<Tensor<f32>>)> {
         let mut rng = stream(self.cfg.train.seed, epoch, step, 2);
         let kd = match (&self.cfg.kd, self.teacher.as_mut()) {
             (Some(kd), Some(teacher)) => Some(step::Kd {
@@ -977,16 +998,8 @@ impl Trainer {
             targets: step::Targets::Soft(targets),
             kd,
         };
-        let out = step::step(
-            &mut self.model,
-            &mut self.update,
-            images,
-            loss,
-            true,
-            Some(&mut rng),
-            lr,
-        )?;
-        Ok(out.loss)
+        let out = step::forward_backward(&mut self.model, images, loss, true, Some(&mut rng))?;
+        Ok((out.loss, out.grads))
     }
 
     fn weights_meta(&self, source: &str, epoch: usize) -> HashMap<String, String> {

@@ -151,3 +151,37 @@ pub fn step(
     }
     Ok(b)
 }
+
+/// Gradient accumulation (`train.accum_steps`): the flat gradients of several micro-batches,
+/// each from its own forward (with its own BN batch statistics), averaged into one optimizer
+/// step. That is what data-parallel ranks compute together, each on one micro-batch.
+#[derive(Default)]
+pub struct GradAccum {
+    sum: Option<Tensor<f32>>,
+    count: usize,
+}
+
+impl GradAccum {
+    /// Adds one micro-batch's gradients (on their device).
+    pub fn add(&mut self, grads: Tensor<f32>) {
+        self.sum = Some(match self.sum.take() {
+            None => grads,
+            Some(s) => s.add(&grads),
+        });
+        self.count += 1;
+    }
+
+    /// Micro-batches added since the last [`GradAccum::take_mean`].
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The mean of the gradients added (each micro-batch's loss is already a mean over its
+    /// samples, so this is the gradient of the mean loss over equal micro-batches), and
+    /// empties the accumulator. None when nothing was added.
+    pub fn take_mean(&mut self) -> Option<Tensor<f32>> {
+        let n = std::mem::take(&mut self.count);
+        let s = self.sum.take()?;
+        Some(if n == 1 { s } else { s.scale(1.0 / n as f64) })
+    }
+}
