@@ -1461,3 +1461,30 @@ fn an_image_declaring_a_huge_side_is_refused_before_decoding() {
         (3, 5)
     );
 }
+
+/// Data-parallel shards: for world sizes 2 and 4, global step g's batches across the ranks are
+/// the 1-process loader's batches g*world .. (g+1)*world, images included (augmentation follows
+/// the sample, not the rank); the epoch is cut to a multiple of the world size.
+#[test]
+fn shards_split_the_same_epoch_by_batches() {
+    let ds: Arc<dyn Dataset> = Arc::new(Synthetic::new(44, 24, 1));
+    let make = || Loader::new(ds.clone(), small_train(), 4, true, true, 2, 42).unwrap();
+    let whole = collect(&make(), 1);
+    assert_eq!(whole.len(), 11);
+    for world in [2, 4] {
+        let ranks: Vec<Vec<_>> = (0..world)
+            .map(|r| collect(&make().shard(r, world).unwrap(), 1))
+            .collect();
+        let steps = 11 / world;
+        for (r, batches) in ranks.iter().enumerate() {
+            assert_eq!(batches.len(), steps, "rank {r} of {world}");
+            assert_eq!(make().shard(r, world).unwrap().batches_per_epoch(), steps);
+            for (g, b) in batches.iter().enumerate() {
+                let w = &whole[g * world + r];
+                assert_eq!(b.indices, w.indices, "rank {r} of {world}, step {g}");
+                assert_eq!(b.images.data(), w.images.data());
+            }
+        }
+    }
+    assert!(make().shard(2, 2).is_err());
+}

@@ -104,6 +104,8 @@ pub struct Loader {
     workers: usize,
     prefetch: usize,
     strict: bool,
+    /// (rank, world size): this process's share of every epoch (see [`Loader::shard`]).
+    shard: (usize, usize),
 }
 
 impl Loader {
@@ -132,6 +134,7 @@ impl Loader {
             workers,
             prefetch: 2,
             strict: false,
+            shard: (0, 1),
         })
     }
 
@@ -146,6 +149,25 @@ impl Loader {
     pub fn prefetch(mut self, batches_per_worker: usize) -> Self {
         self.prefetch = batches_per_worker.max(1);
         self
+    }
+
+    /// Data-parallel sharding (PyTorch's DistributedSampler, by batches): the epoch's
+    /// permutation is the same for every world size; its batches are numbered globally and
+    /// rank r of `world` gets batches r, r + world, r + 2 world, ... (the epoch cut to a multiple
+    /// of `world` batches). So global step g is global batches g*world .. (g+1)*world: the
+    /// samples a 1-process run with `accum_steps = world` puts in its step g.
+    pub fn shard(mut self, rank: usize, world: usize) -> Result<Self> {
+        ensure!(
+            world > 0 && rank < world,
+            "shard: rank {rank} of world size {world}"
+        );
+        self.shard = (rank, world);
+        Ok(self)
+    }
+
+    /// (rank, world size) of [`Loader::shard`]; (0, 1) unsharded.
+    pub fn shard_of(&self) -> (usize, usize) {
+        self.shard
     }
 
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
@@ -164,13 +186,20 @@ impl Loader {
         self.workers
     }
 
+    /// This rank's batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
+        self.global_batches() / self.shard.1
+    }
+
+    /// Batches per epoch over all ranks (cut to a multiple of the world size).
+    fn global_batches(&self) -> usize {
         let n = self.shared.dataset.len();
-        if self.drop_last {
+        let b = if self.drop_last {
             n / self.batch_size
         } else {
             n.div_ceil(self.batch_size)
-        }
+        };
+        b - b % self.shard.1
     }
 
     /// The sample order of `epoch`: a permutation from (seed, epoch) when shuffling, else 0..n.
@@ -185,12 +214,15 @@ impl Loader {
         order
     }
 
-    /// The dataset indices of each batch of `epoch`.
+    /// The dataset indices of each of this rank's batches of `epoch`.
     pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
         let order = self.order(epoch);
+        let (rank, world) = self.shard;
         order
             .chunks(self.batch_size)
-            .take(self.batches_per_epoch())
+            .take(self.global_batches())
+            .skip(rank)
+            .step_by(world)
             .map(<[usize]>::to_vec)
             .collect()
     }

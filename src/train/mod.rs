@@ -840,6 +840,9 @@ impl Trainer {
         let num_classes = self.model.num_classes();
         let mixup = self.mixup(num_classes);
         let (seed, smoothing) = (self.cfg.train.seed, self.cfg.train.label_smoothing);
+        // Random streams follow the global batch index, not this rank's: a run's samples and
+        // draws do not depend on its world size.
+        let (rank, world) = self.train_loader.shard_of();
         // Batches with their targets (Mixup/CutMix drawn from the step's own stream), in step
         // order; on the GPU they go up through pinned buffers one step ahead of the compute.
         let host = self.train_loader.epoch_from(epoch, first).enumerate().map(
@@ -854,7 +857,7 @@ impl Trainer {
                 let targets = match &mixup {
                     _ if labels.is_empty() => None,
                     Some(mx) => {
-                        let mut rng = stream(seed, epoch, step, 1);
+                        let mut rng = stream(seed, epoch, step * world + rank, 1);
                         Some(mx.apply(&mut images, &labels, &mut rng)?.targets)
                     }
                     None => Some(data::one_hot_smoothed(&labels, num_classes, smoothing)),
@@ -985,7 +988,8 @@ impl Trainer {
         epoch: usize,
         step: usize,
     ) -> Result<(f64, Option<Tensor<f32>>)> {
-        let mut rng = stream(self.cfg.train.seed, epoch, step, 2);
+        let (rank, world) = self.train_loader.shard_of();
+        let mut rng = stream(self.cfg.train.seed, epoch, step * world + rank, 2);
         let kd = match (&self.cfg.kd, self.teacher.as_mut()) {
             (Some(kd), Some(teacher)) => Some(step::Kd {
                 teacher,
