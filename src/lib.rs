@@ -4,6 +4,7 @@
 pub mod autograd;
 pub mod backend;
 pub mod data;
+pub mod dist;
 pub mod infer;
 pub mod io;
 pub mod models;
