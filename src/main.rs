@@ -133,6 +133,11 @@ struct TrainArgs {
     /// `cuda`: the whole step on GPU 0 (same as --set train.device=cuda; default: the recipe's).
     #[arg(long, value_enum)]
     device: Option<Device>,
+    /// Data-parallel on N GPUs of this node: N worker processes (rank i on GPU i, NCCL),
+    /// supervised; train.batch_size is per GPU. Under torchrun or srun, leave it out: each
+    /// process reads its rank from RANK/WORLD_SIZE/LOCAL_RANK or SLURM_PROCID/NTASKS/LOCALID.
+    #[arg(long, conflicts_with = "resume")]
+    gpus: Option<usize>,
 }
 
 #[derive(Args)]
@@ -632,6 +637,32 @@ fn train(mut a: TrainArgs) -> Result<()> {
     if let Some(d) = a.device {
         a.sets.push(format!("train.device=\"{}\"", d.name()));
     }
+    let world = ghostv3::dist::World::from_env()?;
+    if let Some(n) = a.gpus {
+        if world.is_distributed() {
+            bail!("--gpus inside a launched rank ({world}): give --gpus or use torchrun/srun, not both");
+        }
+        return launch_gpus(n);
+    }
+    if world.is_distributed() {
+        if a.resume.is_some() {
+            bail!("--resume of a data-parallel run is not supported yet: resume it on one GPU (train.accum_steps = world size gives the same steps)");
+        }
+        // Before any device tensor: this rank's GPU.
+        ghostv3::tensor::collective::select_gpu(world.local_rank)?;
+        a.sets.push("train.device=\"cuda\"".into());
+        if !world.is_main() {
+            // Rank 0 alone writes the run; the others keep a scratch directory.
+            let base = a
+                .out
+                .as_ref()
+                .and_then(|o| o.file_name())
+                .map_or_else(|| "run".to_string(), |n| n.to_string_lossy().into_owned());
+            let scratch = std::env::temp_dir().join(format!("ghostv3-{base}-rank{}", world.rank));
+            let _ = std::fs::remove_dir_all(&scratch);
+            a.out = Some(scratch);
+        }
+    }
     let mut t = match &a.resume {
         Some(dir) => {
             let t = Trainer::resume(dir, &a.sets)?;
@@ -660,6 +691,36 @@ fn train(mut a: TrainArgs) -> Result<()> {
             Trainer::new(cfg, &dir)?
         }
     };
+    if world.is_distributed() {
+        use ghostv3::tensor::collective::{self, Collective};
+        if !collective::available() {
+            bail!("NCCL not found (libnccl.so.2 could not be loaded): data-parallel training needs it; install NCCL or put its folder on LD_LIBRARY_PATH");
+        }
+        let mine = if world.is_main() {
+            Some(collective::unique_id()?)
+        } else {
+            None
+        };
+        let timeout = std::time::Duration::from_secs(
+            std::env::var("GHOSTV3_RENDEZVOUS_TIMEOUT_S")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300),
+        );
+        let id = ghostv3::dist::rendezvous::tcp(&world, mine, timeout)?;
+        let c = Collective::join(world.rank, world.world_size, id)?;
+        c.start_watchdog(std::time::Duration::from_secs(
+            std::env::var("GHOSTV3_NCCL_TIMEOUT_S")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(600),
+        ));
+        outln!("{world}: NCCL communicator of {} ranks", world.world_size);
+        t.data_parallel(c)?;
+        if !world.is_main() {
+            t.quiet = true;
+        }
+    }
     t.stop_on(StopFlag::on_signals()?);
     let summary = t.run()?;
     drop(t); // releases the run directory before the process ends
@@ -667,6 +728,25 @@ fn train(mut a: TrainArgs) -> Result<()> {
         std::process::exit(EXIT_PREEMPTED);
     }
     Ok(())
+}
+
+/// `train --gpus N`: this command again as N ranks (the same arguments without --gpus), rank 0's
+/// output passed through; one failing rank stops them all.
+fn launch_gpus(n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("--gpus takes at least 1");
+    }
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut it = std::env::args_os().skip(1);
+    while let Some(x) = it.next() {
+        if x == "--gpus" {
+            it.next();
+        } else if !x.to_string_lossy().starts_with("--gpus=") {
+            args.push(x);
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    ghostv3::dist::launch::launch_local(n, &exe, &args, 0)
 }
 
 fn eval(a: EvalArgs) -> Result<()> {

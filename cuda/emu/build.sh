@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CPU emulator of libcuda/libcublas (emu.cpp) with every kernel of cuda/*.cu compiled
-# by g++ through shim.h, into target/cuda-emu/ (libcuda.so.1 and libcublas.so.13 are links to
-# it). Then e.g.:
+# by g++ through shim.h, and the NCCL stand-in (nccl.cpp), into target/cuda-emu/ (libcuda.so.1,
+# libcublas.so.13 and libnccl.so.2 are links to it). GHOSTV3_EMU_DEVICES (default 4) sets how
+# many devices the emulator has. Then e.g.:
 #   LD_LIBRARY_PATH=$PWD/target/cuda-emu:<folder of libnvrtc.so.13> cargo test --test cuda_ops
 # runs the GPU tests on the CPU (slowly: one thread per CUDA thread).
 set -euo pipefail
@@ -28,19 +29,22 @@ for cu in sorted(pathlib.Path("cuda").glob("*.cu")):
     (out / f"{cu.stem}.cpp").write_text(
         '#include "shim.h"\n' + common + f'\n#line 1 "{cu.name}"\n' + src + "\n" + "\n".join(tramps) + "\n")
 PY
-FLAGS="-O2 -U_FORTIFY_SOURCE -std=c++20 -fPIC -ffp-contract=off -Wno-unknown-pragmas -Icuda/emu -pthread"
+FLAGS="-DEMU_DEVICES=${GHOSTV3_EMU_DEVICES:-4} -O2 -U_FORTIFY_SOURCE -std=c++20 -fPIC -ffp-contract=off -Wno-unknown-pragmas -Icuda/emu -pthread"
 objs=()
 pids=()
-for f in "$OUT"/src/*.cpp cuda/emu/emu.cpp; do
+for f in "$OUT"/src/*.cpp cuda/emu/emu.cpp cuda/emu/nccl.cpp; do
   o="$OUT/$(basename "${f%.cpp}").o"
   g++ $FLAGS -c "$f" -o "$o" &
   pids+=($!)
   objs+=("$o")
 done
 for p in "${pids[@]}"; do wait "$p"; done
-g++ -shared -pthread -o "$OUT/libghostv3_cuda_emu.so" "${objs[@]}" -ldl
+g++ -shared -pthread -o "$OUT/libghostv3_cuda_emu.so" "${objs[@]}" -ldl -lrt
 ln -sf libghostv3_cuda_emu.so "$OUT/libcuda.so.1"
 ln -sf libghostv3_cuda_emu.so "$OUT/libcuda.so"
 ln -sf libghostv3_cuda_emu.so "$OUT/libcublas.so.13"
 ln -sf libghostv3_cuda_emu.so "$OUT/libcublas.so"
+# The NCCL stand-in (nccl.cpp) is in the same library, so its collectives share the stream queues.
+ln -sf libghostv3_cuda_emu.so "$OUT/libnccl.so.2"
+ln -sf libghostv3_cuda_emu.so "$OUT/libnccl.so"
 echo "built $OUT/libghostv3_cuda_emu.so"

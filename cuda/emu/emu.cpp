@@ -4,7 +4,9 @@
 // still compiles every kernel); the loaded image is ignored and each kernel runs from the same
 // .cu source compiled by g++ with shim.h: blocks one after another, the threads of a block as
 // fibers switched at __syncthreads and warp shuffles (real barriers, deterministic order). Device pointers are host
-// addresses. Only what the engine calls is here; anything else is a missing symbol.
+// addresses. Only what the engine calls is here; anything else is a missing symbol. There are
+// EMU_DEVICES devices (build.sh), all the same host memory. The same library is also libnccl.so.2
+// (nccl.cpp: collectives across processes through shared memory, queued on the streams below).
 //
 // Streams: work on the null stream (kernels, copies, memsets, GEMMs) runs at call time. Work on a
 // created stream (cuStreamCreate) is queued and runs lazily, only when something waits for it
@@ -224,30 +226,68 @@ typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
 
 CUresult cuInit(unsigned) { return 0; }
-CUresult cuDeviceGetCount(int* n) { *n = 1; return 0; }
-CUresult cuDeviceGet(int* d, int ordinal) { *d = ordinal; return ordinal == 0 ? 0 : 101; }
-CUresult cuDeviceGetName(char* name, int len, int) {
+// EMU_DEVICES devices (build.sh: GHOSTV3_EMU_DEVICES, default 4), all of them the same host
+// memory and the same CPU; each has its own primary context handle.
+#ifndef EMU_DEVICES
+#define EMU_DEVICES 4
+#endif
+constexpr int kDevices = EMU_DEVICES;
+constexpr CUresult kInvalidDevice = 101;
+static bool bad_device(int d) { return d < 0 || d >= kDevices; }
+CUresult cuDeviceGetCount(int* n) { *n = kDevices; return 0; }
+CUresult cuDeviceGet(int* d, int ordinal) {
+  if (bad_device(ordinal)) return kInvalidDevice;
+  *d = ordinal;
+  return 0;
+}
+CUresult cuDeviceGetName(char* name, int len, int d) {
+  if (bad_device(d)) return kInvalidDevice;
   snprintf(name, len, "ghostv3 CPU emulator");
   return 0;
 }
-CUresult cuDeviceGetAttribute(int* v, int attrib, int) {
+CUresult cuDeviceGetAttribute(int* v, int attrib, int d) {
+  if (bad_device(d)) return kInvalidDevice;
   switch (attrib) {
     case 16: *v = 32; break;  // multiprocessors: enough that reductions split channels (S > 1)
     case 75: *v = 9; break;   // compute capability 9.0
     case 76: *v = 0; break;
     case 1: *v = kMaxThreads; break;
+    case 33: *v = d; break;   // PCI bus id: distinct per device
     default: *v = 0;          // incl. 115: no memory pools -> cuMemAlloc
   }
   return 0;
 }
-CUresult cuDeviceTotalMem_v2(size_t* b, int) { *b = size_t(8) << 30; return 0; }
+CUresult cuDeviceTotalMem_v2(size_t* b, int d) {
+  if (bad_device(d)) return kInvalidDevice;
+  *b = size_t(8) << 30;
+  return 0;
+}
 CUresult cuMemGetInfo_v2(size_t* f, size_t* t) { *f = *t = size_t(8) << 30; return 0; }
 
+// Primary context handles: the addresses of g_ctx[d] (distinct, non-null).
+static char g_ctx[kDevices];
+static int ctx_device(void* ctx) {
+  const char* c = (const char*)ctx;
+  return c >= g_ctx && c < g_ctx + kDevices ? int(c - g_ctx) : -1;
+}
 thread_local void* t_ctx = nullptr;
-CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = (void*)0x1; return 0; }
-CUresult cuDevicePrimaryCtxRelease_v2(int) { return 0; }
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int d) {
+  if (bad_device(d)) return kInvalidDevice;
+  *ctx = &g_ctx[d];
+  return 0;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(int d) { return bad_device(d) ? kInvalidDevice : 0; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = t_ctx; return 0; }
-CUresult cuCtxSetCurrent(void* ctx) { t_ctx = ctx; return 0; }
+CUresult cuCtxSetCurrent(void* ctx) {
+  if (ctx && ctx_device(ctx) < 0) return 201;  // CUDA_ERROR_INVALID_CONTEXT
+  t_ctx = ctx;
+  return 0;
+}
+CUresult cuCtxGetDevice(int* d) {
+  if (!t_ctx) return 201;
+  *d = ctx_device(t_ctx);
+  return 0;
+}
 
 }  // extern "C"
 
@@ -268,6 +308,7 @@ struct Stream {
   unsigned flags = 0;
   std::deque<Op> q;
   uint64_t queued = 0, done = 0;  // operations enqueued / run so far
+  CUresult err = 0;  // set by a failed operation (emu_fail_op), reported once by the next sync
 };
 
 struct Event {
@@ -282,11 +323,24 @@ std::map<const char*, size_t> g_pinned;  // page-locked host allocations: start 
 
 bool is_null_stream(void* h) { return h == nullptr || h == (void*)0x1 || h == (void*)0x2; }
 
+// Set by an operation that failed while running (the NCCL stand-in's collectives, nccl.cpp).
+thread_local CUresult t_op_error = 0;
+
 void run_one(Stream& s) {
   Op op = std::move(s.q.front());
   s.q.pop_front();
+  t_op_error = 0;
   op.run();
+  if (t_op_error && !s.err) s.err = t_op_error;
+  t_op_error = 0;
   s.done++;
+}
+
+// The error of a failed operation of `s`, once: cleared as it is reported.
+CUresult take_err(Stream& s) {
+  CUresult e = s.err;
+  s.err = 0;
+  return e;
 }
 
 void run_until(Stream& s, uint64_t target) {
@@ -312,8 +366,11 @@ CUresult enqueue(void* h, std::function<void()> op, const char* host = nullptr, 
   std::lock_guard<std::recursive_mutex> l(g_st);
   if (is_null_stream(h)) {
     flush_blocking();
+    t_op_error = 0;
     op();
-    return 0;
+    CUresult e = t_op_error;
+    t_op_error = 0;
+    return e;
   }
   auto it = g_streams.find(h);
   if (it == g_streams.end()) return kInvalidHandle;
@@ -333,7 +390,7 @@ CUresult drain_for_immediate(void* h) {
   auto it = g_streams.find(h);
   if (it == g_streams.end()) return kInvalidHandle;
   run_all(*it->second);
-  return 0;
+  return take_err(*it->second);
 }
 
 bool is_pinned(const void* p, size_t n) {
@@ -346,11 +403,23 @@ bool is_pinned(const void* p, size_t n) {
 
 }  // namespace
 
+// For nccl.cpp (same library, so the same stream queues): queue an operation on a stream (or run
+// it now on the null stream), and make the running operation fail: the stream's next
+// synchronize (or, on the null stream, the enqueueing call) returns `e`.
+CUresult emu_enqueue(void* stream, std::function<void()> op) { return enqueue(stream, std::move(op)); }
+void emu_fail_op(CUresult e) { t_op_error = e; }
+int emu_current_device() { return t_ctx ? ctx_device(t_ctx) : -1; }
+void emu_flush_all() { flush_everything(); }
+
 extern "C" {
 
 CUresult cuCtxSynchronize() {
   flush_everything();
-  return 0;
+  std::lock_guard<std::recursive_mutex> l(g_st);
+  CUresult e = 0;
+  for (auto& kv : g_streams)
+    if (CUresult x = take_err(*kv.second); x && !e) e = x;
+  return e;
 }
 
 CUresult cuStreamCreate(void** h, unsigned flags) {
@@ -423,8 +492,9 @@ CUresult cuEventSynchronize(void* e) {
   std::lock_guard<std::recursive_mutex> l(g_st);
   auto ev = g_events.find(e);
   if (ev == g_events.end()) return kInvalidHandle;
-  if (ev->second->s) run_until(*ev->second->s, ev->second->target);
-  return 0;
+  if (!ev->second->s) return 0;
+  run_until(*ev->second->s, ev->second->target);
+  return take_err(*ev->second->s);
 }
 
 CUresult cuEventQuery(void* e) {

@@ -157,12 +157,18 @@ impl Loader {
     /// of `world` batches). So global step g is global batches g*world .. (g+1)*world: the
     /// samples a 1-process run with `accum_steps = world` puts in its step g.
     pub fn shard(mut self, rank: usize, world: usize) -> Result<Self> {
+        self.set_shard(rank, world)?;
+        Ok(self)
+    }
+
+    /// [`Loader::shard`] in place.
+    pub fn set_shard(&mut self, rank: usize, world: usize) -> Result<()> {
         ensure!(
             world > 0 && rank < world,
             "shard: rank {rank} of world size {world}"
         );
         self.shard = (rank, world);
-        Ok(self)
+        Ok(())
     }
 
     /// (rank, world size) of [`Loader::shard`]; (0, 1) unsharded.

@@ -5,6 +5,7 @@
 //! device. Layout is always contiguous row-major (NCHW for images). Host accessors such as
 //! `data()` refuse device tensors; `to_host`/`to_device` move values.
 
+pub mod collective;
 pub mod storage;
 
 use std::fmt::Debug;

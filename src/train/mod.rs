@@ -30,6 +30,7 @@ use crate::io::{load_state, load_state_from, read_tensors, write_tensors, Tensor
 use crate::models::{self, Model, ModelOptions, Pass};
 use crate::nn::RepOptions;
 use crate::optim::{Ema, Layout, Update};
+use crate::tensor::collective::Collective;
 use crate::tensor::Device;
 use crate::{reparam, Tensor};
 use anyhow::{bail, ensure, Context, Result};
@@ -119,6 +120,8 @@ pub struct Trainer {
     teacher: Option<Model>,
     train_loader: Loader,
     val_loader: Loader,
+    /// Data-parallel: this rank's communicator (gradients averaged over the ranks).
+    collective: Option<Collective>,
     class_names: Vec<String>,
     /// Epochs completed so far.
     pub epoch: usize,
@@ -592,6 +595,7 @@ impl Trainer {
             teacher,
             train_loader,
             val_loader,
+            collective: None,
             class_names,
             epoch: 0,
             best_top1: -1.0,
@@ -622,6 +626,29 @@ impl Trainer {
     }
 
     /// The KD teacher, if the recipe has one (run in eval mode, never updated).
+    /// Makes this trainer one rank of a data-parallel run: its share of each epoch (the
+    /// loader sharded by batches), rank 0's parameters and buffers to every rank, and from now
+    /// on each optimizer step applies the mean of the ranks' gradients (NCCL, on the GPU).
+    pub fn data_parallel(&mut self, c: Collective) -> Result<()> {
+        ensure!(
+            self.cfg.train.device != Device::Cpu,
+            "data-parallel training runs on GPUs: set train.device = \"cuda\""
+        );
+        ensure!(
+            self.train_loader.batches_per_epoch() / c.world_size() > 0,
+            "{} training batches per epoch cannot feed {} ranks",
+            self.train_loader.batches_per_epoch(),
+            c.world_size()
+        );
+        self.train_loader.set_shard(c.rank(), c.world_size())?;
+        let st = self.model.state();
+        c.broadcast(st.params.tensor())?;
+        c.broadcast(st.buffers.tensor())?;
+        c.sync()?;
+        self.collective = Some(c);
+        Ok(())
+    }
+
     /// The training set's loader (its batches are the steps' micro-batches).
     pub fn train_loader(&self) -> &Loader {
         &self.train_loader
@@ -894,6 +921,9 @@ impl Trainer {
                 epoch as f64 + group_first as f64 / steps as f64,
             );
             let at = format!("at epoch {} step {step} (lr {lr:.3e})", epoch + 1);
+            if let Some(c) = &self.collective {
+                c.alive();
+            }
             if let Some(targets) = batch.targets {
                 let batch_len = targets.shape()[0];
                 let (loss, grads) = self.train_step(&batch_images, &targets, epoch, step)?;
@@ -911,6 +941,9 @@ impl Trainer {
             }
             if (step + 1) % k == 0 || step + 1 == steps {
                 if let Some(grads) = accum.take_mean() {
+                    if let Some(c) = &self.collective {
+                        c.all_reduce_mean(&grads)?;
+                    }
                     step::apply(&mut self.model, &mut self.update, &grads, lr)?;
                 }
                 // The update pass flags a non-finite parameter or moment as it writes it (no

@@ -39,6 +39,14 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// How many GPUs the driver shows this process.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        bail!("no CUDA driver found (libcuda.so could not be loaded)");
+    }
+    Ok(CudaContext::device_count().context("cannot count the CUDA devices")? as usize)
+}
+
 /// One GPU with its stream, cuBLAS handle, kernels and pools.
 pub struct Gpu {
     pub(crate) ctx: Arc<CudaContext>,

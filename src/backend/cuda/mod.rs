@@ -31,7 +31,8 @@
 //! - [`rep_conv`] (rep_conv.cu): the fused re-parameterized depth-wise conv ([`RepDwGeom`]);
 //! - [`rep_conv_1x1`] (rep_conv_1x1.cu): the fused re-parameterized 1x1 conv ([`Rep1x1Geom`]);
 //! - [`dfc`] (dfc.cu): the DFC attention gate;
-//! - [`optim`] (optim.cu): LAMB, AdamW and SGD on the device ([`OptimPlan`]), the EMA blend.
+//! - [`optim`] (optim.cu): LAMB, AdamW and SGD on the device ([`OptimPlan`]), the EMA blend;
+//! - [`nccl`]: the data-parallel collectives (NCCL) on the device's stream.
 
 pub mod alloc;
 mod backend;
@@ -43,6 +44,7 @@ pub mod dfc;
 pub mod elementwise;
 pub mod launch;
 pub mod loss;
+pub mod nccl;
 pub mod nvrtc;
 pub mod optim;
 pub mod pool;
@@ -55,19 +57,37 @@ pub use alloc::{DevBuf, PoolStats, View, ViewMut};
 pub use backend::Cuda;
 pub use batch_norm::{BnGrads, BnSaved, DeviceStats};
 pub use conv::ConvGradsGpu;
-pub use device::{cublas_present, driver_present, unavailable_reason, DBuf, Gpu};
+pub use device::{cublas_present, device_count, driver_present, unavailable_reason, DBuf, Gpu};
 pub use optim::OptimPlan;
 pub use pool::MaxPoolGeom;
 pub use rep_conv::{RepDwGeom, RepDwGrads, RepDwSaved};
 pub use rep_conv_1x1::{Rep1x1Geom, Rep1x1Grads, Rep1x1Saved};
 
-/// The process-wide GPU (device 0) that device tensors and the dispatching ops use, opened on
-/// first call; the error says in one line why there is none.
+static ORDINAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static GPU: std::sync::OnceLock<Result<Gpu, String>> = std::sync::OnceLock::new();
+
+/// Chooses the process's GPU (a data-parallel rank's local rank) before its first use.
+pub fn select_device(ordinal: usize) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let was = ORDINAL.swap(ordinal, Ordering::SeqCst);
+    if GPU.get().is_some() && was != ordinal {
+        ORDINAL.store(was, Ordering::SeqCst);
+        anyhow::bail!(
+            "GPU {was} is already in use by this process; cannot switch to GPU {ordinal}"
+        );
+    }
+    Ok(())
+}
+
+/// The process-wide GPU (device 0, or the one [`select_device`] chose) that device tensors and
+/// the dispatching ops use, opened on first call; the error says in one line why there is none.
 pub fn global() -> Result<&'static Gpu, String> {
-    static GPU: std::sync::OnceLock<Result<Gpu, String>> = std::sync::OnceLock::new();
-    GPU.get_or_init(|| Gpu::new(0).map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map_err(|e| e.clone())
+    GPU.get_or_init(|| {
+        let ordinal = ORDINAL.load(std::sync::atomic::Ordering::SeqCst);
+        Gpu::new(ordinal).map_err(|e| format!("{e:#}"))
+    })
+    .as_ref()
+    .map_err(|e| e.clone())
 }
 
 /// What `ghostv3 info --device cuda` reports: the GPU through NVML, and whether the kernels
