@@ -10,6 +10,17 @@
 #define MAXB 8
 #define MAXKK 25
 
+#ifdef GHOSTV3_EMU
+// The CPU emulator (cuda/emu/shim.h) gives each lane the value of the shuffle tree below,
+// computed in one barrier instead of ten switches of every thread.
+__device__ __forceinline__ double warp_sum_d(double v) { return emu_warp_reduce(v, EMU_SUM_F64); }
+__device__ __forceinline__ float warp_sum_f(float v) {
+  return (float)emu_warp_reduce(v, EMU_SUM_F32);
+}
+__device__ __forceinline__ float warp_max_f(float v) {
+  return (float)emu_warp_reduce(v, EMU_MAX_F32);
+}
+#else
 __device__ __forceinline__ double warp_sum_d(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -27,6 +38,7 @@ __device__ __forceinline__ float warp_max_f(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
   return v;
 }
+#endif
 
 // Sum over a 1-D block (blockDim.x a multiple of 32, at most 1024); every thread gets the
 // total. The order of additions is fixed for a given blockDim, so results are reproducible.

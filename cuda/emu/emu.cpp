@@ -55,6 +55,7 @@ struct Fiber {
   ucontext_t ctx;
   void* jb[5];  // __builtin_setjmp buffer
   bool started;
+  bool parked;  // ended its thread and waits in fiber_entry for the next block
   State state;
 };
 
@@ -68,6 +69,8 @@ struct Block {
   unsigned n = 0, cur = 0, live = 0, arrived = 0;
   unsigned warp_live[kMaxThreads / 32], warp_arrived[kMaxThreads / 32];
   double xch[kMaxThreads];
+  double red[kMaxThreads];               // each lane's result of a warp reduction
+  int reduce_op[kMaxThreads / 32] = {};  // a reduction the warp's barrier completes (op + 1)
   Tramp fn = nullptr;
   void** params = nullptr;
   emu_dim3 block{};
@@ -90,6 +93,34 @@ void release(State s, unsigned warp) {
     if (B->f[i].state == s) B->f[i].state = READY;
 }
 
+// The values every lane of `warp` holds after common.cuh's shuffle tree
+//   for (o = 16; o > 0; o >>= 1) v = op(v, __shfl_down_sync(~0u, v, o))
+// (a lane past the warp or the block reads its own value, as emu_shfl_down does), in the
+// operation's own type: the same additions in the same order, without 10 barriers a lane.
+template <typename T, typename Op>
+void warp_tree(unsigned lo, unsigned hi, Op op) {
+  T x[32], y[32];
+  for (unsigned i = lo; i < hi; ++i) x[i - lo] = (T)B->xch[i];
+  for (int o = 16; o > 0; o >>= 1) {
+    for (unsigned i = lo; i < hi; ++i) {
+      const unsigned l = i - lo;
+      const T r = (l + o < 32 && i + o < B->n) ? x[l + o] : x[l];
+      y[l] = op(x[l], r);
+    }
+    for (unsigned i = lo; i < hi; ++i) x[i - lo] = y[i - lo];
+  }
+  for (unsigned i = lo; i < hi; ++i) B->red[i] = (double)x[i - lo];
+}
+
+void finish_reduce(unsigned warp) {
+  const int op = B->reduce_op[warp] - 1;
+  B->reduce_op[warp] = 0;
+  const unsigned lo = warp * 32, hi = std::min(B->n, lo + 32);
+  if (op == EMU_SUM_F64) warp_tree<double>(lo, hi, [](double a, double b) { return a + b; });
+  if (op == EMU_SUM_F32) warp_tree<float>(lo, hi, [](float a, float b) { return a + b; });
+  if (op == EMU_MAX_F32) warp_tree<float>(lo, hi, [](float a, float b) { return fmaxf(a, b); });
+}
+
 // Releases a barrier whose arrivals now equal its live threads (also after a thread exits).
 void check_barriers(unsigned warp) {
   if (B->arrived > 0 && B->arrived == B->live) {
@@ -98,9 +129,12 @@ void check_barriers(unsigned warp) {
   }
   if (B->warp_arrived[warp] > 0 && B->warp_arrived[warp] == B->warp_live[warp]) {
     B->warp_arrived[warp] = 0;
+    if (B->reduce_op[warp]) finish_reduce(warp);
     release(WAIT_WARP, warp);
   }
 }
+
+
 
 // __builtin_longjmp may not share a function with its __builtin_setjmp.
 [[gnu::noinline]] void jump(void** buf) { __builtin_longjmp(buf, 1); }
@@ -125,23 +159,34 @@ void switch_to(unsigned i) {
   swapcontext(&B->main, &f.ctx);
 }
 
+// Waits at a barrier the caller has just arrived at: the last to arrive goes on without a
+// switch (the others are released and run later; the order between barriers is free).
+void wait_released() {
+  if (B->f[B->cur].state != READY) yield_to_scheduler();
+}
+
 void warp_barrier() {
   const unsigned w = B->cur / 32;
   B->f[B->cur].state = WAIT_WARP;
   B->warp_arrived[w]++;
   check_barriers(w);
-  yield_to_scheduler();
+  wait_released();
 }
 
+// A fiber lives on across blocks and launches: when its thread ends it parks here, and the
+// next block that needs thread t resumes it (no new context, stack and swapcontext a block).
 void fiber_entry(int t) {
-  B->fn(B->params);
-  // This thread is done: barriers stop waiting for it.
-  B->f[t].state = DONE;
-  B->live--;
-  B->warp_live[t / 32]--;
-  check_barriers(t / 32);
-  // Back to the scheduler's latest switch (never return: uc_link's saved context is stale).
-  jump(B->main_jb);
+  for (;;) {
+    B->fn(B->params);
+    // This thread is done: barriers stop waiting for it.
+    B->f[t].state = DONE;
+    B->live--;
+    B->warp_live[t / 32]--;
+    check_barriers(t / 32);
+    // Back to the scheduler's latest switch (never return: uc_link's saved context is stale).
+    B->f[t].parked = true;
+    if (!__builtin_setjmp(B->f[t].jb)) jump(B->main_jb);
+  }
 }
 
 void run_block(unsigned n) {
@@ -158,13 +203,15 @@ void run_block(unsigned n) {
   }
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = B->f[i];
+    f.state = READY;
+    if (f.started && f.parked) continue;  // resumes at the top of its loop
     f.ctx = B->templ;
     f.ctx.uc_stack.ss_sp = B->stacks + i * kStack;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = &B->main;
     makecontext(&f.ctx, (void (*)())fiber_entry, 1, (int)i);
     f.started = false;
-    f.state = READY;
+    f.parked = false;
   }
   // Thread 0 first. If it ends without meeting a barrier, so do the others (a __syncthreads or
   // shuffle must be reached by the whole block or warp), and running them in order to the end
@@ -208,7 +255,15 @@ void emu_syncthreads() {
   B->f[B->cur].state = WAIT_BLOCK;
   B->arrived++;
   check_barriers(B->cur / 32);
-  yield_to_scheduler();
+  wait_released();
+}
+
+double emu_warp_reduce(double v, int op) {
+  const unsigned t = B->cur;
+  B->xch[t] = v;
+  B->reduce_op[t / 32] = op + 1;
+  warp_barrier();
+  return B->red[t];
 }
 
 double emu_shfl_down(double v, int o) {

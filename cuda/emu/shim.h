@@ -17,6 +17,10 @@ extern thread_local emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 void emu_syncthreads();
 double emu_shfl_down(double v, int offset);
+// common.cuh's warp reductions in one barrier (GHOSTV3_EMU): the shuffle tree's result per lane.
+enum { EMU_SUM_F64, EMU_SUM_F32, EMU_MAX_F32 };
+double emu_warp_reduce(double v, int op);
+#define GHOSTV3_EMU 1
 #define __syncthreads() emu_syncthreads()
 
 static inline float __shfl_down_sync(unsigned, float v, int o) { return (float)emu_shfl_down(v, o); }
