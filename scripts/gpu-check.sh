@@ -77,6 +77,12 @@ run() {
   timeout 120 "$BIN/ghostv3" train --device cuda --out "$LOG/train-cuda" 2>&1 | tee "$LOG/train.log"
   local train_rc=${PIPESTATUS[0]}
 
+  echo "== train --gpus 1: the data-parallel path (NCCL world size 1, sync_bn on), 2 epochs"
+  rm -rf "$LOG/train-nccl"
+  timeout 90 "$BIN/ghostv3" train --gpus 1 --out "$LOG/train-nccl" --set train.epochs=2 \
+    --set schedule.epochs=2 --set train.sync_bn=true 2>&1 | tee "$LOG/nccl.log"
+  local nccl_rc=${PIPESTATUS[0]}
+
   echo "== CUDA kernel benches"
   timeout 180 "$BIN/cuda_bench" 2>&1 | tee "$LOG/bench.log"
   local bench_rc=${PIPESTATUS[0]}
@@ -101,6 +107,7 @@ run() {
     grep -E "^test .* FAILED|panicked at|max err .* >" "$LOG/$t.log" | head -8
   done
   printf '%-34s %s\n' "train --device cuda (rc $train_rc)" "$(grep -E '^best val|^epoch 6' "$LOG/train.log" | tr '\n' ' ')"
+  printf '%-34s %s\n' "train --gpus 1 (rc $nccl_rc)" "$(grep -E 'NCCL communicator|bit-identical.*epoch 2|^epoch 2' "$LOG/nccl.log" | tr '\n' ' ')"
   echo "-- kernels (bench rc $bench_rc)"
   sed -n '/^kernel /,$p' "$LOG/bench.log" | head -20
   echo "-- training throughput, ghostnetv3_100 train form, 224x224 (bench rc $bench_rc, torch rc $torch_rc)"

@@ -136,7 +136,9 @@ struct TrainArgs {
     /// Data-parallel on N GPUs of this node: N worker processes (rank i on GPU i, NCCL),
     /// supervised; train.batch_size is per GPU. Under torchrun or srun, leave it out: each
     /// process reads its rank from RANK/WORLD_SIZE/LOCAL_RANK or SLURM_PROCID/NTASKS/LOCALID.
-    #[arg(long, conflicts_with = "resume")]
+    /// With --resume: continue a run on N GPUs (any number whose share of the epoch's batches
+    /// fits the checkpoint's position).
+    #[arg(long)]
     gpus: Option<usize>,
 }
 
@@ -645,25 +647,14 @@ fn train(mut a: TrainArgs) -> Result<()> {
         return launch_gpus(n);
     }
     if world.is_distributed() {
-        if a.resume.is_some() {
-            bail!("--resume of a data-parallel run is not supported yet: resume it on one GPU (train.accum_steps = world size gives the same steps)");
-        }
         // Before any device tensor: this rank's GPU.
         ghostv3::tensor::collective::select_gpu(world.local_rank)?;
         a.sets.push("train.device=\"cuda\"".into());
-        if !world.is_main() {
-            // Rank 0 alone writes the run; the others keep a scratch directory.
-            let base = a
-                .out
-                .as_ref()
-                .and_then(|o| o.file_name())
-                .map_or_else(|| "run".to_string(), |n| n.to_string_lossy().into_owned());
-            let scratch = std::env::temp_dir().join(format!("ghostv3-{base}-rank{}", world.rank));
-            let _ = std::fs::remove_dir_all(&scratch);
-            a.out = Some(scratch);
-        }
     }
+    // Ranks other than 0 of a data-parallel run write nothing (rank 0 writes the run).
+    let follower = world.is_distributed() && !world.is_main();
     let mut t = match &a.resume {
+        Some(dir) if follower => Trainer::resume_follower(dir, &a.sets)?,
         Some(dir) => {
             let t = Trainer::resume(dir, &a.sets)?;
             outln!(
@@ -688,7 +679,10 @@ fn train(mut a: TrainArgs) -> Result<()> {
                     .map_or(0, |d| d.as_secs());
                 PathBuf::from("runs").join(format!("{}-{secs}", cfg.model.name))
             });
-            Trainer::new(cfg, &dir)?
+            match follower {
+                true => Trainer::follower(cfg, &dir)?,
+                false => Trainer::new(cfg, &dir)?,
+            }
         }
     };
     if world.is_distributed() {

@@ -106,6 +106,8 @@ pub struct Loader {
     strict: bool,
     /// (rank, world size): this process's share of every epoch (see [`Loader::shard`]).
     shard: (usize, usize),
+    /// An evaluation shard: no batch is cut, the first ranks may get one more.
+    shard_keeps_all: bool,
 }
 
 impl Loader {
@@ -135,6 +137,7 @@ impl Loader {
             prefetch: 2,
             strict: false,
             shard: (0, 1),
+            shard_keeps_all: false,
         })
     }
 
@@ -168,6 +171,16 @@ impl Loader {
             "shard: rank {rank} of world size {world}"
         );
         self.shard = (rank, world);
+        self.shard_keeps_all = false;
+        Ok(())
+    }
+
+    /// Sharding for evaluation: the same round-robin of batches as [`Loader::shard`] but no
+    /// batch is dropped (rank r gets batches r, r + world, ... of all of them), so the ranks'
+    /// counts add up to the whole set exactly.
+    pub fn set_eval_shard(&mut self, rank: usize, world: usize) -> Result<()> {
+        self.set_shard(rank, world)?;
+        self.shard_keeps_all = true;
         Ok(())
     }
 
@@ -194,10 +207,12 @@ impl Loader {
 
     /// This rank's batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        self.global_batches() / self.shard.1
+        let (rank, world) = self.shard;
+        (self.global_batches() + world - 1 - rank) / world
     }
 
-    /// Batches per epoch over all ranks (cut to a multiple of the world size).
+    /// Batches per epoch over all ranks (cut to a multiple of the world size unless an
+    /// evaluation shard).
     fn global_batches(&self) -> usize {
         let n = self.shared.dataset.len();
         let b = if self.drop_last {
@@ -205,7 +220,10 @@ impl Loader {
         } else {
             n.div_ceil(self.batch_size)
         };
-        b - b % self.shard.1
+        match self.shard_keeps_all {
+            true => b,
+            false => b - b % self.shard.1,
+        }
     }
 
     /// The sample order of `epoch`: a permutation from (seed, epoch) when shuffling, else 0..n.

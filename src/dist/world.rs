@@ -106,8 +106,10 @@ impl World {
         self.rank == 0
     }
 
+    /// Whether this process is one rank of a data-parallel run (NCCL): more than one rank, or
+    /// `--gpus 1` (the NCCL path on one GPU). A lone torchrun/Slurm task trains as one process.
     pub fn is_distributed(&self) -> bool {
-        self.world_size > 1
+        self.world_size > 1 || self.source == Source::Launcher
     }
 
     /// `host:port` of the master.

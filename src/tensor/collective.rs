@@ -86,6 +86,33 @@ impl Collective {
         self.nccl.broadcast(gpu()?, buf, offset, t.numel())
     }
 
+    /// The element-wise sum of `values` over the ranks, in f64 (exact for counts below 2^53:
+    /// the evaluation's top-1/top-5 counts, the ranks' stop requests). Synchronizes.
+    pub fn all_reduce_sum(&self, values: &[f64]) -> Result<Vec<f64>> {
+        let g = gpu()?;
+        let buf = g.upload_f64(values)?;
+        self.nccl.all_reduce_sum_f64(g, &buf, 0, values.len())?;
+        let mut out = g.download_f64(&buf)?;
+        out.truncate(values.len());
+        self.nccl.async_error()?;
+        Ok(out)
+    }
+
+    /// Rank 0's `words` on every rank (each 16 bits wide: exact in f32). Synchronizes.
+    pub fn broadcast_words(&self, words: &[u16]) -> Result<Vec<u16>> {
+        let t = Tensor::new(&[words.len()], words.iter().map(|&w| w as f32).collect());
+        let t = t.to_device(crate::tensor::storage::Device::Cuda)?;
+        self.broadcast(&t)?;
+        self.sync()?;
+        Ok(t.to_host().data().iter().map(|&v| v as u16).collect())
+    }
+
+    /// From now on every train-mode BatchNorm of this process uses the statistics of the
+    /// global batch (the ranks' f64 partial sums all-reduced, forward and backward).
+    pub fn sync_batch_norm(&self, on: bool) {
+        cuda::sync_bn::set(on.then(|| self.nccl.clone()));
+    }
+
     /// Waits for the collectives issued so far and reports a failed communicator.
     pub fn sync(&self) -> Result<()> {
         gpu()?.synchronize()?;
@@ -139,6 +166,7 @@ impl Collective {
 
 impl Drop for Collective {
     fn drop(&mut self) {
+        cuda::sync_bn::set(None);
         self.done.store(true, Ordering::Relaxed);
     }
 }

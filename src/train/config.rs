@@ -155,6 +155,15 @@ pub struct TrainSection {
     /// batch is `batch_size x accum_steps` (timm's `--grad-accum-steps`).
     #[serde(default = "one_step")]
     pub accum_steps: usize,
+    /// Data-parallel runs: BatchNorm over the global batch (the ranks' statistics summed,
+    /// forward and backward; torch.nn.SyncBatchNorm) instead of per rank (DDP's default).
+    /// No effect on one process.
+    #[serde(default)]
+    pub sync_bn: bool,
+    /// Data-parallel runs: compare every rank's parameters with rank 0's after every optimizer
+    /// step (a digest each; a run stops when they differ), not only at the end of each epoch.
+    #[serde(default)]
+    pub check_ranks_each_step: bool,
     /// Where the step runs: `cpu`, or `cuda` (the whole step on GPU 0: forward, backward,
     /// optimizer, EMA and evaluation; batches reach it through pinned buffers).
     #[serde(default)]

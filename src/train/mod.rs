@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod config;
 pub mod curves;
+pub mod ddp;
 pub mod guard;
 pub mod preempt;
 pub mod run_dir;
@@ -77,6 +78,7 @@ pub struct Summary {
 
 /// Where an epoch stands between steps: what a mid-epoch checkpoint saves so that resuming
 /// finishes the epoch with the same figures (f64 values survive JSON exactly: float_roundtrip).
+/// In a data-parallel run `step` counts one rank's batches and the figures are the ranks' sums.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Progress {
     /// Steps of the epoch done (the next step to run).
@@ -86,6 +88,13 @@ struct Progress {
     skipped: usize,
     lr: f64,
     train_seconds: f64,
+    /// The ranks of the run that wrote it (a resume may have another number).
+    #[serde(default = "one_rank")]
+    world: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// The trainer's state in a checkpoint's metadata (`ghostv3.trainer`).
@@ -122,6 +131,11 @@ pub struct Trainer {
     val_loader: Loader,
     /// Data-parallel: this rank's communicator (gradients averaged over the ranks).
     collective: Option<Collective>,
+    /// Whether this trainer writes the run directory (a data-parallel run's ranks other than
+    /// 0 write nothing).
+    writes: bool,
+    /// A stop the ranks agreed on (a signal that reached another rank).
+    agreed_stop: Option<&'static str>,
     class_names: Vec<String>,
     /// Epochs completed so far.
     pub epoch: usize,
@@ -333,6 +347,39 @@ impl Trainer {
         Ok(t)
     }
 
+    /// A rank other than 0 of a data-parallel run starting afresh: built from the same recipe,
+    /// it writes nothing (rank 0 creates and writes `run_dir`, named in messages).
+    pub fn follower(cfg: TrainConfig, run_dir: &Path) -> Result<Self> {
+        let mut t = Self::build(cfg, run_dir)?;
+        t.writes = false;
+        t.quiet = true;
+        t.move_to_device()?;
+        Ok(t)
+    }
+
+    /// A rank other than 0 of a resumed data-parallel run: the recipe and the last checkpoint
+    /// read from rank 0's run directory (every rank must see it: one node, or a shared file
+    /// system), nothing written.
+    pub fn resume_follower(run_dir: &Path, sets: &[String]) -> Result<Self> {
+        let config = run_dir.join("config.toml");
+        ensure!(
+            config.exists(),
+            "{} is not a run directory this rank can read (no config.toml): a resumed \
+             data-parallel run needs the run directory on a file system every rank sees",
+            run_dir.display()
+        );
+        let cfg = TrainConfig::load(&config, sets)?;
+        let mut t = Self::build(cfg, run_dir)?;
+        (t.writes, t.quiet) = (false, true);
+        t.run_id = run_dir::identity(run_dir)?;
+        let path = run_dir.join(CHECKPOINT);
+        if path.exists() {
+            t.load_checkpoint(&path, sets)?;
+        }
+        t.move_to_device()?;
+        Ok(t)
+    }
+
     /// Restores model, optimizer, EMA and trainer state from `path`, after checking that the
     /// checkpoint is this run's (identity, recipe) and that its metadata is intact and plausible.
     fn load_checkpoint(&mut self, path: &Path, sets: &[String]) -> Result<()> {
@@ -429,18 +476,19 @@ impl Trainer {
                 "a step inside epoch {} of {epochs}",
                 info.epoch + 1
             );
+            // Global batches: a data-parallel checkpoint counts one rank's of `world`.
+            let (done, world) = (p.step * p.world, p.world);
             ensure!(
-                p.step <= steps,
-                "step {} of an epoch of {steps} steps",
+                (1..=1 << 20).contains(&world) && done <= steps,
+                "step {} of {world} rank(s) in an epoch of {steps} batches",
                 p.step
             );
             ensure!(
-                p.images <= p.step * self.cfg.train.batch_size
-                    && p.skipped <= p.step * self.cfg.train.batch_size,
-                "{} images and {} skipped in {} steps of {}",
+                p.images <= done * self.cfg.train.batch_size
+                    && p.skipped <= done * self.cfg.train.batch_size,
+                "{} images and {} skipped in {done} batches of {}",
                 p.images,
                 p.skipped,
-                p.step,
                 self.cfg.train.batch_size
             );
             for (what, x) in [
@@ -596,6 +644,8 @@ impl Trainer {
             train_loader,
             val_loader,
             collective: None,
+            writes: true,
+            agreed_stop: None,
             class_names,
             epoch: 0,
             best_top1: -1.0,
@@ -640,13 +690,55 @@ impl Trainer {
             self.train_loader.batches_per_epoch(),
             c.world_size()
         );
-        self.train_loader.set_shard(c.rank(), c.world_size())?;
+        let (rank, world) = (c.rank(), c.world_size());
+        self.train_loader.set_shard(rank, world)?;
+        self.val_loader.set_eval_shard(rank, world)?;
+        if let Some(p) = &self.partial {
+            // A checkpoint this world size cannot start from fails now, not at the first step.
+            ddp::adopt_progress(&mut p.clone(), rank, world)?;
+        }
         let st = self.model.state();
         c.broadcast(st.params.tensor())?;
         c.broadcast(st.buffers.tensor())?;
         c.sync()?;
+        if self.cfg.train.sync_bn {
+            c.sync_batch_norm(true);
+        }
         self.collective = Some(c);
         Ok(())
+    }
+
+    /// The model's (or the EMA model's) evaluation: over the ranks' shards when
+    /// data-parallel. Returns it with the count of unreadable images of all ranks.
+    fn evaluate_model(&mut self, ema: bool) -> Result<(Eval, usize)> {
+        let model = match ema {
+            true => self.ema_model.as_mut().expect("an EMA model"),
+            false => &mut self.model,
+        };
+        let device = model.state().device();
+        let predict = |x: &Tensor<f32>| Ok(model.predict(&x.to_device(device)?).to_host());
+        match &self.collective {
+            Some(c) => ddp::evaluate(c, &self.val_loader, predict),
+            None => {
+                let e = evaluate_with(&self.val_loader, predict)?;
+                let n = e.skipped.len();
+                Ok((e, n))
+            }
+        }
+    }
+
+    /// Whether to stop now: this process's signal, or (data-parallel) any rank's.
+    fn stop_requested(&mut self) -> Result<Option<&'static str>> {
+        let mine = self.stop.requested();
+        let Some(c) = &self.collective else {
+            return Ok(mine);
+        };
+        if ddp::decide(c, mine.is_some(), false)?.stop {
+            let sig = mine.unwrap_or("a signal to another rank");
+            self.agreed_stop = Some(sig);
+            return Ok(Some(sig));
+        }
+        Ok(None)
     }
 
     /// The training set's loader (its batches are the steps' micro-batches).
@@ -693,7 +785,7 @@ impl Trainer {
         let mut stopped_by = None;
         while self.epoch < self.cfg.train.epochs {
             // A signal during an evaluation stops here: the epoch's checkpoint is written.
-            if let Some(sig) = self.stop.requested() {
+            if let Some(sig) = self.stop_requested()? {
                 self.say_stopped(sig);
                 stopped_by = Some(sig);
                 break;
@@ -704,7 +796,7 @@ impl Trainer {
                     epochs.push(m)
                 }
                 None => {
-                    stopped_by = self.stop.requested();
+                    stopped_by = self.agreed_stop.or(self.stop.requested());
                     break;
                 }
             }
@@ -722,6 +814,9 @@ impl Trainer {
 
     /// The line a run stopped by a signal ends with (on stderr: it is what a job log needs).
     fn say_stopped(&self, sig: &str) {
+        if !self.writes {
+            return;
+        }
         let at = match &self.partial {
             Some(p) => format!(
                 "epoch {} step {}/{}",
@@ -745,19 +840,36 @@ impl Trainer {
     /// stopped it inside (its checkpoint written).
     pub fn run_epoch(&mut self) -> Result<Option<EpochMetrics>> {
         let epoch = self.epoch;
-        let Some(p) = self.train_epoch(epoch)? else {
+        let Some(mut p) = self.train_epoch(epoch)? else {
             return Ok(None);
         };
         let t_eval = Instant::now();
+        if let Some(c) = &self.collective {
+            p = ddp::total_progress(c, &p)?;
+            let d = ddp::check_identical(
+                c,
+                self.model.state().params.tensor(),
+                &format!("after epoch {}", epoch + 1),
+            )?;
+            self.say(&format!(
+                "ranks: parameters bit-identical on {} ranks after epoch {} (digest {d:016x})",
+                c.world_size(),
+                epoch + 1
+            ));
+        }
         let (images, skipped, lr) = (p.images, p.skipped, p.lr);
         let train_loss = p.loss_sum / images as f64;
         let train_s = p.train_seconds;
         // Host copies once: checked, then written (nothing non-finite reaches a file).
-        let (host, tensors) = self
-            .checkpoint_tensors()
-            .and_then(|(h, t)| guard::check_tensors(&t).map(|()| (h, t)))
-            .map_err(|e| self.stopped(&format!("after epoch {}: {e}", epoch + 1)))?;
-        let val = evaluate(&mut self.model, &self.val_loader)?;
+        let written = match self.writes {
+            true => Some(
+                self.checkpoint_tensors()
+                    .and_then(|(h, t)| guard::check_tensors(&t).map(|()| (h, t)))
+                    .map_err(|e| self.stopped(&format!("after epoch {}: {e}", epoch + 1)))?,
+            ),
+            false => None,
+        };
+        let (val, val_skipped) = self.evaluate_model(false)?;
         for s in &val.skipped {
             eprintln!("warning: validation skipped unreadable image {s}");
         }
@@ -768,7 +880,7 @@ impl Trainer {
                 let device = self.cfg.train.device;
                 em.state_mut().params.set_tensor(p.to_device(device)?);
                 em.state_mut().buffers.set_tensor(b.to_device(device)?);
-                let e = evaluate(em, &self.val_loader)?;
+                let (e, _) = self.evaluate_model(true)?;
                 (Some(e.top1), Some(e.top5))
             }
             _ => (None, None),
@@ -785,7 +897,7 @@ impl Trainer {
             images_per_s: images as f64 / train_s,
             epoch_seconds: train_s + t_eval.elapsed().as_secs_f64(),
             skipped_images: skipped,
-            val_skipped_images: val.skipped.len(),
+            val_skipped_images: val_skipped,
         };
         self.epoch = epoch + 1;
         let ema_txt = ema_top1.map_or(String::new(), |e| format!(", EMA top-1 {:.2}%", 100.0 * e));
@@ -801,6 +913,12 @@ impl Trainer {
             if skipped > 0 { format!(", {skipped} unreadable images skipped") } else { String::new() },
             val.skipped_note()
         ));
+        let Some((host, tensors)) = written else {
+            // A data-parallel rank other than 0: rank 0 writes the run.
+            let best_now = ema_top1.map_or(top1, |e| e.max(top1));
+            self.best_top1 = self.best_top1.max(best_now);
+            return Ok(Some(m));
+        };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -847,7 +965,18 @@ impl Trainer {
     /// checkpoint).
     fn train_epoch(&mut self, epoch: usize) -> Result<Option<Progress>> {
         let steps = self.train_loader.batches_per_epoch();
-        let mut p = self.partial.take().unwrap_or_default();
+        let (rank, world) = self.train_loader.shard_of();
+        let mut p = match self.partial.take() {
+            // Resumed inside the epoch, maybe by another number of ranks.
+            Some(mut p) => {
+                ddp::adopt_progress(&mut p, rank, world)?;
+                p
+            }
+            None => Progress {
+                world,
+                ..Progress::default()
+            },
+        };
         let first = p.step;
         let bar = if self.quiet {
             indicatif::ProgressBar::hidden()
@@ -869,7 +998,6 @@ impl Trainer {
         let (seed, smoothing) = (self.cfg.train.seed, self.cfg.train.label_smoothing);
         // Random streams follow the global batch index, not this rank's: a run's samples and
         // draws do not depend on its world size.
-        let (rank, world) = self.train_loader.shard_of();
         // Batches with their targets (Mixup/CutMix drawn from the step's own stream), in step
         // order; on the GPU they go up through pinned buffers one step ahead of the compute.
         let host = self.train_loader.epoch_from(epoch, first).enumerate().map(
@@ -924,6 +1052,20 @@ impl Trainer {
             if let Some(c) = &self.collective {
                 c.alive();
             }
+            if self.cfg.train.sync_bn {
+                if let Some(c) = &self.collective {
+                    // Synchronized BNs sum partials laid out by the batch's shape.
+                    let n = batch.targets.as_ref().map_or(0, |t| t.shape()[0]) as f64;
+                    let v = c.all_reduce_sum(&[n, n * n])?;
+                    let w = c.world_size() as f64;
+                    ensure!(
+                        v[1] * w == v[0] * v[0] && n > 0.0,
+                        "train.sync_bn needs batches of one size on every rank; {at} this \
+                         rank has {n} images (unreadable images were skipped): {} on average",
+                        v[0] / w
+                    );
+                }
+            }
             if let Some(targets) = batch.targets {
                 let batch_len = targets.shape()[0];
                 let (loss, grads) = self.train_step(&batch_images, &targets, epoch, step)?;
@@ -946,6 +1088,12 @@ impl Trainer {
                     }
                     step::apply(&mut self.model, &mut self.update, &grads, lr)?;
                 }
+                if let Some(c) = self.collective.as_ref() {
+                    if self.cfg.train.check_ranks_each_step {
+                        let params = self.model.state().params.tensor();
+                        ddp::check_identical(c, params, &at)?;
+                    }
+                }
                 // The update pass flags a non-finite parameter or moment as it writes it (no
                 // pass of its own); only then are the host copies searched for its name.
                 if self.update.take_nonfinite()? {
@@ -964,14 +1112,29 @@ impl Trainer {
             if accum.count() > 0 {
                 continue;
             }
-            let stop = self.stop.requested();
-            let due = every.due(
+            let mut stop = self.stop.requested();
+            let mut due = every.due(
                 p.step - last_checkpoint.0,
                 last_checkpoint.1.elapsed().as_secs_f64(),
             );
+            if let Some(c) = &self.collective {
+                // Every rank stops at the same step; rank 0's clock decides checkpoints.
+                let d = ddp::decide(c, stop.is_some(), due)?;
+                if d.stop && stop.is_none() {
+                    stop = Some("a signal to another rank");
+                    self.agreed_stop = stop;
+                }
+                due = d.checkpoint;
+            }
             // The epoch's last step is checkpointed with the epoch, after its evaluation.
             if stop.is_some() || (due && p.step < steps) {
-                bar.suspend(|| self.save_partial(&p))?;
+                let total = match &self.collective {
+                    Some(c) => ddp::total_progress(c, &p)?,
+                    None => p.clone(),
+                };
+                if self.writes {
+                    bar.suspend(|| self.save_partial(&total))?;
+                }
                 if let Some(sig) = stop {
                     bar.finish_and_clear();
                     self.partial = Some(p);
@@ -1103,6 +1266,9 @@ impl Trainer {
 
     /// Folds the best weights into the deploy form (`deploy.safetensors`).
     fn finish(&mut self) -> Result<()> {
+        if !self.writes {
+            return Ok(());
+        }
         let best = self.run_dir.join("best.safetensors");
         let mut m = models::create(&self.cfg.model.name, &models::detect_options(&best)?)?;
         load_state(m.state_mut(), &best)?;
@@ -1154,8 +1320,37 @@ pub fn evaluate(model: &mut Model, loader: &Loader) -> Result<Eval> {
 /// `evaluate` with any function from an image batch to logits (e.g. the fast inference path).
 pub fn evaluate_with(
     loader: &Loader,
-    mut predict: impl FnMut(&Tensor<f32>) -> Result<Tensor<f32>>,
+    predict: impl FnMut(&Tensor<f32>) -> Result<Tensor<f32>>,
 ) -> Result<Eval> {
+    let c = eval_counts(loader, predict)?;
+    Eval::from_counts(c)
+}
+
+/// What an evaluation counts, before the ratios: (images, top-1 right, top-k right, summed
+/// loss, unreadable images). A data-parallel rank's shard may be empty.
+pub(crate) type EvalCounts = (usize, usize, usize, f64, Vec<String>);
+
+impl Eval {
+    pub(crate) fn from_counts((n, c1, c5, loss, skipped): EvalCounts) -> Result<Eval> {
+        ensure!(
+            n > 0,
+            "the validation set is empty ({} unreadable images skipped)",
+            skipped.len()
+        );
+        Ok(Eval {
+            top1: c1 as f64 / n as f64,
+            top5: c5 as f64 / n as f64,
+            loss: loss / n as f64,
+            images: n,
+            skipped,
+        })
+    }
+}
+
+pub(crate) fn eval_counts(
+    loader: &Loader,
+    mut predict: impl FnMut(&Tensor<f32>) -> Result<Tensor<f32>>,
+) -> Result<EvalCounts> {
     let (mut n, mut c1, mut c5, mut loss) = (0usize, 0usize, 0usize, 0.0f64);
     let mut skipped = Vec::new();
     for batch in loader.epoch(0) {
@@ -1189,16 +1384,5 @@ pub fn evaluate_with(
         }
         n += b;
     }
-    ensure!(
-        n > 0,
-        "the validation set is empty ({} unreadable images skipped)",
-        skipped.len()
-    );
-    Ok(Eval {
-        top1: c1 as f64 / n as f64,
-        top5: c5 as f64 / n as f64,
-        loss: loss / n as f64,
-        images: n,
-        skipped,
-    })
+    Ok((n, c1, c5, loss, skipped))
 }

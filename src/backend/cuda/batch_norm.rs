@@ -16,7 +16,10 @@ pub struct BnSaved {
     pub center: DBuf,
     pub scale: DBuf,
     pub shift: DBuf,
+    /// The values each channel's statistics are over: n * hw, times the ranks under sync_bn.
     pub count: usize,
+    /// The ranks the statistics are summed over (1 unless [`super::sync_bn`] is active).
+    pub ranks: usize,
 }
 
 /// Batch statistics of a train-mode BN left on the device: `c` channels from channel `at` of
@@ -28,6 +31,9 @@ pub struct DeviceStats {
     pub var: Arc<DevBuf<f64>>,
     pub at: usize,
     pub c: usize,
+    /// The ranks the statistics are over (sync_bn): the running variance's unbiasing count is
+    /// this many times the per-rank count the caller passes.
+    pub ranks: usize,
 }
 
 impl DeviceStats {
@@ -72,6 +78,16 @@ impl Gpu {
             blocks(c, s, 1),
             &[ptr(x), i32a(n), i32a(c), i32a(hw), ptr(&part)],
         )?;
+        // sync_bn: the global batch's sums (the finalize adds the splits up, so the splits of
+        // every rank may be summed element by element).
+        let ranks = match super::sync_bn::group() {
+            Some(g) => {
+                g.all_reduce_sum_f64(self, &part, 0, 2 * c * s)?;
+                g.world_size()
+            }
+            None => 1,
+        };
+        let count = n * hw * ranks;
         let saved = BnSaved {
             mean: Arc::new(self.alloc_f64(c)?),
             var: Some(Arc::new(self.alloc_f64(c)?)),
@@ -79,7 +95,8 @@ impl Gpu {
             center: self.alloc(c)?,
             scale: self.alloc(c)?,
             shift: self.alloc(c)?,
-            count: n * hw,
+            count,
+            ranks,
         };
         self.launch(
             "batch_norm",
@@ -89,7 +106,7 @@ impl Gpu {
                 ptr(&part),
                 i32a(s),
                 i32a(c),
-                Arg::F64((n * hw) as f64),
+                Arg::F64(count as f64),
                 Arg::F64(eps),
                 ptr(gamma),
                 ptr(beta),
@@ -169,6 +186,7 @@ impl Gpu {
             scale: self.alloc(c)?,
             shift: self.alloc(c)?,
             count: n * hw,
+            ranks: 1,
         };
         self.launch(
             "batch_norm",
@@ -222,25 +240,38 @@ impl Gpu {
         )?;
         let (dgamma, dbeta) = (self.alloc(c)?, self.alloc(c)?);
         let (ka, kb, kc) = (self.alloc(c)?, self.alloc(c)?, self.alloc(c)?);
-        self.launch(
-            "batch_norm",
-            "bn_bwd_finalize",
-            self.grid(c),
-            &[
-                ptr(&part),
-                i32a(s),
-                i32a(c),
-                Arg::F64((n * hw) as f64),
-                Arg::I32(train as i32),
-                ptr(gamma),
-                ptr(&saved.invstd),
-                ptr(&dgamma),
-                ptr(&dbeta),
-                ptr(&ka),
-                ptr(&kb),
-                ptr(&kc),
-            ],
-        )?;
+        let finalize = |part: &DevBuf<f64>, count: usize, dgamma: &DBuf, dbeta: &DBuf| {
+            self.launch(
+                "batch_norm",
+                "bn_bwd_finalize",
+                self.grid(c),
+                &[
+                    ptr(part),
+                    i32a(s),
+                    i32a(c),
+                    Arg::F64(count as f64),
+                    Arg::I32(train as i32),
+                    ptr(gamma),
+                    ptr(&saved.invstd),
+                    ptr(dgamma),
+                    ptr(dbeta),
+                    ptr(&ka),
+                    ptr(&kb),
+                    ptr(&kc),
+                ],
+            )
+        };
+        finalize(&part, n * hw, &dgamma, &dbeta)?;
+        // sync_bn: dgamma and dbeta stay this rank's (the gradient all-reduce averages them);
+        // the dx coefficients come from the global batch's sums, as the forward's statistics.
+        if train && saved.ranks > 1 {
+            let Some(g) = super::sync_bn::group().filter(|g| g.world_size() == saved.ranks) else {
+                bail!("a synchronized BN's backward outside its group");
+            };
+            g.all_reduce_sum_f64(self, &part, 0, 2 * c * s)?;
+            let (dg, db) = (self.alloc(c)?, self.alloc(c)?);
+            finalize(&part, saved.count, &dg, &db)?;
+        }
         let total = n * c * hw;
         let dx = self.alloc(total)?;
         self.launch(
@@ -320,6 +351,7 @@ impl Gpu {
             var: var.clone(),
             at,
             c,
+            ranks: 1,
         })
     }
 
@@ -346,7 +378,7 @@ impl Gpu {
                 ptr(&stats.var()),
                 i32a(c),
                 Arg::F64(momentum),
-                Arg::F64(count as f64),
+                Arg::F64((count * stats.ranks) as f64),
             ],
         )
     }
@@ -367,7 +399,8 @@ impl<T: crate::backend::Elem> crate::backend::api::BatchNorm<T> for super::Cuda<
         let Some(var) = saved.var.as_ref() else {
             bail!("train-mode BN without batch statistics");
         };
-        let stats = self.batch_stats_device(&saved.mean, var, 0, dims.1)?;
+        let mut stats = self.batch_stats_device(&saved.mean, var, 0, dims.1)?;
+        stats.ranks = saved.ranks;
         Ok((y, saved, stats))
     }
 
@@ -460,7 +493,7 @@ impl<T: crate::backend::Elem> crate::backend::api::BatchNorm<T> for super::Cuda<
                 i32a(c),
                 i32a(nb),
                 Arg::F64(momentum),
-                Arg::F64(count as f64),
+                Arg::F64((count * stats[0].ranks) as f64),
             ],
         )
     }

@@ -326,6 +326,13 @@ impl Gpu {
         Ok(b)
     }
 
+    /// f64 values to the device (statistics, the counts a collective sums).
+    pub fn upload_f64(&self, x: &[f64]) -> Result<DevBuf<f64>> {
+        let b = self.f64s.alloc(x.len())?;
+        self.htod(x, &b)?;
+        Ok(b)
+    }
+
     pub(crate) fn alloc_f64(&self, n: usize) -> Result<DevBuf<f64>> {
         self.f64s.alloc(n)
     }

@@ -134,7 +134,8 @@ impl<T: crate::backend::Elem> crate::backend::api::DfcGate<T> for super::Cuda<T>
                 let Some(var) = s.var.as_ref() else {
                     anyhow::bail!("train-mode BN without batch statistics");
                 };
-                let st = self.batch_stats_device(&s.mean, var, 0, c)?;
+                let mut st = self.batch_stats_device(&s.mean, var, 0, c)?;
+                st.ranks = s.ranks;
                 (s, Some(st))
             }
             crate::backend::api::GateBn::Running(rm, rv) => {

@@ -32,7 +32,8 @@
 //! - [`rep_conv_1x1`] (rep_conv_1x1.cu): the fused re-parameterized 1x1 conv ([`Rep1x1Geom`]);
 //! - [`dfc`] (dfc.cu): the DFC attention gate;
 //! - [`optim`] (optim.cu): LAMB, AdamW and SGD on the device ([`OptimPlan`]), the EMA blend;
-//! - [`nccl`]: the data-parallel collectives (NCCL) on the device's stream.
+//! - [`nccl`]: the data-parallel collectives (NCCL) on the device's stream;
+//! - [`sync_bn`]: BatchNorm statistics summed over the ranks (`train.sync_bn`).
 
 pub mod alloc;
 mod backend;
@@ -52,6 +53,7 @@ pub mod prefetch;
 pub mod rep_conv;
 pub mod rep_conv_1x1;
 pub mod sources;
+pub mod sync_bn;
 
 pub use alloc::{DevBuf, PoolStats, View, ViewMut};
 pub use backend::Cuda;

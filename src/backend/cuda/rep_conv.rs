@@ -328,7 +328,8 @@ impl<T: Elem> FusedRepDw<T> for Cuda<T> {
     type RepDwSaved = RepDwState;
 
     fn fused_rep_dw(&self, g: &RepDwGeom) -> bool {
-        g.check().is_ok()
+        // Its branch statistics are its own: under sync_bn the branches run as plain BNs.
+        g.check().is_ok() && !super::sync_bn::active()
     }
 
     fn rep_dw_forward(

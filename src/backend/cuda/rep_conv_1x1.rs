@@ -371,7 +371,8 @@ impl<T: Elem> FusedRep1x1<T> for Cuda<T> {
     type Rep1x1Saved = Rep1x1State;
 
     fn fused_rep_1x1(&self, g: &Rep1x1Geom) -> bool {
-        g.check().is_ok()
+        // Its branch statistics are its own: under sync_bn the branches run as plain BNs.
+        g.check().is_ok() && !super::sync_bn::active()
     }
 
     fn rep_1x1_pays(&self, g: &Rep1x1Geom) -> bool {
