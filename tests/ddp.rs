@@ -323,6 +323,75 @@ fn a_killed_rank_stops_the_run_which_resumes_on_four_ranks() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+#[test]
+fn a_hung_rank_is_stopped_by_the_watchdog() {
+    let Some(_g) = gpu() else { return };
+    let root = scratch("hang");
+    let sets = with(&[
+        "data.synthetic_train=16",
+        "train.checkpoint_every=\"1 steps\"",
+        "train.accum_steps=2",
+    ]);
+    let dir = root.join("ranks");
+    let tag = format!("GHOSTV3_TEST_TAG=hang{}", std::process::id());
+    let (k, v) = tag.split_once('=').unwrap();
+    // Longer than an emulated step (~12 s) with room; the emulator's NCCL would give up at 120 s.
+    let mut launcher = train_cmd(
+        &root,
+        &sets,
+        &["--out", dir.to_str().unwrap(), "--gpus", "2"],
+    )
+    .env(k, v)
+    .env("GHOSTV3_NCCL_TIMEOUT_S", "40")
+    .env("GHOSTV3_EMU_NCCL_TIMEOUT_S", "120")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t = Instant::now();
+    while !dir.join("checkpoint.safetensors").exists() {
+        assert!(t.elapsed().as_secs() < 600, "no checkpoint after 600 s");
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the run ended before the hang"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Rank 1 hangs (stopped, alive): no error reaches rank 0, only its watchdog can act.
+    let victim = find_rank(&tag, 1).expect("rank 1's process");
+    let hung = Instant::now();
+    unsafe { libc::kill(victim, libc::SIGSTOP) };
+    let o = launcher.wait_with_output().unwrap();
+    let stopped = hung.elapsed().as_secs_f64();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!(
+        "rank 1 hung: the run stopped {stopped:.1} s later: {}",
+        o.status
+    );
+    for l in out
+        .lines()
+        .filter(|l| l.contains("launch:") || l.contains("no progress"))
+    {
+        println!("  {l}");
+    }
+    assert!(!o.status.success(), "the run survived a hung rank: {out}");
+    assert!(
+        out.contains("no progress for"),
+        "the watchdog did not fire: {out}"
+    );
+    assert!(out.contains("rank 0 exited with exit status: 70"), "{out}");
+    assert!(stopped < 90.0, "{stopped:.1} s until the run stopped");
+    assert_eq!(find_rank(&tag, 1), None, "the hung rank is left behind");
+    // The last checkpoint is whole.
+    let bytes = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
+    safetensors::SafeTensors::deserialize(&bytes).expect("an intact checkpoint");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// Without a GPU: the test above on the CPU emulator (its NCCL stand-in and 4 devices).
 #[test]
 fn cpu_emulator_runs_every_gpu_test() {
