@@ -68,9 +68,13 @@ pub(super) fn adopt_progress(p: &mut Progress, rank: usize, world: usize) -> Res
 pub(super) fn evaluate(
     c: &Collective,
     loader: &Loader,
-    predict: impl FnMut(&Tensor<f32>) -> Result<Tensor<f32>>,
+    mut predict: impl FnMut(&Tensor<f32>) -> Result<Tensor<f32>>,
 ) -> Result<(Eval, usize)> {
-    let (n, c1, c5, loss, skipped) = eval_counts(loader, predict)?;
+    // Progress for the watchdog: a long validation set is not a hang.
+    let (n, c1, c5, loss, skipped) = eval_counts(loader, |x| {
+        c.alive();
+        predict(x)
+    })?;
     let v = c.all_reduce_sum(&[n as f64, c1 as f64, c5 as f64, loss, skipped.len() as f64])?;
     let counts: EvalCounts = (v[0] as usize, v[1] as usize, v[2] as usize, v[3], skipped);
     Ok((Eval::from_counts(counts)?, v[4] as usize))
