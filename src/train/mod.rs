@@ -1082,7 +1082,15 @@ impl Trainer {
                 ));
             }
             if (step + 1) % k == 0 || step + 1 == steps {
-                if let Some(grads) = accum.take_mean() {
+                let mut grads = accum.take_mean();
+                if let (None, Some(_)) = (&grads, &self.collective) {
+                    // Every image of this rank's micro-batches was unreadable: it still joins
+                    // the all-reduce the other ranks make, with zeros.
+                    let n = self.model.state().params.numel();
+                    let device = self.cfg.train.device;
+                    grads = Some(Tensor::new(&[n], vec![0.0; n]).to_device(device)?);
+                }
+                if let Some(grads) = grads {
                     if let Some(c) = &self.collective {
                         c.all_reduce_mean(&grads)?;
                     }
